@@ -1,0 +1,214 @@
+"""The `soundstorm` command.
+
+  soundstorm generate --model DIR --semantic ids.npy [--prompt prompt.npy] --out tokens.npy
+  soundstorm generate --preset small --seconds 10          (random weights: speed checks)
+  soundstorm info DIR|PRESET
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from soundstorm.engine.config import DecodeConfig, ModelConfig
+from soundstorm.engine.engine import DTYPES, Engine
+from soundstorm.engine.model import CONFIG_FILE, WEIGHTS_FILE, SoundStorm, load_config
+
+
+class CLIError(Exception):
+    """A user-facing error: printed as one line, exit status 2."""
+
+
+def _parse_steps(text: str, num_quantizers: int) -> tuple[int, ...]:
+    try:
+        steps = tuple(int(s) for s in text.split(","))
+    except ValueError:
+        raise CLIError(f"--steps must be comma-separated ints such as 16 or 16,1,1; got {text!r}")
+    if len(steps) == 1:  # level 1 only; the finer levels stay greedy (one step each)
+        steps = steps + (1,) * (num_quantizers - 1)
+    return steps
+
+
+def _load_ids(path: str, what: str, ndim_single: int) -> tuple[torch.Tensor, bool]:
+    """Load an integer .npy; returns (tensor with a batch axis, whether one was added)."""
+    p = Path(path)
+    if not p.is_file():
+        raise CLIError(f"--{what}: file not found: {p}")
+    try:
+        arr = np.load(p, allow_pickle=False)
+    except (ValueError, OSError) as e:
+        raise CLIError(f"--{what}: {p} is not a readable .npy array ({e})")
+    if not np.issubdtype(arr.dtype, np.integer):
+        raise CLIError(f"--{what}: {p} holds {arr.dtype}, expected integer ids")
+    if arr.ndim == ndim_single:
+        return torch.from_numpy(arr.astype(np.int64))[None], True
+    if arr.ndim == ndim_single + 1:
+        return torch.from_numpy(arr.astype(np.int64)), False
+    raise CLIError(f"--{what}: {p} has shape {arr.shape}; expected {ndim_single}-D (one "
+                   f"utterance) or {ndim_single + 1}-D (a batch)")
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.npy")
+    np.save(tmp, array)
+    os.replace(tmp, path)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    if args.model:
+        engine = Engine(args.model, device=args.device, dtype=args.dtype, backend=args.backend)
+        source = args.model
+    else:
+        engine = Engine.from_preset(args.preset, seed=args.init_seed, device=args.device,
+                                    dtype=args.dtype, backend=args.backend)
+        source = f"preset {args.preset!r} with random weights"
+    cfg = engine.config
+
+    if args.semantic:
+        semantic, single = _load_ids(args.semantic, "semantic", 1)
+    else:
+        seconds = args.seconds if args.seconds is not None else 10.0
+        if seconds <= 0:
+            raise CLIError(f"--seconds must be > 0, got {seconds}")
+        S = max(1, round(seconds * cfg.semantic_rate))
+        g = torch.Generator().manual_seed(args.seed if args.seed is not None else 0)
+        semantic = torch.randint(0, cfg.semantic_vocab_size, (args.batch, S), generator=g)
+        single = args.batch == 1
+    prompt = None
+    if args.prompt:
+        prompt, _ = _load_ids(args.prompt, "prompt", 2)
+        if prompt.shape[0] == 1 and semantic.shape[0] > 1:
+            prompt = prompt.expand(semantic.shape[0], -1, -1)
+
+    steps = _parse_steps(args.steps, cfg.num_quantizers) if args.steps else None
+    decode = DecodeConfig(steps_per_level=steps, temperature=args.temperature)
+    passes = decode.num_forward_passes(cfg.num_quantizers)
+    bar = tqdm(total=passes, desc="decoding", unit="pass", disable=args.quiet, file=sys.stderr)
+    start = time.perf_counter()
+    tokens = engine.generate(semantic, prompt=prompt, decode=decode, seed=args.seed,
+                             on_step=lambda *_: bar.update(1))
+    wall = time.perf_counter() - start
+    bar.close()
+
+    B, T, Q = tokens.shape
+    audio_s = B * T / cfg.frame_rate
+    summary = {
+        "model": str(source), "backend": engine.backend, "device": str(engine.device),
+        "dtype": str(engine.dtype).replace("torch.", ""), "batch": B, "frames": T,
+        "levels": Q, "audio_seconds": audio_s, "forward_passes": passes,
+        "wall_seconds": round(wall, 4), "real_time_factor": round(wall / audio_s, 4),
+    }
+    if args.out:
+        out = tokens[0] if single else tokens
+        _save_npy(Path(args.out), out.cpu().numpy())
+        summary["out"] = str(args.out)
+    print(f"generated {B} x {T} frames x {Q} levels ({audio_s:g} s of audio) from {source} "
+          f"in {wall:.2f} s with {passes} forward passes: real-time factor "
+          f"{wall / audio_s:.3f} ({audio_s / wall:.2f}x faster than real time)")
+    if args.json:
+        print(json.dumps(summary))
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    target = args.target
+    if Path(target).is_dir():
+        config = load_config(target)
+        weights = Path(target) / WEIGHTS_FILE
+        size = weights.stat().st_size if weights.is_file() else None
+        where = f"model directory {target}"
+    elif target in ModelConfig.preset_names():
+        config, size, where = ModelConfig.preset(target), None, f"preset {target!r}"
+    else:
+        raise CLIError(f"{target!r} is neither a model directory (with {CONFIG_FILE}) nor a "
+                       f"preset ({', '.join(ModelConfig.preset_names())})")
+    with torch.device("meta"):
+        params = SoundStorm(config).num_parameters
+    info = {"source": where, "parameters": params, "config": config.to_dict(),
+            "default_forward_passes": DecodeConfig().num_forward_passes(config.num_quantizers)}
+    if size is not None:
+        info["weights_bytes"] = size
+    if args.json:
+        print(json.dumps(info))
+        return 0
+    print(where)
+    print(f"  parameters: {params:,} ({params / 1e6:.1f}M)")
+    if size is not None:
+        print(f"  weights:    {size / 2**20:.1f} MiB ({WEIGHTS_FILE})")
+    for key, value in config.to_dict().items():
+        print(f"  {key + ':':<20}{value}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="soundstorm",
+        description="SoundStorm: parallel level-wise decoding of RVQ audio-codec tokens from "
+                    "semantic tokens and a voice prompt.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    g = sub.add_parser(
+        "generate", help="generate codec tokens from semantic ids",
+        description="Generate RVQ codec tokens [T, Q] (or [B, T, Q]) from semantic ids and "
+                    "write them as .npy. With --preset instead of --model the weights are "
+                    "random: useful to measure speed, not to listen to.",
+        epilog="example: soundstorm generate --model my-model/ --semantic ids.npy "
+               "--prompt voice.npy --out tokens.npy")
+    src = g.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", metavar="DIR", help="model directory (config.json + model.safetensors)")
+    src.add_argument("--preset", choices=ModelConfig.preset_names(),
+                     help="randomly initialised model of a preset")
+    g.add_argument("--semantic", metavar="NPY",
+                   help="semantic ids, int [S] or [B, S] at the model's semantic rate")
+    g.add_argument("--seconds", type=float, metavar="S",
+                   help="without --semantic: random semantic ids for S seconds (default 10)")
+    g.add_argument("--batch", type=int, default=1, help="with --seconds: batch size (default 1)")
+    g.add_argument("--prompt", metavar="NPY",
+                   help="voice prompt codec tokens, int [P, Q] or [B, P, Q]")
+    g.add_argument("--out", metavar="NPY", help="where to write the tokens (int64; -1 = padding)")
+    g.add_argument("--steps", metavar="LIST",
+                   help="iterations per level, e.g. 16,1,1,... (one value = level 1 only; "
+                        "default: the paper's 16 then 1 per level)")
+    g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (0 = greedy)")
+    g.add_argument("--seed", type=int, help="decoding seed (default: fresh)")
+    g.add_argument("--init-seed", type=int, default=0, help="with --preset: weight init seed")
+    g.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cpu)")
+    g.add_argument("--dtype", choices=sorted(DTYPES), help="compute dtype (default float32)")
+    g.add_argument("--backend", default="auto", help="op backend: auto (default) or torch")
+    g.add_argument("--json", action="store_true", help="also print a JSON summary as the last line")
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
+    g.set_defaults(func=cmd_generate)
+
+    i = sub.add_parser("info", help="show a model's configuration and size",
+                       description="Show the configuration and parameter count of a model "
+                                   "directory or a preset.")
+    i.add_argument("target", metavar="DIR|PRESET")
+    i.add_argument("--json", action="store_true", help="print one JSON object")
+    i.set_defaults(func=cmd_info)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except CLIError as e:
+        parser.exit(2, f"soundstorm {args.command}: error: {e}\n")
+    except (ValueError, TypeError, FileNotFoundError, RuntimeError) as e:
+        parser.exit(2, f"soundstorm {args.command}: error: {e}\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,214 @@
+"""Typed configuration: the model's shape (`ModelConfig`) and the decoding schedule
+(`DecodeConfig`). Both validate themselves on construction, so a bad value fails where
+it is written, not deep inside a forward pass."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Any, Mapping, Optional, Sequence, Tuple
+
+_PRESETS: dict[str, dict[str, Any]] = {
+    # Paper §4.1: 12-layer Conformer, d=1024, 16 heads, ff 4096, kernel 5, ~350M params;
+    # SoundStream with 12 RVQ levels of 1024 codes at 50 Hz; w2v-BERT k-means (1024) at 25 Hz.
+    "paper": dict(
+        dim=1024, depth=12, heads=16, ff_dim=4096, conv_kernel=5, conv_expansion=2,
+        num_quantizers=12, codebook_size=1024, semantic_vocab_size=1024,
+        semantic_rate=25, frame_rate=50, max_frames=1500,
+    ),
+    "small": dict(
+        dim=512, depth=6, heads=8, ff_dim=2048, conv_kernel=5, conv_expansion=2,
+        num_quantizers=12, codebook_size=1024, semantic_vocab_size=1024,
+        semantic_rate=25, frame_rate=50, max_frames=1500,
+    ),
+    # For tests: every code path, a forward pass in milliseconds.
+    "tiny": dict(
+        dim=64, depth=2, heads=4, ff_dim=128, conv_kernel=5, conv_expansion=2,
+        num_quantizers=4, codebook_size=32, semantic_vocab_size=16,
+        semantic_rate=25, frame_rate=50, max_frames=256,
+    ),
+}
+
+
+def _rate(name: str, value: Any) -> Fraction:
+    """A rate in Hz as an exact fraction (so frame/semantic index mapping has no rounding)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number of Hz (int or float), got {value!r}")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a positive, finite number of Hz, got {value!r}")
+    return Fraction(str(value)) if isinstance(value, float) else Fraction(value)
+
+
+def _positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shape of a SoundStorm model and of the token streams it reads and writes.
+
+    num_quantizers (Q) RVQ levels of `codebook_size` (C) codes each at `frame_rate` Hz;
+    semantic ids from a vocabulary of `semantic_vocab_size` at `semantic_rate` Hz.
+    The Conformer has `depth` blocks of width `dim`, `heads` attention heads, feed-forward
+    width `ff_dim`, and a convolution module whose inner width is `conv_expansion * dim`
+    with a depthwise kernel of `conv_kernel` frames. `max_frames` is the longest sequence
+    a single forward pass accepts.
+    """
+
+    num_quantizers: int = 12
+    codebook_size: int = 1024
+    semantic_vocab_size: int = 1024
+    semantic_rate: float = 25
+    frame_rate: float = 50
+    dim: int = 1024
+    depth: int = 12
+    heads: int = 16
+    ff_dim: int = 4096
+    conv_kernel: int = 5
+    conv_expansion: int = 2
+    max_frames: int = 1500
+
+    def __post_init__(self) -> None:
+        for name in ("num_quantizers", "codebook_size", "semantic_vocab_size", "dim",
+                     "depth", "heads", "ff_dim", "conv_kernel", "conv_expansion",
+                     "max_frames"):
+            _positive_int(name, getattr(self, name))
+        _rate("semantic_rate", self.semantic_rate)
+        _rate("frame_rate", self.frame_rate)
+        if self.dim % self.heads:
+            raise ValueError(f"dim ({self.dim}) must be divisible by heads ({self.heads})")
+        if (self.dim // self.heads) % 2:
+            raise ValueError(
+                f"head dimension dim/heads = {self.dim // self.heads} must be even "
+                "(rotary embeddings rotate pairs of channels)")
+        if self.conv_kernel % 2 == 0:
+            raise ValueError(
+                f"conv_kernel must be odd so the convolution is centred, got {self.conv_kernel}")
+
+    # -- derived quantities -------------------------------------------------------------
+    @property
+    def mask_id(self) -> int:
+        """The id that marks a MASK token in `[B, T, Q]` token tensors (= codebook_size)."""
+        return self.codebook_size
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.heads
+
+    @property
+    def conv_dim(self) -> int:
+        return self.dim * self.conv_expansion
+
+    def frames_for(self, semantic_len: int) -> int:
+        """Number of codec frames covered by `semantic_len` semantic ids:
+        floor(S * frame_rate / semantic_rate)."""
+        r = _rate("frame_rate", self.frame_rate) / _rate("semantic_rate", self.semantic_rate)
+        return (semantic_len * r.numerator) // r.denominator
+
+    def semantic_index_fraction(self) -> Tuple[int, int]:
+        """(num, den) such that frame t reads semantic index (t * num) // den,
+        i.e. floor(t * semantic_rate / frame_rate), exactly."""
+        r = _rate("semantic_rate", self.semantic_rate) / _rate("frame_rate", self.frame_rate)
+        return r.numerator, r.denominator
+
+    def num_parameters(self) -> int:
+        """Exact parameter count of `SoundStorm(self)` (no model is built)."""
+        d, f, c = self.dim, self.ff_dim, self.conv_dim
+        ln = 2 * d
+        ffn = ln + (d * f + f) + (f * d + d)
+        attn = ln + (d * 3 * d + 3 * d) + (d * d + d)
+        conv = ln + (d * 2 * c + 2 * c) + (c * self.conv_kernel + c) + 2 * c + (c * d + d)
+        block = 2 * ffn + attn + conv + ln
+        q, cb = self.num_quantizers, self.codebook_size
+        embed = self.semantic_vocab_size * d + (q * cb + 1) * d
+        heads = ln + q * (cb * d + cb)
+        return embed + self.depth * block + heads
+
+    # -- construction -------------------------------------------------------------------
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> "ModelConfig":
+        """A named preset (`paper`, `small`, `tiny`), optionally with fields overridden."""
+        if name not in _PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {sorted(_PRESETS)}")
+        return cls.from_dict({**_PRESETS[name], **overrides})
+
+    @staticmethod
+    def preset_names() -> Tuple[str, ...]:
+        return tuple(_PRESETS)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "ModelConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown ModelConfig field(s) {unknown}; expected a subset of "
+                             f"{sorted(known)}")
+        return cls(**data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """Level-wise MaskGIT decoding schedule (paper §3.3).
+
+    steps_per_level: iterations for each RVQ level, coarse to fine. None means the
+        paper's schedule (16, 1, 1, ..., 1) for the model's number of levels.
+    temperature: candidates are sampled from softmax(logits / temperature); 0 means
+        argmax everywhere.
+    gumbel_scale: weight of the Gumbel noise added to the log-probability confidence,
+        annealed linearly to 0 within each level: g * (1 - i / s) at iteration i of s.
+    greedy_last: the last iteration of every level takes the argmax (so a level with one
+        step is fully greedy), as the paper does.
+    """
+
+    steps_per_level: Optional[Tuple[int, ...]] = None
+    temperature: float = 1.0
+    gumbel_scale: float = 1.0
+    greedy_last: bool = True
+
+    def __post_init__(self) -> None:
+        steps = self.steps_per_level
+        if steps is not None:
+            if isinstance(steps, (str, bytes)) or not isinstance(steps, Sequence):
+                raise TypeError(
+                    f"steps_per_level must be a sequence of ints (one per RVQ level), got {steps!r}")
+            steps = tuple(steps)
+            if not steps:
+                raise ValueError("steps_per_level must not be empty: give one count per RVQ level")
+            for q, s in enumerate(steps, start=1):
+                if isinstance(s, bool) or not isinstance(s, int):
+                    raise TypeError(
+                        f"steps_per_level[{q - 1}] (level {q}) must be an int, got {s!r}")
+                if s < 1:
+                    raise ValueError(
+                        f"steps_per_level[{q - 1}] (level {q}) must be >= 1, got {s}")
+            object.__setattr__(self, "steps_per_level", steps)
+        for name in ("temperature", "gumbel_scale"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ValueError(f"{name} must be a finite number, got {v!r}")
+            if v < 0:
+                raise ValueError(f"{name} must be >= 0, got {v}")
+        if not isinstance(self.greedy_last, bool):
+            raise TypeError(f"greedy_last must be a bool, got {self.greedy_last!r}")
+
+    def resolve(self, num_quantizers: int) -> Tuple[int, ...]:
+        """The per-level step counts for a model with `num_quantizers` levels."""
+        if self.steps_per_level is None:
+            return (16,) + (1,) * (num_quantizers - 1)
+        if len(self.steps_per_level) != num_quantizers:
+            raise ValueError(
+                f"decode.steps_per_level has {len(self.steps_per_level)} entries "
+                f"{self.steps_per_level} but the model has {num_quantizers} RVQ levels; "
+                "give one step count per level")
+        return self.steps_per_level
+
+    def num_forward_passes(self, num_quantizers: int) -> int:
+        return sum(self.resolve(num_quantizers))

@@ -1,0 +1,243 @@
+"""`Engine`: a loaded model, a device, a dtype and a backend, and `generate`, which checks
+its inputs, plans the schedule and runs the level-wise decoder."""
+
+from __future__ import annotations
+
+import secrets
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import torch
+
+from soundstorm.engine.config import DecodeConfig, ModelConfig
+from soundstorm.engine.decode import OnStep, decode_levels, plan_decode
+from soundstorm.engine.model import SoundStorm
+from soundstorm.kernels import get_ops
+
+DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32,
+    "float64": torch.float64, "fp64": torch.float64,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16,
+}
+SEED_LIMIT = 2 ** 63
+
+Seed = Union[int, Sequence[int], torch.Tensor, None]
+
+
+def resolve_dtype(dtype: Union[str, torch.dtype, None]) -> Optional[torch.dtype]:
+    if dtype is None or (isinstance(dtype, torch.dtype) and dtype in DTYPES.values()):
+        return dtype
+    if isinstance(dtype, str) and dtype in DTYPES:
+        return DTYPES[dtype]
+    raise ValueError(f"dtype must be one of float32, float64, bfloat16, float16, got {dtype!r}")
+
+
+class Engine:
+    """SoundStorm inference: semantic ids (+ voice prompt) -> RVQ codec tokens.
+
+    model_or_dir: a `SoundStorm` module or a directory written by `save_pretrained`.
+    device:       where to run (default: the model's device, CPU for a directory).
+    dtype:        float32 (default), float64, bfloat16 or float16.
+    backend:      "auto" (fastest available on the device) or a backend name; "torch" is
+                  the plain PyTorch reference every other backend is tested against.
+    """
+
+    def __init__(self, model_or_dir: Union[SoundStorm, str, Path],
+                 device: Union[str, torch.device, None] = None,
+                 dtype: Union[str, torch.dtype, None] = None, backend: str = "auto"):
+        dtype = resolve_dtype(dtype)
+        if isinstance(model_or_dir, SoundStorm):
+            model = model_or_dir
+        elif isinstance(model_or_dir, (str, Path)):
+            model = SoundStorm.from_pretrained(model_or_dir, device=device, dtype=dtype)
+        else:
+            raise TypeError("model_or_dir must be a SoundStorm model or a model directory, "
+                            f"got {type(model_or_dir).__name__}")
+        if device is None:
+            device = next(model.parameters()).device
+        self.device = torch.device(device)
+        if self.device.type == "meta":
+            raise ValueError("the model's weights are on the meta device; load real weights "
+                             "(SoundStorm.from_pretrained) before building an Engine")
+        self.dtype = dtype or torch.float32
+        self.ops = get_ops(backend, self.device)
+        self.backend = self.ops.name
+        self.model = model.to(device=self.device, dtype=self.dtype).eval()
+        self.model.ops = self.ops
+
+    @classmethod
+    def from_preset(cls, name: str, seed: int = 0, **kwargs) -> "Engine":
+        """An engine over a randomly initialised model of a preset (benchmarks, smoke tests)."""
+        config = ModelConfig.preset(name)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = SoundStorm(config)
+        return cls(model, **kwargs)
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.model.config
+
+    # -- generation ---------------------------------------------------------------------
+    def generate(self, semantic: torch.Tensor, semantic_lengths: Optional[torch.Tensor] = None,
+                 prompt: Optional[torch.Tensor] = None,
+                 prompt_lengths: Optional[torch.Tensor] = None,
+                 decode: Optional[DecodeConfig] = None, seed: Seed = None,
+                 on_step: Optional[OnStep] = None) -> torch.Tensor:
+        """Generate codec tokens for a batch.
+
+        semantic:         int [B, S] semantic ids at the semantic rate
+        semantic_lengths: int [B] real ids per row (default: all S)
+        prompt:           int [B, P, Q] codec tokens of the voice prompt (the first frames
+                          of every level)
+        prompt_lengths:   int [B] real prompt frames per row (default: all P)
+        decode:           a `DecodeConfig` (default: the paper's schedule)
+        seed:             an int for every row, one int per row, or None for a fresh seed
+        on_step:          called as on_step(level, iteration, tokens [B, T, Q]) after every
+                          iteration (1-based); MASK = codebook_size, padding = -1
+        returns           int64 [B, T, Q], T = floor(S * frame_rate / semantic_rate);
+                          frames past a row's length are -1
+        """
+        cfg = self.config
+        decode = decode if decode is not None else DecodeConfig()
+        if not isinstance(decode, DecodeConfig):
+            raise TypeError(f"decode must be a DecodeConfig, got {type(decode).__name__}")
+        steps_per_level = decode.resolve(cfg.num_quantizers)
+        if on_step is not None and not callable(on_step):
+            raise TypeError(f"on_step must be callable, got {on_step!r}")
+
+        semantic = _int_tensor("semantic", semantic, ndim=2, shape_doc="[B, S]")
+        B, S = semantic.shape
+        sem_len = _lengths("semantic_lengths", semantic_lengths, B, S, default=S)
+        frames = [cfg.frames_for(s) for s in sem_len]
+        T = cfg.frames_for(S)
+        for b, (s, t) in enumerate(zip(sem_len, frames)):
+            if t < 1:
+                raise ValueError(
+                    f"semantic row {b} has {s} ids, which make no codec frame at "
+                    f"{cfg.semantic_rate} Hz -> {cfg.frame_rate} Hz; give at least "
+                    f"{_min_semantic(cfg)} ids")
+        if T > cfg.max_frames:
+            raise ValueError(
+                f"semantic of length {S} asks for {T} frames, more than the model's "
+                f"max_frames={cfg.max_frames} ({cfg.max_frames / cfg.frame_rate:g} s); split "
+                "the input into windows of at most max_frames (long-form generation with "
+                "slide-and-prompt windows is the tool for longer audio)")
+        _check_range("semantic", semantic, sem_len, cfg.semantic_vocab_size)
+
+        if prompt is None:
+            if prompt_lengths is not None:
+                raise ValueError("prompt_lengths was given without a prompt")
+            prompt = torch.empty(B, 0, cfg.num_quantizers, dtype=torch.int64)
+        prompt = _int_tensor("prompt", prompt, ndim=3, shape_doc="[B, P, Q]", allow_empty=True)
+        if prompt.shape[0] != B:
+            raise ValueError(f"prompt has batch size {prompt.shape[0]}, semantic has {B}")
+        if prompt.shape[2] != cfg.num_quantizers:
+            raise ValueError(f"prompt has {prompt.shape[2]} RVQ levels (shape "
+                             f"{tuple(prompt.shape)}), the model has {cfg.num_quantizers}")
+        P = prompt.shape[1]
+        prompt_len = _lengths("prompt_lengths", prompt_lengths, B, P, default=P, minimum=0)
+        for b, (p, t) in enumerate(zip(prompt_len, frames)):
+            if p > t:
+                raise ValueError(f"prompt row {b} has {p} frames, longer than the {t} frames "
+                                 "its semantic ids make; the prompt must be the first frames "
+                                 "of the target")
+        _check_range("prompt", prompt, prompt_len, cfg.codebook_size)
+        seeds = _seeds(seed, B)
+
+        device = self.device
+        semantic = semantic.to(device)
+        t_idx = torch.arange(T, device=device)
+        frame_valid = t_idx[None, :] < torch.tensor(frames, device=device)[:, None]
+        tokens = torch.full((B, T, cfg.num_quantizers), cfg.mask_id, dtype=torch.int64,
+                            device=device)
+        if P:
+            in_prompt = t_idx[None, :P] < torch.tensor(prompt_len, device=device)[:, None]
+            tokens[:, :P] = torch.where(in_prompt[..., None], prompt.to(device), cfg.mask_id)
+        lengths = None if min(frames) == T else torch.tensor(frames, device=device)
+        plan = plan_decode([t - p for t, p in zip(frames, prompt_len)], steps_per_level,
+                           decode, device)
+        tokens = decode_levels(self.model, self.ops, semantic, tokens, lengths, frame_valid,
+                               seeds.to(device), plan, decode, on_step)
+        return tokens.masked_fill_(~frame_valid[..., None], -1)
+
+
+# -- input checks (host side, before the loop) ------------------------------------------
+def _int_tensor(name: str, x, ndim: int, shape_doc: str, allow_empty: bool = False) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of integer ids {shape_doc}, "
+                        f"got {type(x).__name__}")
+    if x.is_floating_point() or x.is_complex() or x.dtype == torch.bool:
+        raise TypeError(f"{name} must hold integer ids, got dtype {x.dtype}")
+    if x.ndim != ndim:
+        raise ValueError(f"{name} must be {ndim}-D {shape_doc}, got shape {tuple(x.shape)}")
+    if x.numel() == 0 and not (allow_empty and x.shape[0] > 0 and x.shape[1] == 0):
+        raise ValueError(f"{name} is empty (shape {tuple(x.shape)}); expected {shape_doc} "
+                         "with every dimension > 0")
+    return x.to(torch.int64)
+
+
+def _lengths(name: str, lengths, batch: int, size: int, default: int,
+             minimum: int = 1) -> list[int]:
+    if lengths is None:
+        return [default] * batch
+    if isinstance(lengths, torch.Tensor):
+        if lengths.is_floating_point() or lengths.dtype == torch.bool:
+            raise TypeError(f"{name} must be integers, got dtype {lengths.dtype}")
+        if lengths.ndim != 1:
+            raise ValueError(f"{name} must be 1-D [B={batch}], got shape {tuple(lengths.shape)}")
+        values = lengths.tolist()
+    elif isinstance(lengths, (list, tuple)):
+        values = list(lengths)
+    else:
+        raise TypeError(f"{name} must be a tensor or list of ints, got {type(lengths).__name__}")
+    if len(values) != batch:
+        raise ValueError(f"{name} has {len(values)} entries, expected one per row (B={batch})")
+    for b, v in enumerate(values):
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise TypeError(f"{name}[{b}] must be an int, got {v!r}")
+        if not minimum <= v <= size:
+            raise ValueError(f"{name}[{b}] = {v} is out of range; expected {minimum}..{size}")
+    return values
+
+
+def _check_range(name: str, x: torch.Tensor, lengths: list[int], upper: int) -> None:
+    """Every id within each row's length must lie in [0, upper)."""
+    if x.shape[1] == 0:
+        return
+    valid = torch.arange(x.shape[1], device=x.device)[None, :] < torch.tensor(
+        lengths, device=x.device)[:, None]
+    while valid.ndim < x.ndim:
+        valid = valid[..., None]
+    bad = valid & ((x < 0) | (x >= upper))
+    if bool(bad.any()):
+        where = tuple(int(i) for i in bad.nonzero()[0])
+        raise ValueError(f"{name}{list(where)} = {int(x[where])} is out of range; expected "
+                         f"ids in 0..{upper - 1}")
+
+
+def _seeds(seed: Seed, batch: int) -> torch.Tensor:
+    if seed is None:
+        return torch.full((batch,), secrets.randbits(63), dtype=torch.int64)
+    if isinstance(seed, torch.Tensor):
+        if seed.is_floating_point() or seed.dtype == torch.bool or seed.ndim > 1:
+            raise TypeError(f"seed as a tensor must be integer [B], got {seed.dtype} "
+                            f"{tuple(seed.shape)}")
+        seed = seed.tolist()
+    values = [seed] * batch if isinstance(seed, int) and not isinstance(seed, bool) else seed
+    if not isinstance(values, (list, tuple)):
+        raise TypeError(f"seed must be an int, a sequence of B ints, or None; got {seed!r}")
+    if len(values) != batch:
+        raise ValueError(f"seed has {len(values)} entries, expected one per row (B={batch})")
+    for b, v in enumerate(values):
+        if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < SEED_LIMIT:
+            raise ValueError(f"seed[{b}] = {v!r}; seeds must be ints in 0..2**63-1")
+    return torch.tensor(values, dtype=torch.int64)
+
+
+def _min_semantic(cfg: ModelConfig) -> int:
+    s = 1
+    while cfg.frames_for(s) < 1:
+        s += 1
+    return s

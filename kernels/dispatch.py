@@ -1,0 +1,62 @@
+"""The one dispatch point: a backend name -> the set of fused-op implementations.
+
+The model and the decoder call ops only through an `Ops` object obtained here, chosen
+once when an engine is built. A backend asked for by name that cannot run here raises;
+nothing falls back silently.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from soundstorm.kernels.attention import rotary_attention_reference
+from soundstorm.kernels.conv_module import conv_module_reference
+from soundstorm.kernels.embedding import summed_embedding_reference
+from soundstorm.kernels.resample import masked_resample_reference
+
+# Backends the project knows of, in order of preference for "auto".
+KNOWN_BACKENDS = ("torch",)
+PLANNED_BACKENDS = ("triton", "cpp", "pallas")
+
+
+@dataclass(frozen=True)
+class Ops:
+    """The fused ops of one backend (signatures: see each `*_reference`)."""
+    name: str
+    summed_embedding: Callable[..., torch.Tensor]
+    rotary_attention: Callable[..., torch.Tensor]
+    conv_module: Callable[..., torch.Tensor]
+    masked_resample: Callable[..., torch.Tensor]
+
+
+TORCH_OPS = Ops(
+    name="torch",
+    summed_embedding=summed_embedding_reference,
+    rotary_attention=rotary_attention_reference,
+    conv_module=conv_module_reference,
+    masked_resample=masked_resample_reference,
+)
+
+
+def available_backends(device: Optional[torch.device] = None) -> tuple[str, ...]:
+    """Backends that can run on `device` in this installation, fastest first."""
+    return ("torch",)
+
+
+def get_ops(backend: str = "auto", device: Optional[torch.device] = None) -> Ops:
+    """Resolve a backend name ("auto" = fastest available on `device`) to its ops."""
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a string, got {backend!r}")
+    if backend == "auto":
+        backend = available_backends(device)[0]
+    if backend == "torch":
+        return TORCH_OPS
+    if backend in PLANNED_BACKENDS:
+        raise RuntimeError(
+            f"backend {backend!r} is not available in this installation; available on "
+            f"{device or 'this device'}: {list(available_backends(device))}")
+    raise ValueError(f"unknown backend {backend!r}; choose 'auto' or one of "
+                     f"{list(KNOWN_BACKENDS + PLANNED_BACKENDS)}")

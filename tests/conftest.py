@@ -1,0 +1,41 @@
+import pytest
+import torch
+
+from soundstorm.engine import Engine, ModelConfig, SoundStorm
+
+
+@pytest.fixture(scope="session")
+def tiny_config() -> ModelConfig:
+    return ModelConfig.preset("tiny")
+
+
+def make_model(config: ModelConfig, seed: int = 0, sharpen: float = 1.0) -> SoundStorm:
+    """A randomly initialised model; `sharpen` scales the heads so the output distributions
+    are far from uniform (as a trained model's are)."""
+    torch.manual_seed(seed)
+    model = SoundStorm(config).eval()
+    with torch.no_grad():
+        model.head_weight.mul_(sharpen)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_config) -> SoundStorm:
+    return make_model(tiny_config, seed=0, sharpen=20.0)
+
+
+@pytest.fixture(scope="session")
+def engine64(tiny_model) -> Engine:
+    """float64 engine: exactness tests compare decodes without float-rounding ties."""
+    import copy
+    return Engine(copy.deepcopy(tiny_model), dtype=torch.float64, backend="torch")
+
+
+def random_semantic(config: ModelConfig, batch: int, length: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, config.semantic_vocab_size, (batch, length), generator=g)
+
+
+def random_codes(config: ModelConfig, *shape: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, config.codebook_size, shape, generator=g)

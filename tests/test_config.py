@@ -1,0 +1,101 @@
+import dataclasses
+
+import pytest
+import torch
+
+from soundstorm.engine import DecodeConfig, ModelConfig, SoundStorm
+
+EXPECTED = {
+    "paper": dict(dim=1024, depth=12, heads=16, ff_dim=4096, conv_kernel=5, conv_expansion=2,
+                  num_quantizers=12, codebook_size=1024, semantic_vocab_size=1024,
+                  semantic_rate=25, frame_rate=50, max_frames=1500),
+    "small": dict(dim=512, depth=6, heads=8, ff_dim=2048, conv_kernel=5, conv_expansion=2,
+                  num_quantizers=12, codebook_size=1024, semantic_vocab_size=1024,
+                  semantic_rate=25, frame_rate=50, max_frames=1500),
+    "tiny": dict(dim=64, depth=2, heads=4, ff_dim=128, conv_kernel=5, conv_expansion=2,
+                 num_quantizers=4, codebook_size=32, semantic_vocab_size=16,
+                 semantic_rate=25, frame_rate=50, max_frames=256),
+}
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_presets_have_the_documented_shapes(name):
+    assert ModelConfig.preset(name).to_dict() == EXPECTED[name]
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_parameter_count_matches_a_model_built_on_meta(name):
+    config = ModelConfig.preset(name)
+    with torch.device("meta"):
+        model = SoundStorm(config)
+    assert all(p.device.type == "meta" for p in model.parameters())
+    assert model.num_parameters == config.num_parameters()
+
+
+def test_paper_preset_is_about_350M_parameters():
+    assert 340e6 < ModelConfig.preset("paper").num_parameters() < 360e6
+
+
+def test_preset_overrides_and_unknown_preset():
+    assert ModelConfig.preset("tiny", depth=3).depth == 3
+    with pytest.raises(ValueError, match="unknown preset 'huge'"):
+        ModelConfig.preset("huge")
+    with pytest.raises(ValueError, match="unknown ModelConfig field"):
+        ModelConfig.preset("tiny", layers=3)
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("dim", 0, "dim must be >= 1"),
+    ("depth", 2.0, "depth must be an int"),
+    ("heads", 5, "divisible by heads"),
+    ("dim", 66, "divisible by heads"),
+    ("dim", 68, "head dimension .* must be even"),
+    ("heads", 64, "must be even"),
+    ("conv_kernel", 4, "conv_kernel must be odd"),
+    ("frame_rate", 0, "frame_rate must be a positive"),
+    ("semantic_rate", float("nan"), "semantic_rate must be a positive"),
+    ("codebook_size", True, "codebook_size must be an int"),
+])
+def test_model_config_validation(field, value, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        ModelConfig.preset("tiny", **{field: value})
+
+
+def test_frame_mapping_is_exact_for_fractional_rates():
+    cfg = ModelConfig.preset("tiny", semantic_rate=12.5, frame_rate=75)
+    assert cfg.frames_for(5) == 30
+    num, den = cfg.semantic_index_fraction()
+    assert [(t * num) // den for t in range(8)] == [0, 0, 0, 0, 0, 0, 1, 1]
+    assert ModelConfig.preset("tiny").frames_for(3) == 6
+
+
+def test_decode_config_defaults_follow_the_paper():
+    d = DecodeConfig()
+    assert d.resolve(12) == (16,) + (1,) * 11
+    assert d.num_forward_passes(12) == 27
+    assert (d.temperature, d.gumbel_scale, d.greedy_last) == (1.0, 1.0, True)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(steps_per_level=(16, 0, 1)), r"steps_per_level\[1\] \(level 2\) must be >= 1"),
+    (dict(steps_per_level=()), "must not be empty"),
+    (dict(steps_per_level=(2.0, 1)), "must be an int"),
+    (dict(steps_per_level="16"), "sequence of ints"),
+    (dict(temperature=-0.5), "temperature must be >= 0"),
+    (dict(gumbel_scale=float("inf")), "gumbel_scale must be a finite"),
+    (dict(greedy_last=1), "greedy_last must be a bool"),
+])
+def test_decode_config_validation(kwargs, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        DecodeConfig(**kwargs)
+
+
+def test_decode_config_must_match_the_number_of_levels():
+    with pytest.raises(ValueError, match="has 3 entries .* the model has 4 RVQ levels"):
+        DecodeConfig(steps_per_level=[4, 1, 1]).resolve(4)
+    assert DecodeConfig(steps_per_level=[4, 2, 1, 1]).steps_per_level == (4, 2, 1, 1)
+
+
+def test_configs_are_frozen():
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        ModelConfig.preset("tiny").dim = 3

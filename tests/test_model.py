@@ -1,0 +1,180 @@
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from soundstorm.engine import ModelConfig, SoundStorm
+from soundstorm.kernels.embedding import summed_embedding_reference
+
+from conftest import make_model, random_codes, random_semantic
+
+
+def masked_tokens(config, B, T, seed=0, p_mask=0.5):
+    tokens = random_codes(config, B, T, config.num_quantizers, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    return tokens.masked_fill(torch.rand(tokens.shape, generator=g) < p_mask, config.mask_id)
+
+
+@pytest.fixture(scope="module")
+def model64(tiny_config):
+    return make_model(tiny_config, seed=3).double()
+
+
+def test_output_shapes_for_each_kind_of_level(model64, tiny_config):
+    cfg = tiny_config
+    sem, tok = random_semantic(cfg, 2, 10), masked_tokens(cfg, 2, 20)
+    with torch.no_grad():
+        assert model64(sem, tok, level=2).shape == (2, 20, cfg.codebook_size)
+        assert model64(sem, tok, level=torch.tensor([1, 4])).shape == (2, 20, cfg.codebook_size)
+        assert model64(sem, tok).shape == (2, 20, cfg.num_quantizers, cfg.codebook_size)
+
+
+def test_heads_agree_across_level_forms(model64, tiny_config):
+    cfg = tiny_config
+    sem, tok = random_semantic(cfg, 3, 12), masked_tokens(cfg, 3, 24)
+    with torch.no_grad():
+        every = model64(sem, tok)
+        for q in range(1, cfg.num_quantizers + 1):
+            torch.testing.assert_close(model64(sem, tok, level=q), every[:, :, q - 1])
+        per_row = model64(sem, tok, level=torch.tensor([3, 1, 4]))
+    for b, q in enumerate([3, 1, 4]):
+        torch.testing.assert_close(per_row[b], every[b, :, q - 1])
+
+
+@pytest.mark.parametrize("level", [0, 5, -1, 1.0, True, "1"])
+def test_bad_level_is_rejected(model64, tiny_config, level):
+    sem, tok = random_semantic(tiny_config, 1, 4), masked_tokens(tiny_config, 1, 8)
+    with pytest.raises(ValueError, match="level must be an int in 1..4"):
+        model64(sem, tok, level=level)
+
+
+def test_forward_shape_errors(model64, tiny_config):
+    cfg = tiny_config
+    with pytest.raises(ValueError, match=r"tokens must be \[B, T, Q=4\]"):
+        model64(random_semantic(cfg, 1, 4), torch.zeros(1, 8, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match="semantic has 3 ids, too few for 8 frames"):
+        model64(random_semantic(cfg, 1, 3), masked_tokens(cfg, 1, 8))
+    with pytest.raises(ValueError, match="more than max_frames=256"):
+        model64(random_semantic(cfg, 1, 200), masked_tokens(cfg, 1, 300))
+
+
+def test_a_row_does_not_depend_on_its_padding(model64, tiny_config):
+    """Attention keys and the depthwise convolution must ignore frames past the length,
+    whatever stands there."""
+    cfg = tiny_config
+    sem, tok = random_semantic(cfg, 1, 9, seed=1), masked_tokens(cfg, 1, 17, seed=2)
+    with torch.no_grad():
+        alone = model64(sem, tok, level=1)
+        for pad, seed in ((1, 5), (6, 6), (23, 7)):
+            sem_p = torch.cat([sem, random_semantic(cfg, 1, (pad + 1) // 2 + 1, seed=seed)], 1)
+            tok_p = torch.cat([tok, masked_tokens(cfg, 1, pad, seed=seed)], 1)
+            sem_p = sem_p[:, : (tok_p.shape[1] + 1) // 2]
+            padded = model64(sem_p, tok_p, lengths=torch.tensor([17]), level=1)
+            torch.testing.assert_close(padded[:, :17], alone, rtol=1e-12, atol=1e-12)
+
+
+def test_a_row_does_not_depend_on_its_batch_companions(model64, tiny_config):
+    cfg = tiny_config
+    sem, tok = random_semantic(cfg, 3, 15, seed=4), masked_tokens(cfg, 3, 30, seed=5)
+    lengths = torch.tensor([30, 11, 23])
+    with torch.no_grad():
+        batch = model64(sem, tok, lengths=lengths, level=torch.tensor([1, 2, 3]))
+        for b, (n, q) in enumerate(zip(lengths.tolist(), [1, 2, 3])):
+            alone = model64(sem[b:b + 1, : (n + 1) // 2], tok[b:b + 1, :n], level=q)
+            torch.testing.assert_close(batch[b:b + 1, :n], alone, rtol=1e-12, atol=1e-12)
+
+
+def test_summed_embedding_matches_its_definition(tiny_config):
+    cfg = ModelConfig.preset("tiny", semantic_rate=12.5, frame_rate=75)
+    torch.manual_seed(0)
+    Q, C, D = cfg.num_quantizers, cfg.codebook_size, 8
+    sem_table, ac_table = torch.randn(cfg.semantic_vocab_size, D), torch.randn(Q * C + 1, D)
+    sem, tok = random_semantic(cfg, 2, 4), masked_tokens(cfg, 2, 23)
+    num, den = cfg.semantic_index_fraction()
+    got = summed_embedding_reference(sem, tok, sem_table, ac_table, num, den)
+    for b in range(2):
+        for t in range(23):
+            want = sem_table[sem[b, int(t * 12.5 / 75)]].clone()
+            for q in range(Q):
+                c = int(tok[b, t, q])
+                want += ac_table[-1] if c == C else ac_table[q * C + c]
+            torch.testing.assert_close(got[b, t], want)
+
+
+def test_save_and_load_round_trip(tmp_path, model64, tiny_config):
+    cfg = tiny_config
+    model64.save_pretrained(tmp_path / "m")
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["config.json", "model.safetensors"]
+    loaded = SoundStorm.from_pretrained(tmp_path / "m")
+    assert loaded.config == cfg and not loaded.training
+    sem, tok = random_semantic(cfg, 2, 8), masked_tokens(cfg, 2, 16)
+    with torch.no_grad():
+        assert torch.equal(loaded(sem, tok), model64(sem, tok))
+    half = SoundStorm.from_pretrained(tmp_path / "m", dtype=torch.bfloat16)
+    assert half.head_weight.dtype == torch.bfloat16
+
+
+def test_missing_files_raise_file_not_found(tmp_path, model64):
+    with pytest.raises(FileNotFoundError, match="model directory not found"):
+        SoundStorm.from_pretrained(tmp_path / "nowhere")
+    model64.save_pretrained(tmp_path / "m")
+    (tmp_path / "m" / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        SoundStorm.from_pretrained(tmp_path / "m")
+    (tmp_path / "m" / "config.json").unlink()
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        SoundStorm.from_pretrained(tmp_path / "m")
+
+
+def _edit_weights(path, edit):
+    state = load_file(str(path))
+    edit(state)
+    save_file(state, str(path))
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda s: s.pop("blocks.1.conv.depthwise.weight"), "missing tensor 'blocks.1.conv.depthwise.weight'"),
+    (lambda s: s.__setitem__("head_bias", torch.zeros(4, 33)), r"'head_bias' has shape \(4, 33\)"),
+    (lambda s: s.__setitem__("extra.weight", torch.zeros(2)), "unexpected tensor 'extra.weight'"),
+    (lambda s: s.__setitem__("head_bias", torch.zeros(4, 32, dtype=torch.int64)), "dtype torch.int64"),
+])
+def test_mismatched_checkpoint_names_the_first_problem(tmp_path, model64, edit, match):
+    model64.save_pretrained(tmp_path)
+    _edit_weights(tmp_path / "model.safetensors", edit)
+    with pytest.raises(ValueError, match=match):
+        SoundStorm.from_pretrained(tmp_path)
+
+
+def test_config_that_disagrees_with_weights(tmp_path, model64):
+    model64.save_pretrained(tmp_path)
+    data = json.loads((tmp_path / "config.json").read_text())
+    data["model"]["depth"] = 3
+    (tmp_path / "config.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="missing tensor 'blocks.2."):
+        SoundStorm.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("text,match", [
+    ("{not json", "not valid JSON"),
+    ('{"format": "other"}', "not a soundstorm model config"),
+    ('{"format": "soundstorm", "format_version": 9, "model": {}}', "format_version 9"),
+    ('{"format": "soundstorm", "format_version": 1, "model": {"dim": -1}}', "invalid model config"),
+    ('{"format": "soundstorm", "format_version": 1, "model": {"width": 1}}', "unknown ModelConfig field"),
+])
+def test_bad_config_file(tmp_path, model64, text, match):
+    model64.save_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(text)
+    with pytest.raises(ValueError, match=match):
+        SoundStorm.from_pretrained(tmp_path)
+
+
+def test_corrupted_weights_file(tmp_path, model64):
+    model64.save_pretrained(tmp_path)
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(ValueError, match="model.safetensors"):
+        SoundStorm.from_pretrained(tmp_path)
+    path.write_bytes(b"\x00" * 64)
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        SoundStorm.from_pretrained(tmp_path)

@@ -1,0 +1,1 @@
+"""Training package for SoundStorm models (masking, data, trainer)."""
