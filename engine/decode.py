@@ -9,7 +9,8 @@ Invariants kept (DESIGN.md):
 2. levels go coarse to fine; while level q is decoded, levels > q stay MASK;
 3. after iteration i of s_q, exactly floor(n_q * cos(pi/2 * i/s_q)) level-q tokens remain
    masked (float64; 0 after the last iteration), n_q = the row's non-prompt frames;
-4. candidates ~ softmax(logits / temperature); confidence = log p + g (1 - i/s_q) Gumbel;
+4. candidates ~ softmax(logits / temperature); confidence = log softmax(logits)[candidate]
+   + g (1 - i/s_q) Gumbel;
    the last iteration of a level is greedy when `greedy_last`;
 5. a token once written is never masked again.
 """

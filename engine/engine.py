@@ -147,7 +147,10 @@ class Engine:
         seeds = _seeds(seed, B)
 
         device = self.device
-        semantic = semantic.to(device)
+        # Ids past a row's length may be anything (e.g. -1 padding); the model must still
+        # be able to look them up, and they never reach a real frame.
+        sem_valid = torch.arange(S)[None, :] < torch.tensor(sem_len)[:, None]
+        semantic = semantic.masked_fill(~sem_valid, 0).to(device)
         t_idx = torch.arange(T, device=device)
         frame_valid = t_idx[None, :] < torch.tensor(frames, device=device)[:, None]
         tokens = torch.full((B, T, cfg.num_quantizers), cfg.mask_id, dtype=torch.int64,

@@ -3,7 +3,8 @@
 
 For every eligible (masked, real, non-prompt) frame of the level: draw a candidate from
 softmax(logits / temperature) (Gumbel-max with counter-based noise) or take the argmax;
-score it with its log-probability plus `noise_scale` times a Gumbel sample; keep exactly
+score it with its log-probability under the model (softmax(logits), whatever the
+temperature, as MaskGIT does) plus `noise_scale` times a Gumbel sample; keep exactly
 `num_keep[b]` of the highest-scoring candidates in row b, leave the others MASK.
 """
 
@@ -36,9 +37,9 @@ def masked_resample_reference(logits: torch.Tensor, tokens: torch.Tensor,
     B, T, C = logits.shape
     scores = logits.float()
     if sample:
-        scores = scores / temperature
         keys = rng.frame_keys(rng.step_keys(seeds, level, iteration, rng.STREAM_CANDIDATE), T)
-        candidate = (scores + rng.to_gumbel(rng.code_keys(keys, C))).argmax(dim=-1)
+        noise = rng.to_gumbel(rng.code_keys(keys, C))
+        candidate = (scores / temperature + noise).argmax(dim=-1)
     else:
         candidate = scores.argmax(dim=-1)
     if num_keep is None:

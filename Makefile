@@ -1,0 +1,28 @@
+# Quick start:  make run   (set up, then generate 10 s of tokens and print the real-time factor)
+#               make test  (set up, then run the test suite)
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+
+.PHONY: setup run test bench clean
+
+$(VENV)/.installed: pyproject.toml setup.py
+	$(PYTHON) -m venv $(VENV)
+	# The CPU build of torch first: letting the resolver pick torch pulls a CUDA build.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+run: setup
+	$(VENV)/bin/soundstorm generate --preset small --seconds 10 --seed 0 --out soundstorm-out/tokens.npy
+
+test: setup
+	$(PY) -m pytest -q
+
+bench: setup
+	$(PY) bench/bench_decode.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info soundstorm-out .pytest_cache

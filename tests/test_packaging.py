@@ -1,0 +1,38 @@
+"""`pip install .` (not only the editable install) gives the `soundstorm.*` namespace and
+nothing at top level."""
+
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_wheel_maps_the_top_level_folders_into_soundstorm(tmp_path):
+    build = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "-q", "-w", str(tmp_path)],
+        capture_output=True, text=True)
+    assert build.returncode == 0, build.stderr
+    wheel = next(tmp_path.glob("soundstorm-*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    for module in ("soundstorm/engine/model.py", "soundstorm/engine/cli.py",
+                   "soundstorm/kernels/resample.py", "soundstorm/training/__init__.py"):
+        assert module in names
+    top = {n.split("/")[0] for n in names}
+    assert top <= {"soundstorm"} | {n for n in top if n.startswith("soundstorm-")}, top
+    entry_points = next(n for n in names if n.endswith("entry_points.txt"))
+    assert "soundstorm = soundstorm.engine.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
+
+    # a regular (non-editable) install of it imports and runs from outside the source tree
+    target = tmp_path / "site"
+    with zipfile.ZipFile(wheel) as z:
+        z.extractall(target)
+    code = ("import soundstorm.engine as e, soundstorm.kernels, soundstorm.training;"
+            "assert str(e.__file__).startswith(%r); print(e.ModelConfig.preset('tiny').dim)"
+            % str(target))
+    env = {**os.environ, "PYTHONPATH": str(target)}
+    r = subprocess.run([sys.executable, "-c", code],
+                       capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert r.returncode == 0 and r.stdout.strip() == "64", r.stderr

@@ -1,0 +1,126 @@
+"""The counter-based generator and the masked resampling op (PyTorch reference)."""
+
+import math
+
+import pytest
+import torch
+
+from soundstorm.kernels import rng
+from soundstorm.kernels.resample import masked_resample_reference
+
+
+def mix32_python(x: int) -> int:
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & 0xFFFFFFFF
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & 0xFFFFFFFF
+    return x ^ (x >> 16)
+
+
+def test_mix32_is_exact_uint32_arithmetic():
+    values = [0, 1, 2, 0x7FFFFFFF, 0x80000000, 0xFFFFFFFF, 123456789, 0xDEADBEEF]
+    values += torch.randint(0, 2 ** 32, (200,), dtype=torch.int64).tolist()
+    got = rng.mix32(torch.tensor(values, dtype=torch.int64)).tolist()
+    assert got == [mix32_python(v) for v in values]
+
+
+def test_keys_depend_on_every_coordinate_and_nothing_else():
+    seeds = torch.tensor([0, 1, 2 ** 40 + 1, 2 ** 63 - 1])
+    base = rng.step_keys(seeds, 1, 1, rng.STREAM_CANDIDATE)
+    assert torch.equal(base, rng.step_keys(seeds, 1, 1, rng.STREAM_CANDIDATE))
+    assert len(set(base.tolist())) == 4
+    for other in (rng.step_keys(seeds, 2, 1, rng.STREAM_CANDIDATE),
+                  rng.step_keys(seeds, 1, 2, rng.STREAM_CANDIDATE),
+                  rng.step_keys(seeds, 1, 1, rng.STREAM_CONFIDENCE)):
+        assert (other != base).all()
+    assert ((base >= 0) & (base < 2 ** 32)).all()
+    # a row's keys do not depend on which rows stand beside it
+    assert torch.equal(rng.step_keys(seeds[2:3], 1, 1, 1), base[2:3])
+    f = rng.frame_keys(base, 50)
+    assert torch.equal(rng.frame_keys(base[1:2], 30), f[1:2, :30])
+
+
+def test_uniform_and_gumbel_statistics():
+    keys = rng.code_keys(rng.frame_keys(rng.step_keys(torch.tensor([5]), 1, 1, 1), 400), 500)
+    u = rng.to_uniform(keys).flatten().double()
+    assert 0 < u.min() and u.max() < 1
+    assert abs(u.mean() - 0.5) < 3e-3 and abs(u.var() - 1 / 12) < 2e-3
+    hist = torch.histc(u, bins=20, min=0, max=1)
+    assert (hist - u.numel() / 20).abs().max() < 5 * math.sqrt(u.numel() / 20)
+    g = rng.to_gumbel(keys).double()
+    assert torch.isfinite(g).all()
+    assert abs(g.mean() - 0.5772156649) < 0.01 and abs(g.var() - math.pi ** 2 / 6) < 0.03
+
+
+def random_case(B=3, T=37, C=11, seed=0, p_eligible=0.6):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(B, T, C, generator=g) * 3
+    eligible = torch.rand(B, T, generator=g) < p_eligible
+    tokens = torch.randint(0, C, (B, T), generator=g).masked_fill(eligible, C)
+    return logits, tokens, eligible
+
+
+def confidence(logits, candidate, seeds, level, it, noise_scale):
+    lp = logits.double().log_softmax(-1).gather(-1, candidate[..., None])[..., 0]
+    keys = rng.frame_keys(rng.step_keys(seeds, level, it, rng.STREAM_CONFIDENCE), logits.shape[1])
+    return lp + noise_scale * rng.to_gumbel(keys).double()
+
+
+@pytest.mark.parametrize("sample", [True, False])
+@pytest.mark.parametrize("noise_scale", [0.0, 0.7])
+def test_keeps_exactly_k_of_the_most_confident(sample, noise_scale):
+    logits, tokens, eligible = random_case(seed=1)
+    seeds = torch.tensor([3, 4, 5])
+    counts = eligible.sum(1)
+    num_keep = torch.stack([counts[0], counts[1] // 2, torch.tensor(0)])
+    out = masked_resample_reference(logits, tokens, eligible, num_keep, seeds, 2, 3,
+                                    temperature=0.8, noise_scale=noise_scale, sample=sample)
+    C = logits.shape[-1]
+    assert torch.equal(out[~eligible], tokens[~eligible]), "non-eligible positions changed"
+    written = eligible & (out != C)
+    assert written.sum(1).tolist() == num_keep.tolist()
+    # the written ids are the candidates the op drew (same noise as a full keep)
+    full = masked_resample_reference(logits, tokens, eligible, None, seeds, 2, 3, 0.8,
+                                     noise_scale, sample)
+    assert torch.equal(out[written], full[written])
+    if not sample:
+        assert torch.equal(full[eligible], logits.argmax(-1)[eligible])
+    conf = confidence(logits, full.clamp(max=C - 1), seeds, 2, 3, noise_scale)
+    for b in range(3):
+        kept, left = conf[b][written[b]], conf[b][eligible[b] & ~written[b]]
+        if len(kept) and len(left):
+            assert kept.min() >= left.max() - 1e-5
+
+
+def test_keep_all_writes_every_eligible_position():
+    logits, tokens, eligible = random_case(seed=2)
+    out = masked_resample_reference(logits, tokens, eligible, None, torch.tensor([1, 2, 3]),
+                                    1, 1, 1.0, 0.0, sample=True)
+    assert (out[eligible] < logits.shape[-1]).all()
+    assert torch.equal(out[~eligible], tokens[~eligible])
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.5, 2.0])
+def test_candidates_follow_softmax_over_temperature(temperature):
+    C, T = 6, 6000
+    base = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0])
+    logits = base.expand(1, T, C).clone()
+    eligible = torch.ones(1, T, dtype=torch.bool)
+    tokens = torch.full((1, T), C)
+    out = masked_resample_reference(logits, tokens, eligible, None, torch.tensor([99]), 1, 1,
+                                    temperature, 0.0, sample=True)
+    freq = torch.bincount(out[0], minlength=C).double()
+    expected = torch.softmax(base.double() / temperature, -1) * T
+    chi2 = ((freq - expected) ** 2 / expected).sum()
+    assert chi2 < 25.7, (freq, expected)   # chi-square, 5 dof, p = 1e-4
+
+
+def test_rows_are_independent_of_companions():
+    logits, tokens, eligible = random_case(B=4, seed=3)
+    seeds = torch.tensor([10, 11, 12, 13])
+    num_keep = eligible.sum(1) // 3
+    out = masked_resample_reference(logits, tokens, eligible, num_keep, seeds, 1, 5, 1.0, 0.9, True)
+    for b in range(4):
+        alone = masked_resample_reference(logits[b:b + 1], tokens[b:b + 1], eligible[b:b + 1],
+                                          num_keep[b:b + 1], seeds[b:b + 1], 1, 5, 1.0, 0.9, True)
+        assert torch.equal(alone, out[b:b + 1])
