@@ -33,7 +33,7 @@ class FeedForward(nn.Module):
         self.down = nn.Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(F.silu(self.up(self.norm(x))))
+        return self.down(F.silu(self.up(self.norm(x)), inplace=True))
 
 
 class RotarySelfAttention(nn.Module):
@@ -83,10 +83,10 @@ class ConformerBlock(nn.Module):
         self.norm = nn.LayerNorm(config.dim)
 
     def forward(self, x: torch.Tensor, frame_mask: Optional[torch.Tensor], ops: Ops) -> torch.Tensor:
-        x = x + 0.5 * self.ff1(x)
+        x = torch.add(x, self.ff1(x), alpha=0.5)
         x = x + self.attn(x, frame_mask, ops)
         x = x + self.conv(x, frame_mask, ops)
-        x = x + 0.5 * self.ff2(x)
+        x = torch.add(x, self.ff2(x), alpha=0.5)
         return self.norm(x)
 
 

@@ -27,12 +27,17 @@ def conv_module_reference(h: torch.Tensor, dw_weight: torch.Tensor, dw_bias: tor
                  beyond the sequence's end.
     returns      [B, T, E]
     """
-    a, gate = h.chunk(2, dim=-1)
-    x = a * torch.sigmoid(gate)
+    x = F.glu(h, dim=-1)
     if frame_mask is not None:
         x = x * frame_mask[..., None].to(x.dtype)
-    K = dw_weight.shape[-1]
-    x = F.conv1d(x.transpose(1, 2), dw_weight, dw_bias, padding=K // 2,
-                 groups=dw_weight.shape[0]).transpose(1, 2)
-    x = F.layer_norm(x, (x.shape[-1],), norm_weight, norm_bias, eps)
-    return F.silu(x)
+    # Depthwise convolution as K shifted multiply-adds in the [B, T, E] layout: on CPU
+    # this is about twice as fast as conv1d, which needs the channels-first transpose
+    # both ways, and it computes the same sums.
+    K, T = dw_weight.shape[-1], x.shape[1]
+    padded = F.pad(x, (0, 0, K // 2, K // 2))
+    taps = dw_weight[:, 0, :].t()                                   # [K, E]
+    y = torch.addcmul(dw_bias, padded[:, 0:T], taps[0])
+    for k in range(1, K):
+        y.addcmul_(padded[:, k:k + T], taps[k])
+    y = F.layer_norm(y, (y.shape[-1],), norm_weight, norm_bias, eps)
+    return F.silu(y, inplace=True)

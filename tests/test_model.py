@@ -178,3 +178,23 @@ def test_corrupted_weights_file(tmp_path, model64):
     path.write_bytes(b"\x00" * 64)
     with pytest.raises(ValueError, match="not a readable safetensors file"):
         SoundStorm.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("T", [1, 2, 7, 31])
+def test_conv_module_matches_a_plain_depthwise_conv1d(T):
+    """The reference's shifted multiply-adds equal conv1d with zero padding, and padded
+    frames read as zeros."""
+    import torch.nn.functional as F
+    from soundstorm.kernels.conv_module import conv_module_reference
+    torch.manual_seed(T)
+    B, E, K = 3, 12, 5
+    h = torch.randn(B, T, 2 * E, dtype=torch.float64)
+    w, b = torch.randn(E, 1, K, dtype=torch.float64), torch.randn(E, dtype=torch.float64)
+    nw, nb = torch.randn(E, dtype=torch.float64), torch.randn(E, dtype=torch.float64)
+    lengths = torch.tensor([T, max(1, T - 3), 1])
+    mask = torch.arange(T)[None] < lengths[:, None]
+    x = F.glu(h, -1) * mask[..., None]
+    want = F.conv1d(x.transpose(1, 2), w, b, padding=K // 2, groups=E).transpose(1, 2)
+    want = F.silu(F.layer_norm(want, (E,), nw, nb))
+    got = conv_module_reference(h, w, b, nw, nb, mask)
+    torch.testing.assert_close(got, want)
