@@ -22,7 +22,7 @@ test: setup
 	$(PY) -m pytest -q
 
 bench: setup
-	$(PY) bench/bench_decode.py
+	$(VENV)/bin/soundstorm bench --preset small --seconds 10
 
 clean:
 	rm -rf $(VENV) build *.egg-info soundstorm-out .pytest_cache

@@ -3,6 +3,7 @@
   soundstorm generate --model DIR --semantic ids.npy [--prompt prompt.npy] --out tokens.npy
   soundstorm generate --preset small --seconds 10          (random weights: speed checks)
   soundstorm info DIR|PRESET
+  soundstorm bench --preset small --seconds 10 [--batch N] [--backend B] [--dtype D] [--json]
 """
 
 from __future__ import annotations
@@ -151,6 +152,36 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from soundstorm.engine import benchmark
+
+    if args.seconds <= 0:
+        raise CLIError(f"--seconds must be > 0, got {args.seconds}")
+    if args.batch < 1 or args.repeats < 1:
+        raise CLIError(f"--batch and --repeats must be >= 1, got {args.batch} and {args.repeats}")
+    say = None if args.quiet else (lambda msg: print(f"  {msg}", file=sys.stderr, flush=True))
+    r = benchmark.run_preset(args.preset, args.seconds, args.batch, args.backend, args.dtype,
+                             args.device, args.repeats, progress=say)
+    print(f"{r['preset']} preset, {r['seconds']:g} s of audio ({r['frames']} frames), batch "
+          f"{r['batch']}, {r['dtype']}, backend {r['backend']} on {r['device']}, "
+          f"{r['threads']} threads")
+    print(f"  wall time         {r['wall_s']:.3f} s (median of {r['repeats']}; "
+          f"min {r['wall_s_min']:.3f}, max {r['wall_s_max']:.3f}; warm-up excluded)")
+    print(f"  real-time factor  {r['real_time_factor']:.4f} "
+          f"({1 / r['real_time_factor']:.2f}x real time), {r['frames_per_s']:.0f} frames/s")
+    print(f"  forward passes    {r['forward_passes']} ({r['gflop_per_pass']:.1f} GFLOP each)")
+    print(f"  achieved          {r['achieved_gflops']:.1f} GFLOP/s")
+    print(f"  torch.matmul      {r['matmul_gflops']:.1f} GFLOP/s at the same shapes and dtype")
+    print(f"  fraction          {r['fraction_of_matmul']:.2f} of matmul FLOP/s "
+          f"(per-round min {r['fraction_min']:.2f}, max {r['fraction_max']:.2f})")
+    if args.history:
+        benchmark.append_history(args.history, r)
+        print(f"  appended to       {args.history}")
+    if args.json:
+        print(json.dumps(r))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="soundstorm",
@@ -196,6 +227,27 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("target", metavar="DIR|PRESET")
     i.add_argument("--json", action="store_true", help="print one JSON object")
     i.set_defaults(func=cmd_info)
+
+    b = sub.add_parser(
+        "bench", help="measure decode speed (real-time factor, FLOP/s vs matmul)",
+        description="Time the default decode of random semantic ids with a randomly "
+                    "initialised preset model: real-time factor, frames/s, forward passes, "
+                    "achieved FLOP/s and its fraction of torch.matmul's FLOP/s at the same "
+                    "shapes and dtype, measured in the same run. Warm-up is excluded; the "
+                    "wall time is the median over --repeats rounds.",
+        epilog="example: soundstorm bench --preset small --seconds 10 --history bench.jsonl")
+    b.add_argument("--preset", default="small", choices=ModelConfig.preset_names())
+    b.add_argument("--seconds", type=float, default=10.0, help="audio length (default 10)")
+    b.add_argument("--batch", type=int, default=1, help="clips decoded together (default 1)")
+    b.add_argument("--backend", default="auto", help="op backend (default auto)")
+    b.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    b.add_argument("--device", help="cpu, cuda, ... (default cpu)")
+    b.add_argument("--repeats", type=int, default=3, help="timed rounds (default 3)")
+    b.add_argument("--history", metavar="JSONL",
+                   help="append a record (commit, machine, settings, figures) to this file")
+    b.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    b.add_argument("--quiet", action="store_true", help="no progress lines")
+    b.set_defaults(func=cmd_bench)
     return parser
 
 

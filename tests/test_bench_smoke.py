@@ -1,16 +1,132 @@
-"""The decode benchmark runs end to end at the tiny preset (no timing is asserted)."""
+"""Every benchmark runs end to end at the tiny preset. No timing is asserted: benchmarks
+measure, tests only check that they run and report what they promise."""
 
+import json
+import subprocess
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import pytest
+import torch
 
-import bench_decode  # noqa: E402
+from soundstorm.engine import ModelConfig
+from soundstorm.engine.benchmark import read_history
+from soundstorm.engine.cli import main
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+sys.path.insert(0, str(BENCH))
+
+import ar_baseline  # noqa: E402
+import compare  # noqa: E402
+import runtime_figure  # noqa: E402
+
+FIGURES = ("wall_s", "real_time_factor", "frames_per_s", "forward_passes", "achieved_gflops",
+           "matmul_gflops", "fraction_of_matmul")
 
 
-def test_bench_decode_runs_at_the_tiny_preset():
-    r = bench_decode.run("tiny", seconds=1.0, batch=2, dtype="float32", repeats=1, backend="auto")
-    assert r["frames"] == 50 and r["forward_passes"] == 16 + 3
-    for key in ("wall_s_median", "real_time_factor", "achieved_gflops", "matmul_gflops",
-                "fraction_of_matmul"):
-        assert r[key] > 0
+def test_cli_bench_json_and_history(tmp_path, capsys):
+    history = tmp_path / "h.jsonl"
+    for seconds in (1, 1):
+        assert main(["bench", "--preset", "tiny", "--seconds", str(seconds), "--repeats", "1",
+                     "--quiet", "--json", "--history", str(history)]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    result = json.loads(out[-1])
+    assert result["forward_passes"] == 19 and result["frames"] == 50
+    assert all(result[k] > 0 for k in FIGURES)
+    records = read_history(history)
+    assert len(records) == 2
+    assert records[0]["settings"] == {"preset": "tiny", "seconds": 1.0, "batch": 1,
+                                      "backend": "torch", "dtype": "float32", "device": "cpu"}
+    assert records[0]["machine"]["cores"] >= 1 and "time" in records[0]
+
+    assert compare.main([str(history), "--plot", str(tmp_path / "h.png")]) == 0
+    text = capsys.readouterr().out
+    assert "real-time factor" in text and "fraction of matmul" in text
+    assert (tmp_path / "h.png").stat().st_size > 1000
+    with pytest.raises(SystemExit, match="the history has 2 records"):
+        compare.main([str(history), "--against", "5"])
+
+
+def test_bad_history_is_reported_with_its_line(tmp_path):
+    path = tmp_path / "h.jsonl"
+    path.write_text('{"settings": {}, "figures": {}}\nnot json\n')
+    with pytest.raises(SystemExit, match="h.jsonl:2: not a JSON record"):
+        compare.main([str(path)])
+
+
+def test_cli_bench_rejects_bad_settings(capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "--preset", "tiny", "--seconds", "0"])
+    assert "--seconds must be > 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["bench", "--preset", "tiny", "--seconds", "20"])
+    assert "more than the preset's max_frames=256" in capsys.readouterr().err
+
+
+def test_rtf_suite_runs_a_tiny_case(tmp_path):
+    out = tmp_path / "rtf.json"
+    r = subprocess.run([sys.executable, "-m", "pytest", str(BENCH / "test_rtf.py"), "-q",
+                        "-p", "no:cacheprovider", "-k", "tiny-5s-b1-torch-float32",
+                        "--rounds", "1", f"--benchmark-json={out}"],
+                       capture_output=True, text=True, cwd=BENCH.parent)
+    assert r.returncode == 0, r.stdout + r.stderr
+    bench = json.loads(out.read_text())["benchmarks"]
+    assert len(bench) == 1 and bench[0]["extra_info"]["forward_passes"] == 19
+    assert bench[0]["extra_info"]["fraction_of_matmul"] > 0
+
+
+def test_default_rtf_cases_skip_the_slow_ones():
+    import test_rtf
+    ids = {p.id: p.marks for p in test_rtf.cases()}
+    assert len(ids) == 3 * 3 * 2 * len(test_rtf.DTYPES) * len(test_rtf.available_backends(test_rtf.DEVICE))
+    if test_rtf.DEVICE.type == "cpu":
+        assert not ids["tiny-30s-b8-torch-float32"] and not ids["small-5s-b1-torch-float32"]
+        assert ids["paper-30s-b8-torch-float32"] and ids["small-10s-b1-torch-bfloat16"]
+
+
+def test_ar_baseline_generates_every_level():
+    cfg = ModelConfig.preset("tiny")
+    ar = ar_baseline.AudioLMAcoustic(cfg, max_seconds=2, window_s=0.3)
+    semantic = torch.randint(0, cfg.semantic_vocab_size, (2, 19))
+    tokens = ar.generate(semantic)
+    assert tokens.shape == (2, 38, cfg.num_quantizers)
+    assert ((tokens >= 0) & (tokens < cfg.codebook_size)).all()
+    assert ar.forward_passes(38) == 38 * cfg.num_quantizers
+    with pytest.raises(ValueError, match="exceeds max_len"):
+        ar.generate(torch.zeros(1, 60, dtype=torch.long))
+
+
+def test_ar_cache_matches_a_full_causal_pass():
+    """The KV-cached step equals recomputing the causal Transformer over the whole prefix."""
+    cfg = ModelConfig.preset("tiny")
+    stage = ar_baseline.ARStage(cfg, max_len=12).double()
+    rows = torch.randint(0, 40, (2, 12))
+    dh = cfg.head_dim
+    full = stage.embed(rows)
+    caches = [(torch.empty(2, cfg.heads, 12, dh, dtype=torch.float64),
+               torch.empty(2, cfg.heads, 12, dh, dtype=torch.float64)) for _ in stage.blocks]
+    cos, sin = ar_baseline.rotary_tables(12, dh, rows.device, torch.float64)
+    with torch.no_grad():
+        for block, (k, v) in zip(stage.blocks, caches):
+            full = block(full, 0, k, v, cos, sin)
+        caches = [(torch.empty_like(k), torch.empty_like(v)) for k, v in caches]
+        x = stage.embed(rows[:, :5])
+        steps = []
+        for block, (k, v) in zip(stage.blocks, caches):
+            x = block(x, 0, k, v, cos, sin)
+        steps.append(x)
+        for t in range(5, 12):
+            x = stage.embed(rows[:, t:t + 1])
+            for block, (k, v) in zip(stage.blocks, caches):
+                x = block(x, t, k, v, cos, sin)
+            steps.append(x)
+    torch.testing.assert_close(torch.cat(steps, 1), full)
+
+
+def test_runtime_figure_at_the_tiny_preset(tmp_path):
+    result = runtime_figure.measure("tiny", [0.5, 1.0], repeats=1, ar_repeats=1)
+    assert [r["seconds"] for r in result["rows"]] == [0.5, 1.0]
+    assert all(r["speedup"] > 0 and r["ar_passes"] == r["frames"] * 4 for r in result["rows"])
+    assert runtime_figure.table(result).count("\n") == 3
+    runtime_figure.plot(result, tmp_path / "r.png")
+    assert (tmp_path / "r.png").stat().st_size > 1000
