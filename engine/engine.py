@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import secrets
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Iterator, Optional, Sequence, Union
 
 import torch
 
+from soundstorm.engine import longform
 from soundstorm.engine.config import DecodeConfig, ModelConfig
 from soundstorm.engine.decode import OnStep, decode_levels, plan_decode
+from soundstorm.engine.longform import StreamChunk
 from soundstorm.engine.model import SoundStorm
 from soundstorm.kernels import get_ops
 
@@ -121,9 +123,9 @@ class Engine:
         if T > cfg.max_frames:
             raise ValueError(
                 f"semantic of length {S} asks for {T} frames, more than the model's "
-                f"max_frames={cfg.max_frames} ({cfg.max_frames / cfg.frame_rate:g} s); split "
-                "the input into windows of at most max_frames (long-form generation with "
-                "slide-and-prompt windows is the tool for longer audio)")
+                f"max_frames={cfg.max_frames} ({cfg.max_frames / cfg.frame_rate:g} s); for "
+                "longer audio use Engine.generate_long or Engine.stream (slide-and-prompt "
+                "windows)")
         _check_range("semantic", semantic, sem_len, cfg.semantic_vocab_size)
 
         if prompt is None:
@@ -164,6 +166,29 @@ class Engine:
         tokens = decode_levels(self.model, self.ops, semantic, tokens, lengths, frame_valid,
                                seeds.to(device), plan, decode, on_step)
         return tokens.masked_fill_(~frame_valid[..., None], -1)
+
+    # -- long-form ----------------------------------------------------------------------
+    def stream(self, semantic: torch.Tensor, prompt: Optional[torch.Tensor] = None,
+               decode: Optional[DecodeConfig] = None, seed: Optional[int] = None,
+               window: Optional[int] = None, overlap: Optional[int] = None,
+               codec=None) -> Iterator[StreamChunk]:
+        """Generate one utterance of any length window by window (slide-and-prompt, see
+        `soundstorm.engine.longform`), yielding a `StreamChunk` per finished window: its
+        new frames `tokens` [n, Q] (and `audio = codec.decode(tokens[None])` given a codec),
+        so playback can start before the clip is done.
+
+        semantic: int [S] or [1, S]; prompt: int [P, Q] or [1, P, Q]; window, overlap:
+        frames (default max_frames and 3 s); seed: int (None = fresh).
+        """
+        return longform.stream(self, semantic, prompt, decode, seed, window, overlap, codec)
+
+    def generate_long(self, semantic: torch.Tensor, prompt: Optional[torch.Tensor] = None,
+                      decode: Optional[DecodeConfig] = None, seed: Optional[int] = None,
+                      window: Optional[int] = None, overlap: Optional[int] = None) -> torch.Tensor:
+        """`stream` collected: int64 [T, Q] for T = floor(S * frame_rate / semantic_rate),
+        however long. A clip that fits in one window decodes exactly as `generate`."""
+        chunks = [c.tokens for c in self.stream(semantic, prompt, decode, seed, window, overlap)]
+        return torch.cat(chunks, dim=0)
 
 
 # -- input checks (host side, before the loop) ------------------------------------------
