@@ -43,7 +43,7 @@ CASES = [
     (lambda e: dict(semantic=sem(e), semantic_lengths=torch.tensor([10.0, 5.0])), TypeError,
      "semantic_lengths must be integers"),
     (lambda e: dict(semantic=sem(e, S=200)), ValueError,
-     "asks for 400 frames, more than the model's max_frames=256 .*long-form"),
+     "asks for 400 frames, more than the model's max_frames=256 .*generate_long"),
     (lambda e: dict(semantic=sem(e), prompt=prm(e, Q=3)), ValueError,
      r"prompt has 3 RVQ levels .* the model has 4"),
     (lambda e: dict(semantic=sem(e), prompt=prm(e)[0]), ValueError, r"prompt must be 3-D \[B, P, Q\]"),
