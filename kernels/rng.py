@@ -12,6 +12,8 @@ Values are held as non-negative int64 tensors in [0, 2**32); every multiply is f
 
 from __future__ import annotations
 
+from typing import Union
+
 import torch
 
 MASK32 = 0xFFFFFFFF
@@ -30,16 +32,20 @@ def mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def step_keys(seeds: torch.Tensor, level: int, iteration: int, stream: int) -> torch.Tensor:
+def step_keys(seeds: torch.Tensor, level: Union[int, torch.Tensor],
+              iteration: Union[int, torch.Tensor], stream: int) -> torch.Tensor:
     """One 32-bit key per row for a (level, iteration, stream) triple.
 
-    seeds: int64 [B] (any 64-bit value); level, iteration: 1-based ints.
+    seeds: int64 [B] (any 64-bit value); level, iteration: 1-based, one int for every row
+    or int64 [B] (rows of one batch at different steps of their own decodes).
     Returns int64 [B] in [0, 2**32).
     """
     lo = seeds & MASK32
     hi = (seeds >> 32) & MASK32
+    level = torch.as_tensor(level, dtype=torch.int64, device=seeds.device)
+    iteration = torch.as_tensor(iteration, dtype=torch.int64, device=seeds.device)
     tag = ((level & 0xFFFF) << 16) | ((iteration & 0xFFF) << 4) | (stream & 0xF)
-    return mix32(lo ^ mix32(hi ^ mix32(torch.full_like(seeds, tag))))
+    return mix32(lo ^ mix32(hi ^ mix32(tag.expand_as(seeds))))
 
 
 def frame_keys(keys: torch.Tensor, num_frames: int) -> torch.Tensor:

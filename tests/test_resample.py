@@ -124,3 +124,26 @@ def test_rows_are_independent_of_companions():
         alone = masked_resample_reference(logits[b:b + 1], tokens[b:b + 1], eligible[b:b + 1],
                                           num_keep[b:b + 1], seeds[b:b + 1], 1, 5, 1.0, 0.9, True)
         assert torch.equal(alone, out[b:b + 1])
+
+
+def test_per_row_parameters_equal_one_call_per_row():
+    """Rows at different levels, iterations, temperatures and modes in one call decode as
+    if each were alone with its own scalar settings."""
+    B = 5
+    logits, tokens, eligible = random_case(B=B, T=29, C=9, seed=7)
+    seeds = torch.tensor([1, 2, 3, 4, 5])
+    level = torch.tensor([1, 1, 2, 3, 1])
+    iteration = torch.tensor([1, 4, 1, 1, 16])
+    temperature = torch.tensor([1.0, 0.7, 0.0, 1.3, 1.0])
+    noise = torch.tensor([0.9, 0.3, 0.0, 0.0, 0.5])
+    sample = torch.tensor([True, True, False, True, False])
+    num_keep = torch.tensor([3, 0, 100, 2, 5])      # 100 >= eligible count: keep all
+    out = masked_resample_reference(logits, tokens, eligible, num_keep, seeds, level, iteration,
+                                    temperature, noise, sample)
+    for b in range(B):
+        alone = masked_resample_reference(
+            logits[b:b + 1], tokens[b:b + 1], eligible[b:b + 1], num_keep[b:b + 1],
+            seeds[b:b + 1], int(level[b]), int(iteration[b]), float(temperature[b]),
+            float(noise[b]), bool(sample[b]))
+        assert torch.equal(out[b:b + 1], alone), b
+    assert torch.equal(out[2][eligible[2]], logits[2].argmax(-1)[eligible[2]])
