@@ -1,6 +1,7 @@
 """The `soundstorm` command.
 
   soundstorm generate --model DIR --semantic ids.npy [--prompt prompt.npy] --out tokens.npy
+  soundstorm generate --model DIR --manifest batch.jsonl   (many utterances, batched)
   soundstorm generate --preset small --seconds 10          (random weights: speed checks)
   soundstorm info DIR|PRESET
   soundstorm bench --preset small --seconds 10 [--batch N] [--backend B] [--dtype D] [--json]
@@ -64,6 +65,88 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
+def _read_manifest(path: str, cfg) -> list[dict]:
+    """Lines of JSON: {"semantic": "a.npy", "prompt": "p.npy"?, "seed": 1?, "out": "o.npy"?};
+    relative paths are relative to the manifest's folder."""
+    p = Path(path)
+    if not p.is_file():
+        raise CLIError(f"--manifest: file not found: {p}")
+    entries = []
+    for n, line in enumerate(p.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise CLIError(f"{p}:{n}: not a JSON object ({e})")
+        if not isinstance(entry, dict) or "semantic" not in entry:
+            raise CLIError(f"{p}:{n}: expected an object with at least \"semantic\"")
+        unknown = sorted(set(entry) - {"semantic", "prompt", "seed", "out"})
+        if unknown:
+            raise CLIError(f"{p}:{n}: unknown key(s) {unknown}; allowed: semantic, prompt, seed, out")
+        where = f"{p}:{n}"
+        semantic, _ = _load_ids(str(p.parent / entry["semantic"]), f"manifest {where} semantic", 1)
+        if semantic.shape[0] != 1:
+            raise CLIError(f"{where}: semantic must be one utterance [S], got {tuple(semantic.shape)}")
+        request = {"semantic": semantic[0]}
+        if entry.get("prompt"):
+            prompt, _ = _load_ids(str(p.parent / entry["prompt"]), f"manifest {where} prompt", 2)
+            request["prompt"] = prompt[0]
+        if "seed" in entry:
+            request["seed"] = entry["seed"]
+        out = entry.get("out")
+        entries.append({"request": request, "out": None if out is None else p.parent / out,
+                        "where": where})
+    if not entries:
+        raise CLIError(f"--manifest: {p} has no entries")
+    return entries
+
+
+def cmd_generate_manifest(args: argparse.Namespace, engine: Engine, source: str) -> int:
+    from tqdm import tqdm
+
+    from soundstorm.engine.scheduler import Scheduler
+
+    cfg = engine.config
+    entries = _read_manifest(args.manifest, cfg)
+    out_dir = Path(args.out) if args.out else Path(args.manifest).parent
+    steps = _parse_steps(args.steps, cfg.num_quantizers) if args.steps else None
+    decode = DecodeConfig(steps_per_level=steps, temperature=args.temperature)
+    scheduler = Scheduler(engine, max_batch=args.max_batch, threaded=False)
+    handles = []
+    for i, e in enumerate(entries):   # every request is checked before any decoding starts
+        request = dict(e["request"], decode=decode)
+        if "seed" not in request and args.seed is not None:
+            request["seed"] = args.seed + i
+        try:
+            handles.append(scheduler.submit(**request))
+        except (ValueError, TypeError) as err:
+            raise CLIError(f"{e['where']}: {err}")
+    bar = tqdm(total=len(handles), desc="utterances", unit="utt", disable=args.quiet, file=sys.stderr)
+    start = time.perf_counter()
+    finished = 0
+    while scheduler.step():
+        now = sum(h.done() for h in handles)
+        bar.update(now - finished)
+        finished = now
+    wall = time.perf_counter() - start
+    bar.close()
+    audio_s = 0.0
+    for i, (e, h) in enumerate(zip(entries, handles)):
+        tokens = h.result()
+        audio_s += tokens.shape[0] / cfg.frame_rate
+        _save_npy(e["out"] or out_dir / f"{i:05d}.npy", tokens.cpu().numpy())
+    summary = {"model": str(source), "utterances": len(handles), "audio_seconds": audio_s,
+               "wall_seconds": round(wall, 4), "real_time_factor": round(wall / audio_s, 4),
+               "forward_passes": scheduler.stats.steps, "max_batch": args.max_batch}
+    print(f"generated {len(handles)} utterances ({audio_s:g} s of audio) from {source} in "
+          f"{wall:.2f} s with {scheduler.stats.steps} batched forward passes: real-time "
+          f"factor {wall / audio_s:.3f}")
+    if args.json:
+        print(json.dumps(summary))
+    return 0
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
@@ -75,6 +158,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
                                     dtype=args.dtype, backend=args.backend)
         source = f"preset {args.preset!r} with random weights"
     cfg = engine.config
+    if args.manifest:
+        if args.semantic or args.prompt or args.seconds is not None:
+            raise CLIError("--manifest replaces --semantic, --prompt and --seconds")
+        return cmd_generate_manifest(args, engine, source)
 
     if args.semantic:
         semantic, single = _load_ids(args.semantic, "semantic", 1)
@@ -202,6 +289,14 @@ def build_parser() -> argparse.ArgumentParser:
                      help="randomly initialised model of a preset")
     g.add_argument("--semantic", metavar="NPY",
                    help="semantic ids, int [S] or [B, S] at the model's semantic rate")
+    g.add_argument("--manifest", metavar="JSONL",
+                   help="a batch: one JSON object per line, {\"semantic\": \"a.npy\", "
+                        "\"prompt\": \"p.npy\", \"seed\": 1, \"out\": \"a.tokens.npy\"} "
+                        "(prompt, seed, out optional; paths relative to the manifest); decoded "
+                        "together with continuous batching; without \"out\", tokens go to "
+                        "--out DIR (default: the manifest's folder) as 00000.npy, ...")
+    g.add_argument("--max-batch", type=int, default=8,
+                   help="with --manifest: requests per forward pass (default 8)")
     g.add_argument("--seconds", type=float, metavar="S",
                    help="without --semantic: random semantic ids for S seconds (default 10)")
     g.add_argument("--batch", type=int, default=1, help="with --seconds: batch size (default 1)")

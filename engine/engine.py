@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import secrets
 from pathlib import Path
-from typing import Iterator, Optional, Sequence, Union
+from dataclasses import dataclass
+from typing import Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -13,6 +14,7 @@ from soundstorm.engine import longform
 from soundstorm.engine.config import DecodeConfig, ModelConfig
 from soundstorm.engine.decode import OnStep, decode_levels, plan_decode
 from soundstorm.engine.longform import StreamChunk
+from soundstorm.engine.scheduler import RequestHandle, Scheduler
 from soundstorm.engine.model import SoundStorm
 from soundstorm.kernels import get_ops
 
@@ -35,6 +37,24 @@ def resolve_dtype(dtype: Union[str, torch.dtype, None]) -> Optional[torch.dtype]
     raise ValueError(f"dtype must be one of float32, float64, bfloat16, float16, got {dtype!r}")
 
 
+@dataclass
+class PreparedBatch:
+    """Checked inputs of a batch and the decoder's starting state (on the engine's device)."""
+    semantic: torch.Tensor        # int64 [B, S], ids past a row's length zeroed
+    semantic_lengths: List[int]
+    frames: List[int]             # T_b: frames of each row
+    prompt_lengths: List[int]     # P_b
+    tokens: torch.Tensor          # int64 [B, T, Q]: prompt frames filled, MASK elsewhere
+    frame_valid: torch.Tensor     # bool [B, T]
+    seeds: torch.Tensor           # int64 [B] (CPU)
+    decode: DecodeConfig
+    steps_per_level: Tuple[int, ...]
+
+    @property
+    def to_decode(self) -> List[int]:
+        return [t - p for t, p in zip(self.frames, self.prompt_lengths)]
+
+
 class Engine:
     """SoundStorm inference: semantic ids (+ voice prompt) -> RVQ codec tokens.
 
@@ -43,11 +63,14 @@ class Engine:
     dtype:        float32 (default), float64, bfloat16 or float16.
     backend:      "auto" (fastest available on the device) or a backend name; "torch" is
                   the plain PyTorch reference every other backend is tested against.
+    max_batch:    most requests the scheduler decodes in one pass (`submit`,
+                  `generate_many`).
     """
 
     def __init__(self, model_or_dir: Union[SoundStorm, str, Path],
                  device: Union[str, torch.device, None] = None,
-                 dtype: Union[str, torch.dtype, None] = None, backend: str = "auto"):
+                 dtype: Union[str, torch.dtype, None] = None, backend: str = "auto",
+                 max_batch: int = 8):
         dtype = resolve_dtype(dtype)
         if isinstance(model_or_dir, SoundStorm):
             model = model_or_dir
@@ -67,6 +90,10 @@ class Engine:
         self.backend = self.ops.name
         self.model = model.to(device=self.device, dtype=self.dtype).eval()
         self.model.ops = self.ops
+        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+            raise ValueError(f"max_batch must be an int >= 1, got {max_batch!r}")
+        self.max_batch = max_batch
+        self._scheduler: Optional[Scheduler] = None
 
     @classmethod
     def from_preset(cls, name: str, seed: int = 0, **kwargs) -> "Engine":
@@ -101,13 +128,28 @@ class Engine:
         returns           int64 [B, T, Q], T = floor(S * frame_rate / semantic_rate);
                           frames past a row's length are -1
         """
+        if on_step is not None and not callable(on_step):
+            raise TypeError(f"on_step must be callable, got {on_step!r}")
+        batch = self.prepare(semantic, semantic_lengths, prompt, prompt_lengths, decode, seed)
+        T = batch.tokens.shape[1]
+        lengths = None if min(batch.frames) == T else torch.tensor(batch.frames, device=self.device)
+        plan = plan_decode(batch.to_decode, batch.steps_per_level, batch.decode, self.device)
+        tokens = decode_levels(self.model, self.ops, batch.semantic, batch.tokens, lengths,
+                               batch.frame_valid, batch.seeds.to(self.device), plan,
+                               batch.decode, on_step)
+        return tokens.masked_fill_(~batch.frame_valid[..., None], -1)
+
+    def prepare(self, semantic: torch.Tensor, semantic_lengths: Optional[torch.Tensor] = None,
+                prompt: Optional[torch.Tensor] = None,
+                prompt_lengths: Optional[torch.Tensor] = None,
+                decode: Optional[DecodeConfig] = None, seed: Seed = None) -> "PreparedBatch":
+        """Check `generate`'s inputs (raising ValueError/TypeError that name the argument,
+        the value and what was expected) and build the decoder's starting state."""
         cfg = self.config
         decode = decode if decode is not None else DecodeConfig()
         if not isinstance(decode, DecodeConfig):
             raise TypeError(f"decode must be a DecodeConfig, got {type(decode).__name__}")
         steps_per_level = decode.resolve(cfg.num_quantizers)
-        if on_step is not None and not callable(on_step):
-            raise TypeError(f"on_step must be callable, got {on_step!r}")
 
         semantic = _int_tensor("semantic", semantic, ndim=2, shape_doc="[B, S]")
         B, S = semantic.shape
@@ -160,12 +202,51 @@ class Engine:
         if P:
             in_prompt = t_idx[None, :P] < torch.tensor(prompt_len, device=device)[:, None]
             tokens[:, :P] = torch.where(in_prompt[..., None], prompt.to(device), cfg.mask_id)
-        lengths = None if min(frames) == T else torch.tensor(frames, device=device)
-        plan = plan_decode([t - p for t, p in zip(frames, prompt_len)], steps_per_level,
-                           decode, device)
-        tokens = decode_levels(self.model, self.ops, semantic, tokens, lengths, frame_valid,
-                               seeds.to(device), plan, decode, on_step)
-        return tokens.masked_fill_(~frame_valid[..., None], -1)
+        return PreparedBatch(semantic, sem_len, frames, prompt_len, tokens, frame_valid, seeds,
+                             decode, steps_per_level)
+
+    # -- continuous batching ------------------------------------------------------------
+    @property
+    def scheduler(self) -> Scheduler:
+        """The engine's continuous-batching scheduler (a worker thread, created on first
+        use, decoding up to `max_batch` requests per pass)."""
+        if self._scheduler is None:
+            self._scheduler = Scheduler(self, max_batch=self.max_batch, threaded=True)
+        return self._scheduler
+
+    def submit(self, semantic: torch.Tensor, prompt: Optional[torch.Tensor] = None,
+               decode: Optional[DecodeConfig] = None, seed: Optional[int] = None,
+               on_step=None) -> RequestHandle:
+        """Queue one utterance for decoding alongside whatever else is in flight; returns
+        at once with a handle (`.result()` blocks for the int64 [T, Q] tokens).
+
+        semantic: int [S] or [1, S]; prompt: int [P, Q] or [1, P, Q]; decode; seed (None:
+        fresh). The tokens equal `generate` on this utterance alone with the same seed.
+        Bad input raises here; a failure while decoding is reported through this handle
+        only.
+        """
+        return self.scheduler.submit(semantic, prompt, decode, seed, on_step)
+
+    def generate_many(self, requests: Sequence[dict]) -> List[torch.Tensor]:
+        """Decode many utterances of any lengths together. Each request is a dict of one
+        utterance's `submit` arguments (`semantic`, and optionally `prompt`, `decode`,
+        `seed`); returns their int64 [T_i, Q] tokens (no padding) in request order. Every
+        request is checked before any is queued."""
+        if isinstance(requests, dict) or not isinstance(requests, Sequence):
+            raise TypeError("requests must be a list of dicts of submit() arguments, got "
+                            f"{type(requests).__name__}")
+        allowed = {"semantic", "prompt", "decode", "seed"}
+        for i, request in enumerate(requests):
+            if not isinstance(request, dict):
+                raise TypeError(f"requests[{i}] must be a dict, got {type(request).__name__}")
+            unknown = sorted(set(request) - allowed)
+            if unknown or "semantic" not in request:
+                raise ValueError(f"requests[{i}] has keys {sorted(request)}; expected "
+                                 f"'semantic' and optionally 'prompt', 'decode', 'seed'")
+        scheduler = Scheduler(self, max_batch=self.max_batch, threaded=False)
+        handles = [scheduler.submit(**r) for r in requests]
+        scheduler.run_until_idle()
+        return [h.result() for h in handles]
 
     # -- long-form ----------------------------------------------------------------------
     def stream(self, semantic: torch.Tensor, prompt: Optional[torch.Tensor] = None,

@@ -96,3 +96,51 @@ def test_console_script_help():
     for argv in ([], ["generate"], ["info"]):
         r = subprocess.run(exe + argv + ["--help"], capture_output=True, text=True)
         assert r.returncode == 0 and "usage: soundstorm" in r.stdout
+
+
+def test_generate_a_batch_manifest(tmp_path, tiny_model, capsys):
+    tiny_model.save_pretrained(tmp_path / "model")
+    cfg = tiny_model.config
+    lines = []
+    for i, S in enumerate((7, 30, 12)):
+        np.save(tmp_path / f"s{i}.npy", random_semantic(cfg, 1, S, seed=i)[0].numpy())
+        entry = {"semantic": f"s{i}.npy", "seed": 100 + i}
+        if i == 1:
+            np.save(tmp_path / "p.npy", random_codes(cfg, 9, cfg.num_quantizers).numpy())
+            entry["prompt"] = "p.npy"
+        if i < 2:
+            entry["out"] = f"out/u{i}.npy"
+        lines.append(json.dumps(entry))
+    (tmp_path / "batch.jsonl").write_text("\n".join(lines) + "\n")
+    code, out, _ = run_cli(capsys, "generate", "--model", tmp_path / "model", "--manifest",
+                           tmp_path / "batch.jsonl", "--steps", "3", "--max-batch", 2,
+                           "--out", tmp_path / "rest", "--quiet", "--json")
+    assert code == 0 and json.loads(out.strip().splitlines()[-1])["utterances"] == 3
+    engine = Engine(tmp_path / "model")
+    from soundstorm.engine import DecodeConfig
+    decode = DecodeConfig(steps_per_level=(3, 1, 1, 1))
+    for i, path in enumerate((tmp_path / "out" / "u0.npy", tmp_path / "out" / "u1.npy",
+                              tmp_path / "rest" / "00002.npy")):
+        sem = torch.from_numpy(np.load(tmp_path / f"s{i}.npy"))[None]
+        prompt = torch.from_numpy(np.load(tmp_path / "p.npy"))[None] if i == 1 else None
+        want = engine.generate(sem, prompt=prompt, decode=decode, seed=100 + i)[0]
+        assert np.array_equal(np.load(path), want.numpy()), path
+
+
+@pytest.mark.parametrize("line,match", [
+    ("{not json", r"batch.jsonl:2: not a JSON object"),
+    ('{"prompt": "x.npy"}', r"batch.jsonl:2: expected an object with at least \"semantic\""),
+    ('{"semantic": "s.npy", "speed": 2}', r"batch.jsonl:2: unknown key\(s\) \['speed'\]"),
+    ('{"semantic": "missing.npy"}', "file not found"),
+    ('{"semantic": "bad.npy"}', r"batch.jsonl:2: semantic\[0, 0\] = 99 is out of range"),
+])
+def test_bad_manifest_lines_are_named(tmp_path, tiny_model, capsys, line, match):
+    tiny_model.save_pretrained(tmp_path / "model")
+    np.save(tmp_path / "s.npy", np.arange(5))
+    np.save(tmp_path / "bad.npy", np.full(5, 99))
+    (tmp_path / "batch.jsonl").write_text('{"semantic": "s.npy"}\n' + line + "\n")
+    with pytest.raises(SystemExit) as exc:
+        main(["generate", "--model", str(tmp_path / "model"), "--manifest",
+              str(tmp_path / "batch.jsonl")])
+    assert exc.value.code == 2
+    assert re.search(match, capsys.readouterr().err)

@@ -1,0 +1,405 @@
+"""Continuous batching for level-wise decoding.
+
+Many requests of different lengths, each at its own level and iteration of its own
+schedule, share every forward pass. At each step the scheduler
+
+1. admits waiting requests (first come, first served) up to `max_batch` active ones;
+2. packs the active requests into the static buffers of the smallest (batch, length)
+   bucket that holds them: row i gets request i's semantic ids, tokens, length, and the
+   parameters of its next iteration (level, iteration, candidates to keep, temperature,
+   annealed noise scale, greedy or sampled, seed);
+3. runs one step over the bucket (`StepRunner`): one forward pass where each row uses its
+   own level's head, then one masked-resampling call with per-row parameters;
+4. unpacks the rows, advances each request by one iteration, and delivers the finished
+   ones at once (their futures complete, their callbacks run).
+
+Every active request advances on every step, so a request needs exactly as many passes as
+its own schedule has iterations, whatever else is in flight: nothing starves. Because the
+model ignores padding and every random number is keyed by (seed, level, iteration, frame),
+a request's tokens do not depend on its batch companions, its bucket or when it arrived.
+
+Bucket policy: batch sizes are powers of two up to `max_batch`; lengths are 64 frames
+doubled up to `max_frames` (plus `max_frames` itself). A request of T frames pads to less
+than twice its length. On CUDA every bucket holds static buffers and, after a warm-up
+step, a CUDA graph of its step; the memory a bucket costs is its buffers (tokens
+B x T x Q int64, semantic ids, per-row parameters) plus the graph's pool, dominated by the
+forward pass's activations and the logits, B x T x C float32 (B = 8, T = 1500, C = 1024:
+49 MB). On CPU the same runner runs the step eagerly over the same static buffers.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Tuple
+
+import torch
+
+from soundstorm.engine.config import DecodeConfig
+from soundstorm.engine.decode import plan_decode
+
+if TYPE_CHECKING:
+    from soundstorm.engine.engine import Engine
+
+OnRequestStep = Callable[[int, int, torch.Tensor], None]
+
+
+def batch_buckets(max_batch: int) -> Tuple[int, ...]:
+    sizes, b = [], 1
+    while b < max_batch:
+        sizes.append(b)
+        b *= 2
+    return tuple(sizes + [max_batch])
+
+
+def length_buckets(max_frames: int, smallest: int = 64) -> Tuple[int, ...]:
+    sizes, t = [], smallest
+    while t < max_frames:
+        sizes.append(t)
+        t *= 2
+    return tuple(sizes + [max_frames])
+
+
+def smallest_fit(buckets: Tuple[int, ...], n: int) -> int:
+    return next(b for b in buckets if b >= n)
+
+
+@dataclass
+class Request:
+    """One utterance in flight: its inputs, its schedule, and where it stands."""
+    id: int
+    semantic: torch.Tensor       # int64 [S] on the engine's device
+    tokens: torch.Tensor         # int64 [T, Q]: prompt, decoded so far, MASK elsewhere
+    seed: int
+    temperature: float
+    levels: List[int]            # per step of its schedule: 1-based level,
+    iterations: List[int]        # 1-based iteration,
+    num_keep: List[int]          # candidates kept (frames = keep all),
+    sample: List[bool]           # sampled (else argmax),
+    noise: List[float]           # annealed confidence noise scale
+    future: Future
+    on_step: Optional[OnRequestStep] = None
+    cursor: int = 0              # steps done
+
+    @property
+    def frames(self) -> int:
+        return self.tokens.shape[0]
+
+    @property
+    def done(self) -> bool:
+        return self.cursor == len(self.levels)
+
+
+class RequestHandle:
+    """What `Engine.submit` returns: a handle on one request's future."""
+
+    def __init__(self, request_id: int, future: Future):
+        self.id = request_id
+        self.future = future
+
+    def result(self, timeout: Optional[float] = None) -> torch.Tensor:
+        """Block until the request is decoded; returns int64 [T, Q] (or raises its error)."""
+        return self.future.result(timeout)
+
+    def done(self) -> bool:
+        return self.future.done()
+
+    def add_done_callback(self, fn: Callable[["RequestHandle"], None]) -> None:
+        self.future.add_done_callback(lambda _: fn(self))
+
+    def __repr__(self) -> str:
+        state = "done" if self.done() else "pending"
+        return f"RequestHandle(id={self.id}, {state})"
+
+
+@dataclass
+class Buffers:
+    """Static inputs of one bucket's step (rewritten in place before every step)."""
+    semantic: torch.Tensor     # int64 [B, S]
+    tokens: torch.Tensor       # int64 [B, T, Q]
+    lengths: torch.Tensor      # int64 [B]
+    level: torch.Tensor        # int64 [B] 1-based
+    iteration: torch.Tensor    # int64 [B] 1-based
+    num_keep: torch.Tensor     # int64 [B]
+    seeds: torch.Tensor        # int64 [B]
+    temperature: torch.Tensor  # float32 [B]
+    noise: torch.Tensor        # float32 [B]
+    sample: torch.Tensor       # bool [B]
+    graph: Optional["torch.cuda.CUDAGraph"] = None
+    steps_run: int = 0
+
+
+class StepRunner:
+    """Runs one decoding step over a bucket's static buffers: eagerly on CPU, replaying a
+    captured CUDA graph on CUDA (after one eager warm-up step per bucket)."""
+
+    def __init__(self, engine: "Engine", use_cuda_graphs: Optional[bool] = None):
+        self.engine = engine
+        self.device = engine.device
+        self.use_cuda_graphs = (self.device.type == "cuda") if use_cuda_graphs is None else use_cuda_graphs
+        if self.use_cuda_graphs and self.device.type != "cuda":
+            raise ValueError("use_cuda_graphs=True needs a CUDA device; the engine is on "
+                             f"{self.device}")
+        self.buffers: Dict[Tuple[int, int], Buffers] = {}
+
+    def buffers_for(self, batch: int, frames: int) -> Buffers:
+        key = (batch, frames)
+        if key not in self.buffers:
+            cfg, dev = self.engine.config, self.device
+            num, den = cfg.semantic_index_fraction()
+            S = ((frames - 1) * num) // den + 1
+            i64 = dict(dtype=torch.int64, device=dev)
+            self.buffers[key] = Buffers(
+                semantic=torch.zeros(batch, S, **i64),
+                tokens=torch.full((batch, frames, cfg.num_quantizers), cfg.mask_id, **i64),
+                lengths=torch.ones(batch, **i64), level=torch.ones(batch, **i64),
+                iteration=torch.ones(batch, **i64), num_keep=torch.zeros(batch, **i64),
+                seeds=torch.zeros(batch, **i64),
+                temperature=torch.ones(batch, dtype=torch.float32, device=dev),
+                noise=torch.zeros(batch, dtype=torch.float32, device=dev),
+                sample=torch.zeros(batch, dtype=torch.bool, device=dev))
+        return self.buffers[key]
+
+    def step(self, buf: Buffers) -> None:
+        """One iteration for every row of `buf`, updating `buf.tokens` in place."""
+        if not self.use_cuda_graphs:
+            self._step(buf)
+        elif buf.graph is None and buf.steps_run == 0:
+            # Warm-up on a side stream (allocator, cuBLAS handles), as graph capture wants.
+            stream = torch.cuda.Stream(self.device)
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(stream):
+                self._step(buf)
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+        else:
+            if buf.graph is None:
+                graph = torch.cuda.CUDAGraph()
+                saved = buf.tokens.clone()
+                with torch.cuda.graph(graph):
+                    self._step(buf)
+                buf.tokens.copy_(saved)   # capture records but does not run; keep the state
+                buf.graph = graph
+            buf.graph.replay()
+        buf.steps_run += 1
+
+    def _step(self, buf: Buffers) -> None:
+        """The per-step function: fixed shapes, parameters read from device tensors, no
+        host synchronisation (this is what a CUDA graph captures)."""
+        engine = self.engine
+        B, T, _ = buf.tokens.shape
+        logits = engine.model(buf.semantic, buf.tokens, buf.lengths, level=buf.level)
+        index = (buf.level - 1).view(B, 1, 1).expand(B, T, 1)
+        column = buf.tokens.gather(2, index).squeeze(2)
+        frame_valid = torch.arange(T, device=buf.tokens.device)[None, :] < buf.lengths[:, None]
+        eligible = (column == engine.config.mask_id) & frame_valid
+        new = engine.ops.masked_resample(logits, column, eligible, buf.num_keep, buf.seeds,
+                                         buf.level, buf.iteration, buf.temperature, buf.noise,
+                                         buf.sample)
+        buf.tokens.scatter_(2, index, new[..., None])
+
+
+@dataclass
+class SchedulerStats:
+    steps: int = 0
+    rows_run: int = 0        # active rows summed over steps
+    rows_padded: int = 0     # bucket rows summed over steps
+    completed: int = 0
+    failed: int = 0
+    buckets: Dict[Tuple[int, int], int] = field(default_factory=dict)
+
+
+class Scheduler:
+    """Continuous-batching decoder over one engine.
+
+    threaded=True (what `Engine.submit` uses): a daemon worker thread runs steps whenever
+    requests are in flight. threaded=False: the caller drives it with `step()` or
+    `run_until_idle()` (deterministic arrival patterns in tests and benchmarks).
+    """
+
+    def __init__(self, engine: "Engine", max_batch: int = 8, threaded: bool = True,
+                 use_cuda_graphs: Optional[bool] = None, min_length_bucket: int = 64):
+        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+            raise ValueError(f"max_batch must be an int >= 1, got {max_batch!r}")
+        self.engine = engine
+        self.max_batch = max_batch
+        self.batch_buckets = batch_buckets(max_batch)
+        self.length_buckets = length_buckets(engine.config.max_frames, min_length_bucket)
+        self.runner = StepRunner(engine, use_cuda_graphs)
+        self.stats = SchedulerStats()
+        self._waiting: deque[Request] = deque()
+        self._active: List[Request] = []
+        self._next_id = 0
+        self._lock = threading.Condition()
+        self._threaded = threaded
+        self._worker: Optional[threading.Thread] = None
+        self._closed = False
+
+    # -- requests -----------------------------------------------------------------------
+    def submit(self, semantic: torch.Tensor, prompt: Optional[torch.Tensor] = None,
+               decode: Optional[DecodeConfig] = None, seed: Optional[int] = None,
+               on_step: Optional[OnRequestStep] = None) -> RequestHandle:
+        """Check one request and queue it; it joins the batch at the next step boundary.
+
+        semantic: int [S] or [1, S]; prompt: int [P, Q] or [1, P, Q]; seed: int or None;
+        on_step(level, iteration, tokens [T, Q]): called after each of its iterations.
+        Bad input raises here, in the caller's thread, and never reaches the batch.
+        """
+        if on_step is not None and not callable(on_step):
+            raise TypeError(f"on_step must be callable, got {on_step!r}")
+        semantic = _one("semantic", semantic, 1)
+        prompt = None if prompt is None else _one("prompt", prompt, 2)[None]
+        if seed is not None and not (isinstance(seed, int) and not isinstance(seed, bool)):
+            raise TypeError(f"seed must be an int or None, got {seed!r}")
+        batch = self.engine.prepare(semantic[None], prompt=prompt, decode=decode, seed=seed)
+        plan = plan_decode(batch.to_decode, batch.steps_per_level, batch.decode,
+                           torch.device("cpu"))
+        frames = batch.frames[0]
+        keep = plan.num_keep[:, 0].tolist()
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the scheduler is closed")
+            request = Request(
+                id=self._next_id, semantic=batch.semantic[0], tokens=batch.tokens[0],
+                seed=int(batch.seeds[0]), temperature=batch.decode.temperature,
+                levels=[s.level for s in plan.steps],
+                iterations=[s.iteration for s in plan.steps],
+                num_keep=[frames if s.keep_all else k for s, k in zip(plan.steps, keep)],
+                sample=[s.sample for s in plan.steps],
+                noise=[s.noise_scale for s in plan.steps],
+                future=Future(), on_step=on_step)
+            request.future.set_running_or_notify_cancel()
+            self._next_id += 1
+            self._waiting.append(request)
+            if self._threaded:
+                self._ensure_worker()
+            self._lock.notify_all()
+        return RequestHandle(request.id, request.future)
+
+    @property
+    def in_flight(self) -> int:
+        with self._lock:
+            return len(self._waiting) + len(self._active)
+
+    # -- stepping -----------------------------------------------------------------------
+    def step(self) -> int:
+        """Admit waiting requests, run one pass over the active ones, deliver the finished.
+        Returns the number of requests that took part (0 when idle)."""
+        with self._lock:
+            while self._waiting and len(self._active) < self.max_batch:
+                self._active.append(self._waiting.popleft())
+            active = list(self._active)
+        if not active:
+            return 0
+        try:
+            self._run(active)
+        except Exception:
+            # The pass failed: run each request alone so only the ones that fail on their
+            # own are failed; the others go on.
+            for request in active:
+                try:
+                    self._run([request])
+                except Exception as error:
+                    self._finish(request, error=error)
+        for request in active:
+            if request.future.done():
+                continue
+            request.cursor += 1
+            if request.on_step is not None:
+                try:
+                    request.on_step(request.levels[request.cursor - 1],
+                                    request.iterations[request.cursor - 1], request.tokens.clone())
+                except Exception as error:
+                    self._finish(request, error=error)
+                    continue
+            if request.done:
+                self._finish(request, result=request.tokens.clone())
+        self.stats.steps += 1
+        return len(active)
+
+    def _run(self, active: List[Request]) -> None:
+        n = len(active)
+        B = smallest_fit(self.batch_buckets, n)
+        T = smallest_fit(self.length_buckets, max(r.frames for r in active))
+        buf = self.runner.buffers_for(B, T)
+        cfg = self.engine.config
+        buf.tokens.fill_(cfg.mask_id)
+        buf.semantic.zero_()
+        buf.lengths.fill_(1)
+        buf.num_keep.zero_()         # padding rows keep nothing
+        buf.sample.zero_()
+        buf.noise.zero_()
+        rows = {"level": [], "iteration": [], "num_keep": [], "seeds": [], "temperature": [],
+                "noise": [], "sample": [], "lengths": []}
+        for i, r in enumerate(active):
+            c = r.cursor
+            buf.tokens[i, :r.frames].copy_(r.tokens)
+            S = min(r.semantic.shape[0], buf.semantic.shape[1])
+            buf.semantic[i, :S].copy_(r.semantic[:S])
+            for key, value in (("level", r.levels[c]), ("iteration", r.iterations[c]),
+                               ("num_keep", r.num_keep[c]), ("seeds", r.seed),
+                               ("temperature", r.temperature), ("noise", r.noise[c]),
+                               ("sample", r.sample[c]), ("lengths", r.frames)):
+                rows[key].append(value)
+        for key, values in rows.items():
+            getattr(buf, key)[:n].copy_(torch.tensor(values, dtype=getattr(buf, key).dtype))
+        with torch.no_grad():
+            self.runner.step(buf)
+        for i, r in enumerate(active):
+            r.tokens.copy_(buf.tokens[i, :r.frames])
+        self.stats.rows_run += n
+        self.stats.rows_padded += B
+        self.stats.buckets[(B, T)] = self.stats.buckets.get((B, T), 0) + 1
+
+    def _finish(self, request: Request, result: Optional[torch.Tensor] = None,
+                error: Optional[BaseException] = None) -> None:
+        with self._lock:
+            if request in self._active:
+                self._active.remove(request)
+        if error is not None:
+            self.stats.failed += 1
+            request.future.set_exception(error)
+        else:
+            self.stats.completed += 1
+            request.future.set_result(result)
+
+    def run_until_idle(self) -> None:
+        """Step until no request is waiting or active (for threaded=False)."""
+        while self.step():
+            pass
+
+    # -- worker thread ------------------------------------------------------------------
+    def _ensure_worker(self) -> None:
+        if self._worker is None or not self._worker.is_alive():
+            self._worker = threading.Thread(target=self._work, name="soundstorm-scheduler",
+                                            daemon=True)
+            self._worker.start()
+
+    def _work(self) -> None:
+        while True:
+            with self._lock:
+                while not (self._waiting or self._active or self._closed):
+                    self._lock.wait()
+                if self._closed and not (self._waiting or self._active):
+                    return
+            self.step()
+
+    def close(self) -> None:
+        """Finish what is in flight, then stop the worker."""
+        with self._lock:
+            self._closed = True
+            self._lock.notify_all()
+        if self._worker is not None:
+            self._worker.join()
+
+
+def _one(name: str, x, ndim: int) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.ndim == ndim + 1 and x.shape[0] == 1:
+        x = x[0]
+    if x.ndim != ndim:
+        raise ValueError(f"{name} of one request must be {ndim}-D (or {ndim + 1}-D with batch "
+                         f"size 1), got shape {tuple(x.shape)}")
+    return x
