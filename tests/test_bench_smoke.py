@@ -130,3 +130,15 @@ def test_runtime_figure_at_the_tiny_preset(tmp_path):
     assert runtime_figure.table(result).count("\n") == 3
     runtime_figure.plot(result, tmp_path / "r.png")
     assert (tmp_path / "r.png").stat().st_size > 1000
+
+
+def test_scheduler_benchmark_at_the_tiny_preset(tmp_path):
+    import bench_scheduler
+    result = bench_scheduler.measure("tiny", [1, 3], ["short"])
+    assert [r["concurrency"] for r in result["rows"]] == [1, 3]
+    for r in result["rows"]:
+        assert r["scheduler_throughput"] > 0 and r["sequential_throughput"] > 0
+        assert r["scheduler_latency_max_s"] <= r["scheduler_wall_s"] + 1e-6
+    assert bench_scheduler.table(result).count("\n") == 3
+    bench_scheduler.plot(result, tmp_path / "s.png")
+    assert (tmp_path / "s.png").stat().st_size > 1000
