@@ -96,3 +96,17 @@ def decode_levels(model: SoundStorm, ops: Ops, semantic: torch.Tensor, tokens: t
         if on_step is not None:
             on_step(step.level, step.iteration, tokens.masked_fill(~frame_valid[..., None], -1))
     return tokens
+
+
+def reference_decode(engine, batch, on_step: Optional[OnStep] = None) -> torch.Tensor:
+    """The whole batch in lockstep through `decode_levels`: the plain reference that the
+    engine's scheduled decode (`Engine.generate`, `submit`, `generate_many`) is tested
+    against. `batch` comes from `engine.prepare(...)`; returns int64 [B, T, Q] like
+    `Engine.generate`."""
+    T = batch.tokens.shape[1]
+    lengths = None if min(batch.frames) == T else torch.tensor(batch.frames, device=engine.device)
+    plan = plan_decode(batch.to_decode, batch.steps_per_level, batch.decode, engine.device)
+    tokens = decode_levels(engine.model, engine.ops, batch.semantic, batch.tokens.clone(),
+                           lengths, batch.frame_valid, batch.seeds.to(engine.device), plan,
+                           batch.decode, on_step)
+    return tokens.masked_fill_(~batch.frame_valid[..., None], -1)

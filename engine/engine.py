@@ -4,6 +4,7 @@ its inputs, plans the schedule and runs the level-wise decoder."""
 from __future__ import annotations
 
 import secrets
+import threading
 from pathlib import Path
 from dataclasses import dataclass
 from typing import Iterator, List, Optional, Sequence, Tuple, Union
@@ -12,9 +13,9 @@ import torch
 
 from soundstorm.engine import longform
 from soundstorm.engine.config import DecodeConfig, ModelConfig
-from soundstorm.engine.decode import OnStep, decode_levels, plan_decode
+from soundstorm.engine.decode import OnStep
 from soundstorm.engine.longform import StreamChunk
-from soundstorm.engine.scheduler import RequestHandle, Scheduler
+from soundstorm.engine.scheduler import RequestHandle, Scheduler, StepRunner
 from soundstorm.engine.model import SoundStorm
 from soundstorm.kernels import get_ops
 
@@ -94,6 +95,8 @@ class Engine:
             raise ValueError(f"max_batch must be an int >= 1, got {max_batch!r}")
         self.max_batch = max_batch
         self._scheduler: Optional[Scheduler] = None
+        self._sync_runner = StepRunner(self)
+        self._sync_lock = threading.Lock()
 
     @classmethod
     def from_preset(cls, name: str, seed: int = 0, **kwargs) -> "Engine":
@@ -131,13 +134,21 @@ class Engine:
         if on_step is not None and not callable(on_step):
             raise TypeError(f"on_step must be callable, got {on_step!r}")
         batch = self.prepare(semantic, semantic_lengths, prompt, prompt_lengths, decode, seed)
-        T = batch.tokens.shape[1]
-        lengths = None if min(batch.frames) == T else torch.tensor(batch.frames, device=self.device)
-        plan = plan_decode(batch.to_decode, batch.steps_per_level, batch.decode, self.device)
-        tokens = decode_levels(self.model, self.ops, batch.semantic, batch.tokens, lengths,
-                               batch.frame_valid, batch.seeds.to(self.device), plan,
-                               batch.decode, on_step)
-        return tokens.masked_fill_(~batch.frame_valid[..., None], -1)
+        B, T, Q = batch.tokens.shape
+        steps = [(q, i) for q, s in enumerate(batch.steps_per_level, start=1)
+                 for i in range(1, s + 1)]
+        with self._sync_lock:
+            # All rows are admitted together and share one schedule, so they advance in
+            # lockstep: after scheduler step k every row has done iteration k.
+            scheduler = Scheduler(self, max_batch=B, threaded=False, runner=self._sync_runner)
+            handles = [scheduler.enqueue(batch, b) for b in range(B)]
+            for level, iteration in steps:
+                scheduler.step()
+                if on_step is not None:
+                    on_step(level, iteration, _assemble([h._request.tokens for h in handles], T, Q))
+            if scheduler.in_flight:
+                raise RuntimeError("internal error: the batch did not finish with its schedule")
+            return _assemble([h.result() for h in handles], T, Q)
 
     def prepare(self, semantic: torch.Tensor, semantic_lengths: Optional[torch.Tensor] = None,
                 prompt: Optional[torch.Tensor] = None,
@@ -243,9 +254,11 @@ class Engine:
             if unknown or "semantic" not in request:
                 raise ValueError(f"requests[{i}] has keys {sorted(request)}; expected "
                                  f"'semantic' and optionally 'prompt', 'decode', 'seed'")
-        scheduler = Scheduler(self, max_batch=self.max_batch, threaded=False)
-        handles = [scheduler.submit(**r) for r in requests]
-        scheduler.run_until_idle()
+        with self._sync_lock:
+            scheduler = Scheduler(self, max_batch=self.max_batch, threaded=False,
+                                  runner=self._sync_runner)
+            handles = [scheduler.submit(**r) for r in requests]
+            scheduler.run_until_idle()
         return [h.result() for h in handles]
 
     # -- long-form ----------------------------------------------------------------------
@@ -270,6 +283,14 @@ class Engine:
         however long. A clip that fits in one window decodes exactly as `generate`."""
         chunks = [c.tokens for c in self.stream(semantic, prompt, decode, seed, window, overlap)]
         return torch.cat(chunks, dim=0)
+
+
+def _assemble(rows: List[torch.Tensor], T: int, Q: int) -> torch.Tensor:
+    """Per-row tokens [T_b, Q] -> int64 [B, T, Q] with -1 past each row's length."""
+    out = torch.full((len(rows), T, Q), -1, dtype=torch.int64, device=rows[0].device)
+    for b, row in enumerate(rows):
+        out[b, :row.shape[0]] = row
+    return out
 
 
 # -- input checks (host side, before the loop) ------------------------------------------

@@ -41,7 +41,7 @@ from soundstorm.engine.config import DecodeConfig
 from soundstorm.engine.decode import plan_decode
 
 if TYPE_CHECKING:
-    from soundstorm.engine.engine import Engine
+    from soundstorm.engine.engine import Engine, PreparedBatch
 
 OnRequestStep = Callable[[int, int, torch.Tensor], None]
 
@@ -76,7 +76,8 @@ class Request:
     temperature: float
     levels: List[int]            # per step of its schedule: 1-based level,
     iterations: List[int]        # 1-based iteration,
-    num_keep: List[int]          # candidates kept (frames = keep all),
+    num_keep: List[int]          # candidates kept,
+    keep_all: List[bool]         # last iteration of a level: every remaining one kept,
     sample: List[bool]           # sampled (else argmax),
     noise: List[float]           # annealed confidence noise scale
     future: Future
@@ -95,9 +96,10 @@ class Request:
 class RequestHandle:
     """What `Engine.submit` returns: a handle on one request's future."""
 
-    def __init__(self, request_id: int, future: Future):
+    def __init__(self, request_id: int, future: Future, request: Optional[Request] = None):
         self.id = request_id
         self.future = future
+        self._request = request
 
     def result(self, timeout: Optional[float] = None) -> torch.Tensor:
         """Block until the request is decoded; returns int64 [T, Q] (or raises its error)."""
@@ -127,8 +129,19 @@ class Buffers:
     temperature: torch.Tensor  # float32 [B]
     noise: torch.Tensor        # float32 [B]
     sample: torch.Tensor       # bool [B]
-    graph: Optional["torch.cuda.CUDAGraph"] = None
-    steps_run: int = 0
+    graphs: Dict["StepMode", "torch.cuda.CUDAGraph"] = field(default_factory=dict)
+    warmed: set = field(default_factory=set)
+
+
+@dataclass(frozen=True)
+class StepMode:
+    """What a step must compute, fixed per pass from the rows in it. A pass whose rows all
+    take the argmax skips the candidate noise; one whose rows all keep every candidate (last
+    iterations) skips ranking; one with no confidence noise skips that noise. On CUDA each
+    (bucket, mode) has its own graph: at most 8 per bucket, 2 or 3 in practice."""
+    sample: bool      # some row samples its candidates
+    keep_all: bool    # every row keeps all its candidates
+    noise: bool       # some row perturbs its confidence
 
 
 class StepRunner:
@@ -162,29 +175,29 @@ class StepRunner:
                 sample=torch.zeros(batch, dtype=torch.bool, device=dev))
         return self.buffers[key]
 
-    def step(self, buf: Buffers) -> None:
+    def step(self, buf: Buffers, mode: StepMode) -> None:
         """One iteration for every row of `buf`, updating `buf.tokens` in place."""
         if not self.use_cuda_graphs:
-            self._step(buf)
-        elif buf.graph is None and buf.steps_run == 0:
+            self._step(buf, mode)
+        elif mode not in buf.warmed:
             # Warm-up on a side stream (allocator, cuBLAS handles), as graph capture wants.
             stream = torch.cuda.Stream(self.device)
             stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(stream):
-                self._step(buf)
+                self._step(buf, mode)
             torch.cuda.current_stream(self.device).wait_stream(stream)
+            buf.warmed.add(mode)
         else:
-            if buf.graph is None:
+            if mode not in buf.graphs:
                 graph = torch.cuda.CUDAGraph()
                 saved = buf.tokens.clone()
                 with torch.cuda.graph(graph):
-                    self._step(buf)
+                    self._step(buf, mode)
                 buf.tokens.copy_(saved)   # capture records but does not run; keep the state
-                buf.graph = graph
-            buf.graph.replay()
-        buf.steps_run += 1
+                buf.graphs[mode] = graph
+            buf.graphs[mode].replay()
 
-    def _step(self, buf: Buffers) -> None:
+    def _step(self, buf: Buffers, mode: StepMode) -> None:
         """The per-step function: fixed shapes, parameters read from device tensors, no
         host synchronisation (this is what a CUDA graph captures)."""
         engine = self.engine
@@ -194,9 +207,10 @@ class StepRunner:
         column = buf.tokens.gather(2, index).squeeze(2)
         frame_valid = torch.arange(T, device=buf.tokens.device)[None, :] < buf.lengths[:, None]
         eligible = (column == engine.config.mask_id) & frame_valid
-        new = engine.ops.masked_resample(logits, column, eligible, buf.num_keep, buf.seeds,
-                                         buf.level, buf.iteration, buf.temperature, buf.noise,
-                                         buf.sample)
+        new = engine.ops.masked_resample(
+            logits, column, eligible, None if mode.keep_all else buf.num_keep, buf.seeds,
+            buf.level, buf.iteration, buf.temperature, buf.noise if mode.noise else 0.0,
+            buf.sample if mode.sample else False)
         buf.tokens.scatter_(2, index, new[..., None])
 
 
@@ -219,14 +233,17 @@ class Scheduler:
     """
 
     def __init__(self, engine: "Engine", max_batch: int = 8, threaded: bool = True,
-                 use_cuda_graphs: Optional[bool] = None, min_length_bucket: int = 64):
+                 use_cuda_graphs: Optional[bool] = None, min_length_bucket: int = 64,
+                 runner: Optional[StepRunner] = None):
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"max_batch must be an int >= 1, got {max_batch!r}")
         self.engine = engine
         self.max_batch = max_batch
         self.batch_buckets = batch_buckets(max_batch)
         self.length_buckets = length_buckets(engine.config.max_frames, min_length_bucket)
-        self.runner = StepRunner(engine, use_cuda_graphs)
+        # A runner owns static buffers (and CUDA graphs): share one between schedulers that
+        # never step at the same time, so buckets are allocated (and captured) once.
+        self.runner = runner or StepRunner(engine, use_cuda_graphs)
         self.stats = SchedulerStats()
         self._waiting: deque[Request] = deque()
         self._active: List[Request] = []
@@ -253,19 +270,25 @@ class Scheduler:
         if seed is not None and not (isinstance(seed, int) and not isinstance(seed, bool)):
             raise TypeError(f"seed must be an int or None, got {seed!r}")
         batch = self.engine.prepare(semantic[None], prompt=prompt, decode=decode, seed=seed)
-        plan = plan_decode(batch.to_decode, batch.steps_per_level, batch.decode,
+        return self.enqueue(batch, 0, on_step)
+
+    def enqueue(self, batch: "PreparedBatch", row: int,
+                on_step: Optional[OnRequestStep] = None) -> RequestHandle:
+        """Queue row `row` of an already checked batch (`Engine.prepare`)."""
+        frames = batch.frames[row]
+        plan = plan_decode([batch.to_decode[row]], batch.steps_per_level, batch.decode,
                            torch.device("cpu"))
-        frames = batch.frames[0]
-        keep = plan.num_keep[:, 0].tolist()
         with self._lock:
             if self._closed:
                 raise RuntimeError("the scheduler is closed")
             request = Request(
-                id=self._next_id, semantic=batch.semantic[0], tokens=batch.tokens[0],
-                seed=int(batch.seeds[0]), temperature=batch.decode.temperature,
+                id=self._next_id, semantic=batch.semantic[row],
+                tokens=batch.tokens[row, :frames], seed=int(batch.seeds[row]),
+                temperature=batch.decode.temperature,
                 levels=[s.level for s in plan.steps],
                 iterations=[s.iteration for s in plan.steps],
-                num_keep=[frames if s.keep_all else k for s, k in zip(plan.steps, keep)],
+                num_keep=plan.num_keep[:, 0].tolist(),
+                keep_all=[s.keep_all for s in plan.steps],
                 sample=[s.sample for s in plan.steps],
                 noise=[s.noise_scale for s in plan.steps],
                 future=Future(), on_step=on_step)
@@ -275,7 +298,7 @@ class Scheduler:
             if self._threaded:
                 self._ensure_worker()
             self._lock.notify_all()
-        return RequestHandle(request.id, request.future)
+        return RequestHandle(request.id, request.future, request)
 
     @property
     def in_flight(self) -> int:
@@ -344,8 +367,11 @@ class Scheduler:
                 rows[key].append(value)
         for key, values in rows.items():
             getattr(buf, key)[:n].copy_(torch.tensor(values, dtype=getattr(buf, key).dtype))
+        mode = StepMode(sample=any(rows["sample"]),
+                        keep_all=all(r.keep_all[r.cursor] for r in active),
+                        noise=any(v != 0.0 for v in rows["noise"]))
         with torch.no_grad():
-            self.runner.step(buf)
+            self.runner.step(buf, mode)
         for i, r in enumerate(active):
             r.tokens.copy_(buf.tokens[i, :r.frames])
         self.stats.rows_run += n

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from soundstorm.engine import DecodeConfig, Engine
+from soundstorm.engine.decode import reference_decode
 from soundstorm.engine.scheduler import Scheduler, batch_buckets, length_buckets
 
 from conftest import make_model, random_codes, random_semantic
@@ -36,8 +37,10 @@ def make_requests(cfg, n, seed=0, max_len=40):
 
 
 def alone(engine, r):
+    """The request decoded alone by the plain reference decoder."""
     prompt = None if r.get("prompt") is None or r["prompt"].shape[0] == 0 else r["prompt"][None]
-    return engine.generate(r["semantic"][None], prompt=prompt, decode=r["decode"], seed=r["seed"])[0]
+    batch = engine.prepare(r["semantic"][None], prompt=prompt, decode=r.get("decode"), seed=r["seed"])
+    return reference_decode(engine, batch)[0]
 
 
 def test_buckets():
@@ -45,6 +48,18 @@ def test_buckets():
     assert batch_buckets(1) == (1,)
     assert length_buckets(1500) == (64, 128, 256, 512, 1024, 1500)
     assert length_buckets(256) == (64, 128, 256) and length_buckets(50) == (50,)
+
+
+def test_generate_equals_the_reference_decoder_on_ragged_batches(engine, tiny_config):
+    cfg = tiny_config
+    semantic = random_semantic(cfg, 4, 60, seed=31)
+    prompt = random_codes(cfg, 4, 20, cfg.num_quantizers, seed=32)
+    for decode in (None, FAST, DecodeConfig(steps_per_level=(5, 2, 3, 1), temperature=0.8,
+                                            gumbel_scale=2.0, greedy_last=False)):
+        args = dict(semantic_lengths=[60, 9, 33, 1], prompt=prompt, prompt_lengths=[20, 0, 7, 2],
+                    decode=decode, seed=[5, 6, 7, 8])
+        want = reference_decode(engine, engine.prepare(semantic, **args))
+        assert torch.equal(engine.generate(semantic, **args), want)
 
 
 def test_generate_many_equals_each_request_decoded_alone(engine, tiny_config):
@@ -138,10 +153,10 @@ def test_a_failing_request_is_reported_to_its_caller_only(engine, tiny_config):
     poisoned_seed = requests[1]["seed"]
     real_step = scheduler.runner._step
 
-    def step(buf):   # a pass fails whenever the poisoned request is in it
+    def step(buf, mode):   # a pass fails whenever the poisoned request is in it
         if (buf.seeds == poisoned_seed).any():
             raise RuntimeError("device error")
-        real_step(buf)
+        real_step(buf, mode)
 
     scheduler.runner._step = step
 
