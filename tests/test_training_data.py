@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from soundstorm.training.corpus import (CorpusError, CorpusWriter, open_corpus)
 from soundstorm.training.data import (DataPosition, TrainStream, WindowSampler, collate,
@@ -240,3 +241,18 @@ def test_synthetic_structure():
         assert np.array_equal(a[:, q], voices.permutations[q - 1, a[:, q - 1]])
     b, _ = synthesize(spec, voices, 1, 80, np.random.default_rng(0))   # same ids, other voice
     assert not np.array_equal(a[:, 0], b[:, 0])
+
+
+def test_worker_processes_load_the_same_batches(corpus_dir):
+    path, _ = corpus_dir
+    corpus = open_corpus(path)
+    sampler = WindowSampler(corpus, seed=3, min_frames=2, max_frames=30, batch_size=4)
+    got = {}
+    for workers in (0, 2):
+        stream = TrainStream(sampler, rank=1, world_size=2, grad_accum=1, num_workers=workers)
+        got[workers] = [(pos, [(b.tokens, b.semantic, b.keys) for b in micro])
+                        for _, (pos, micro) in zip(range(8), stream(DataPosition(0, 2)))]
+    for (p0, m0), (p2, m2) in zip(got[0], got[2]):
+        assert p0 == p2
+        for x, y in zip(m0[0], m2[0]):
+            assert torch.equal(x, y)

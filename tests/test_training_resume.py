@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from soundstorm.engine import Engine
+from soundstorm.engine.cli import main
 from soundstorm.training.checkpoint import list_checkpoints
 from soundstorm.training.synthetic import SyntheticSpec, write_synthetic_corpus
 
@@ -68,13 +69,24 @@ def test_kill_and_resume_reproduces_the_straight_run_bitwise(corpus, tmp_path):
     assert all(torch.equal(oa[k], ob[k]) for k in oa)
 
 
-def test_auto_resume_continues_and_old_checkpoints_are_pruned(corpus, tmp_path):
+def test_auto_resume_continues_and_old_checkpoints_are_pruned(corpus, tmp_path, capsys):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _auto_resume(corpus, tmp_path, capsys)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _auto_resume(corpus, tmp_path, capsys):
     data = ["--data", corpus / "train"]
     out = tmp_path / "run"
-    run_cli("train", *COMMON, *data, "--out", out, "--steps", 10, "--keep-checkpoints", 1)
+    cli = lambda *argv: main([str(a) for a in argv])
+    cli("train", *COMMON, *data, "--out", out, "--steps", 10, "--keep-checkpoints", 1)
     first = train_losses(out)
-    r = run_cli("train", *COMMON, *data, "--out", out, "--steps", 20, "--keep-checkpoints", 1)
-    assert "trained to step 20" in r.stdout
+    capsys.readouterr()
+    cli("train", *COMMON, *data, "--out", out, "--steps", 20, "--keep-checkpoints", 1)
+    assert "trained to step 20" in capsys.readouterr().out
     assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["step-00000020"]
     losses = train_losses(out)
     assert sorted(losses) == list(range(1, 21))
@@ -87,6 +99,6 @@ def test_auto_resume_continues_and_old_checkpoints_are_pruned(corpus, tmp_path):
     assert tokens.shape == (2, 40, 4) and (tokens >= 0).all() and (tokens < 32).all()
     assert (out / "curves.png").stat().st_size > 10_000
 
-    r = run_cli("train", *COMMON, *data, "--out", out, "--steps", 40, "--resume", "never",
-                check=False)
-    assert r.returncode == 2 and "already holds checkpoints" in r.stderr
+    with pytest.raises(SystemExit) as e:
+        cli("train", *COMMON, *data, "--out", out, "--steps", 40, "--resume", "never")
+    assert e.value.code == 2 and "already holds checkpoints" in capsys.readouterr().err

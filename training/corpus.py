@@ -44,8 +44,8 @@ row totals that do not match) is reported the same way: never silently trained o
 from __future__ import annotations
 
 import json
-import math
 import os
+from array import array
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,10 +71,10 @@ def _id_dtype(vocab: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab <= np.iinfo(np.uint16).max else np.dtype(np.int32)
 
 
-def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
+def _save_npy_atomic(path: Path, data: np.ndarray) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
-        np.save(f, array)
+        np.save(f, data)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -327,28 +327,53 @@ def _read_meta(directory: Path) -> tuple[CorpusMeta, list]:
     return CorpusMeta(**{k: data[k] for k in _META_FIELDS}), shards
 
 
-def _read_manifest(path: Path) -> List[Dict[str, Any]]:
-    if not path.is_file():
-        raise CorpusError(f"manifest not found: {path}")
-    entries = []
-    with open(path) as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                e = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise CorpusError(f"{path}:{line_no}: not valid JSON ({err})") from None
-            bad = [k for k in _ENTRY_INT_FIELDS
-                   if isinstance(e.get(k), bool) or not isinstance(e.get(k), int) or e[k] < 0]
-            if not isinstance(e.get("id"), str) or not isinstance(e.get("shard"), str) or bad \
-                    or not isinstance(e.get("duration"), (int, float)) or e["frames"] < 1:
-                raise CorpusError(f"{path}:{line_no}: malformed entry {line.strip()[:200]} "
-                                  f"(need id, shard, non-negative int {list(_ENTRY_INT_FIELDS)}, "
-                                  f"frames >= 1, duration)")
-            e["line"] = line_no
-            entries.append(e)
-    return entries
+class _Manifest:
+    """The manifest as columns: ids (list of str), shard names and per-entry int64 arrays
+    (a few tens of bytes an utterance, not a Python dict each)."""
+
+    def __init__(self, path: Path):
+        if not path.is_file():
+            raise CorpusError(f"manifest not found: {path}")
+        self.path = path
+        self.ids: List[str] = []
+        self.shards: List[str] = []
+        shard_of: Dict[str, int] = {}
+        cols = {k: array("q") for k in _ENTRY_INT_FIELDS + ("shard", "line")}
+        durations = array("d")
+        with open(path) as f:
+            for line_no, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    e = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise CorpusError(f"{path}:{line_no}: not valid JSON ({err})") from None
+                if not isinstance(e, dict):
+                    e = {}
+                bad = [k for k in _ENTRY_INT_FIELDS
+                       if isinstance(e.get(k), bool) or not isinstance(e.get(k), int) or e[k] < 0]
+                if not isinstance(e.get("id"), str) or not isinstance(e.get("shard"), str) or bad \
+                        or isinstance(e.get("duration"), bool) \
+                        or not isinstance(e.get("duration"), (int, float)) or e["frames"] < 1:
+                    raise CorpusError(f"{path}:{line_no}: malformed entry {line.strip()[:200]} "
+                                      f"(need id, shard, non-negative int "
+                                      f"{list(_ENTRY_INT_FIELDS)}, frames >= 1, duration)")
+                self.ids.append(e["id"])
+                if e["shard"] not in shard_of:
+                    shard_of[e["shard"]] = len(self.shards)
+                    self.shards.append(e["shard"])
+                for k in _ENTRY_INT_FIELDS:
+                    cols[k].append(e[k])
+                cols["shard"].append(shard_of[e["shard"]])
+                cols["line"].append(line_no)
+                durations.append(float(e["duration"]))
+        self.cols = {k: np.frombuffer(v, dtype=np.int64) if len(v) else np.zeros(0, np.int64)
+                     for k, v in cols.items()}
+        self.duration = np.frombuffer(durations, dtype=np.float64) if len(durations) \
+            else np.zeros(0)
+
+    def where(self, i: int) -> str:
+        return f"{self.path}:{self.cols['line'][i]} (utterance {self.ids[i]!r})"
 
 
 def open_corpus(directory: Union[str, Path], on_bad_shard: str = "raise") -> TokenCorpus:
@@ -362,23 +387,31 @@ def open_corpus(directory: Union[str, Path], on_bad_shard: str = "raise") -> Tok
         raise ValueError(f"on_bad_shard must be 'raise' or 'skip', got {on_bad_shard!r}")
     directory = Path(directory)
     meta, shard_list = _read_meta(directory)
-    manifest_path = directory / MANIFEST_FILE
-    entries = _read_manifest(manifest_path)
+    m = _Manifest(directory / MANIFEST_FILE)
     num, den = meta.rate_fraction()
-    by_shard: Dict[str, List[Dict[str, Any]]] = {}
-    known = {s["name"] for s in shard_list}
-    for e in entries:
-        if e["shard"] not in known:
-            raise CorpusError(f"{manifest_path}:{e['line']}: utterance {e['id']!r} names shard "
-                              f"{e['shard']!r}, which {directory / CORPUS_FILE} does not list")
-        by_shard.setdefault(e["shard"], []).append(e)
+    listed = {s["name"] for s in shard_list}
+    for j, name in enumerate(m.shards):
+        if name not in listed:
+            i = int(np.flatnonzero(m.cols["shard"] == j)[0])
+            raise CorpusError(f"{m.where(i)} names shard {name!r}, which "
+                              f"{directory / CORPUS_FILE} does not list")
+    if len(set(m.ids)) != len(m.ids):
+        seen: set = set()
+        for i, u in enumerate(m.ids):
+            if u in seen:
+                raise CorpusError(f"{m.where(i)}: duplicate utterance id")
+            seen.add(u)
+    manifest_index = {name: j for j, name in enumerate(m.shards)}
+    # Entries grouped by shard with one sort, not one scan of the manifest per shard.
+    by_shard = np.argsort(m.cols["shard"], kind="stable")
+    bounds = np.searchsorted(m.cols["shard"][by_shard], np.arange(len(m.shards) + 1))
 
     skipped: List[str] = []
     names: List[str] = []
     acoustic: List[np.ndarray] = []
     semantic: List[np.ndarray] = []
-    kept: List[tuple] = []
-    seen_ids: set = set()
+    keep = np.zeros(len(m.ids), dtype=bool)
+    new_index = np.full(len(m.ids), -1, dtype=np.int64)
     for shard in shard_list:
         name = shard["name"]
         try:
@@ -389,60 +422,61 @@ def open_corpus(directory: Union[str, Path], on_bad_shard: str = "raise") -> Tok
         except CorpusError as err:
             _fail(str(err), on_bad_shard, skipped, name)
             continue
-        rows = by_shard.get(name, [])
-        problem = _check_entries(rows, shard, meta, num, den, manifest_path, directory)
+        j = manifest_index.get(name)
+        rows = by_shard[bounds[j]:bounds[j + 1]] if j is not None else np.zeros(0, np.int64)
+        problem = _check_entries(m, rows, shard, meta, num, den, directory)
         if problem:
             _fail(problem, on_bad_shard, skipped, name)
             continue
-        for e in rows:
-            if e["id"] in seen_ids:
-                raise CorpusError(f"{manifest_path}:{e['line']}: duplicate utterance id {e['id']!r}")
-            seen_ids.add(e["id"])
-            kept.append((e, len(names)))
+        keep[rows] = True
+        new_index[rows] = len(names)
         names.append(name)
         acoustic.append(a)
         semantic.append(s)
     if skipped:
         warnings.warn(f"{directory}: skipped {len(skipped)} bad shard(s) of {len(shard_list)}: "
                       f"{skipped[:5]}{' ...' if len(skipped) > 5 else ''}", stacklevel=2)
-
-    def col(key: str) -> np.ndarray:
-        return np.array([e[key] for e, _ in kept], dtype=np.int64)
-
+    kept = np.flatnonzero(keep)
     return TokenCorpus(
-        directory=directory, meta=meta, ids=[e["id"] for e, _ in kept],
-        shard_index=np.array([i for _, i in kept], dtype=np.int64),
-        frame_offset=col("frame_offset"), frames=col("frames"),
-        semantic_offset=col("semantic_offset"), semantic_length=col("semantic_length"),
-        speaker=col("speaker"), shard_names=names, skipped_shards=skipped,
-        _acoustic=acoustic, _semantic=semantic)
+        directory=directory, meta=meta, ids=[m.ids[i] for i in kept],
+        shard_index=new_index[kept],
+        frame_offset=m.cols["frame_offset"][kept], frames=m.cols["frames"][kept],
+        semantic_offset=m.cols["semantic_offset"][kept],
+        semantic_length=m.cols["semantic_length"][kept], speaker=m.cols["speaker"][kept],
+        shard_names=names, skipped_shards=skipped, _acoustic=acoustic, _semantic=semantic)
 
 
-def _check_entries(rows: List[Dict[str, Any]], shard: Dict[str, Any], meta: CorpusMeta,
-                   num: int, den: int, manifest: Path, directory: Path) -> Optional[str]:
-    """Why the manifest entries of one shard disagree with it, or None."""
+def _check_entries(m: _Manifest, rows: np.ndarray, shard: Dict[str, Any], meta: CorpusMeta,
+                   num: int, den: int, directory: Path) -> Optional[str]:
+    """Why the manifest entries `rows` of one shard disagree with it, or None."""
     name = shard["name"]
-    total_frames = total_sem = 0
-    for e in rows:
-        where = f"{manifest}:{e['line']} (utterance {e['id']!r})"
-        if e["frame_offset"] + e["frames"] > shard["frames"]:
-            return (f"{where} ends at frame {e['frame_offset'] + e['frames']}, past the end of "
-                    f"{directory / (name + '.acoustic.npy')} ({shard['frames']} frames): the "
-                    "manifest disagrees with the shard")
-        if e["semantic_offset"] + e["semantic_length"] > shard["semantic"]:
-            return (f"{where} ends at semantic id {e['semantic_offset'] + e['semantic_length']}, "
-                    f"past the end of {directory / (name + '.semantic.npy')} "
-                    f"({shard['semantic']} ids): the manifest disagrees with the shard")
-        need = ((e["frames"] - 1) * num) // den + 1
-        if e["semantic_length"] < need:
-            return (f"{where} has {e['semantic_length']} semantic ids, too few for its "
-                    f"{e['frames']} frames (need {need})")
-        if not math.isclose(e["duration"], e["frames"] / meta.frame_rate,
-                            abs_tol=1.0 / meta.frame_rate + 1e-6):
-            return (f"{where} says duration {e['duration']} s but has {e['frames']} frames "
-                    f"= {e['frames'] / meta.frame_rate:g} s at {meta.frame_rate} Hz")
-        total_frames += e["frames"]
-        total_sem += e["semantic_length"]
+    c = m.cols
+    frames, sem_len = c["frames"][rows], c["semantic_length"][rows]
+    frame_end = c["frame_offset"][rows] + frames
+    sem_end = c["semantic_offset"][rows] + sem_len
+    need = ((frames - 1) * num) // den + 1
+    tolerance = 1.0 / meta.frame_rate + 1e-6
+    checks = [
+        (frame_end > shard["frames"], lambda i, j: (
+            f"{m.where(i)} ends at frame {frame_end[j]}, past the end of "
+            f"{directory / (name + '.acoustic.npy')} ({shard['frames']} frames): the manifest "
+            "disagrees with the shard")),
+        (sem_end > shard["semantic"], lambda i, j: (
+            f"{m.where(i)} ends at semantic id {sem_end[j]}, past the end of "
+            f"{directory / (name + '.semantic.npy')} ({shard['semantic']} ids): the manifest "
+            "disagrees with the shard")),
+        (sem_len < need, lambda i, j: (
+            f"{m.where(i)} has {sem_len[j]} semantic ids, too few for its {frames[j]} frames "
+            f"(need {need[j]})")),
+        (np.abs(m.duration[rows] - frames / meta.frame_rate) > tolerance, lambda i, j: (
+            f"{m.where(i)} says duration {m.duration[i]} s but has {frames[j]} frames "
+            f"= {frames[j] / meta.frame_rate:g} s at {meta.frame_rate} Hz")),
+    ]
+    for bad, message in checks:
+        if bad.any():
+            j = int(np.flatnonzero(bad)[0])
+            return message(int(rows[j]), j)
+    total_frames, total_sem = int(frames.sum()), int(sem_len.sum())
     if total_frames != shard["frames"] or total_sem != shard["semantic"]:
         return (f"the manifest's utterances of shard {name} cover {total_frames} frames and "
                 f"{total_sem} semantic ids, but {directory / CORPUS_FILE} says the shard holds "

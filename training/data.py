@@ -20,7 +20,7 @@ same mask whichever process or micro-batch it lands in.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, List, Optional, Sequence
+from typing import Iterable, Iterator, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -127,6 +127,7 @@ class WindowSampler:
         self.min_frames, self.max_frames = min_frames, max_frames
         self.bucket_batches, self.drop_last = bucket_batches, drop_last
         self._den = corpus.meta.rate_fraction()[1]
+        self._cache: Optional[tuple] = None
         if len(self.indices) == 0:
             raise ValueError(f"no utterances to sample from in {corpus.directory}")
         if drop_last and len(self.indices) < batch_size:
@@ -137,8 +138,12 @@ class WindowSampler:
         n = len(self.indices)
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
-    def windows(self, epoch: int) -> List[Window]:
-        """Every window of an epoch, in the epoch's order (before batching)."""
+    def _epoch(self, epoch: int) -> tuple[np.ndarray, ...]:
+        """The epoch's windows as arrays in epoch order: (utterance, start, frames, key),
+        each int64 [n]. Arrays, not objects: a corpus of millions of utterances plans an
+        epoch in a fraction of a second and a few bytes per window."""
+        if self._cache is not None and self._cache[0] == epoch:
+            return self._cache[1]
         rng = np.random.default_rng([self.seed, epoch])
         n = len(self.indices)
         order = self.indices[rng.permutation(n)]
@@ -152,27 +157,43 @@ class WindowSampler:
         start = self._den * np.minimum(np.floor(start_u * starts_available).astype(np.int64),
                                        starts_available - 1)
         keys = (np.int64(epoch) << _KEY_EPOCH_SHIFT) + order
-        return [Window(int(i), int(s), int(f), int(k))
-                for i, s, f, k in zip(order, start, frames, keys)]
+        arrays = (order, start, frames, keys)
+        self._cache = (epoch, arrays)
+        return arrays
 
-    def global_batches(self, epoch: int) -> List[List[Window]]:
-        windows = self.windows(epoch)
-        B = self.batch_size
+    def windows(self, epoch: int, positions: Optional[np.ndarray] = None) -> List[Window]:
+        """The windows of an epoch (at `positions` of the epoch order, default all)."""
+        arrays = self._epoch(epoch)
+        if positions is not None:
+            arrays = tuple(a[positions] for a in arrays)
+        return [Window(int(i), int(s), int(f), int(k)) for i, s, f, k in zip(*arrays)]
+
+    def batch_positions(self, epoch: int) -> List[np.ndarray]:
+        """Each global batch of the epoch as positions (int64 [<= batch_size]) in the
+        epoch's window order."""
+        _, _, frames, _ = self._epoch(epoch)
+        n, B = len(frames), self.batch_size
+        positions = np.arange(n)
         if self.bucket_batches:
             rng = np.random.default_rng([self.seed, epoch, 1])
             group = self.bucket_batches * B
-            batches: List[List[Window]] = []
-            for g in range(0, len(windows), group):
-                chunk = sorted(windows[g:g + group], key=lambda w: w.frames)
+            batches: List[np.ndarray] = []
+            for g in range(0, n, group):
+                chunk = positions[g:g + group]
+                chunk = chunk[np.argsort(frames[chunk], kind="stable")]
                 cut = [chunk[i:i + B] for i in range(0, len(chunk), B)]
                 batches.extend(cut[i] for i in rng.permutation(len(cut)))
             # An incomplete batch can only come from the last group: move it to the end.
             batches.sort(key=lambda b: len(b) < B)
         else:
-            batches = [windows[i:i + B] for i in range(0, len(windows), B)]
+            batches = [positions[i:i + B] for i in range(0, n, B)]
         if self.drop_last and batches and len(batches[-1]) < B:
             batches.pop()
         return batches
+
+    def global_batches(self, epoch: int) -> List[List[Window]]:
+        """Every global batch of the epoch as windows (small corpora, tests)."""
+        return [self.windows(epoch, b) for b in self.batch_positions(epoch)]
 
 
 def micro_batches(batch: List[Window], rank: int, world_size: int,
@@ -205,7 +226,7 @@ class TrainStream:
         self.dataset = WindowDataset(sampler.corpus)
         self.num_workers = num_workers
 
-    def _loader(self, micro: List[List[Window]]) -> Iterator[Batch]:
+    def _loader(self, micro: Iterable[List[Window]]) -> Iterator[Batch]:
         if self.num_workers == 0:
             for ws in micro:
                 yield collate([self.dataset[w] for w in ws])
@@ -218,9 +239,11 @@ class TrainStream:
     def __call__(self, position: DataPosition) -> Iterator[tuple[DataPosition, List[Batch]]]:
         epoch, done = position.epoch, position.batches_done
         while True:
-            batches = self.sampler.global_batches(epoch)
-            micro = [m for gb in batches[done:]
-                     for m in micro_batches(gb, self.rank, self.world_size, self.grad_accum)]
+            batches = self.sampler.batch_positions(epoch)
+            # Only this rank's windows of the batches still to do are ever materialised.
+            micro = (m for pos in batches[done:]
+                     for m in micro_batches(self.sampler.windows(epoch, pos), self.rank,
+                                            self.world_size, self.grad_accum))
             it = self._loader(micro)
             for i in range(done, len(batches)):
                 step = [next(it) for _ in range(self.grad_accum)]
