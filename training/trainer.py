@@ -39,8 +39,8 @@ from soundstorm.training.checkpoint import (latest_checkpoint, list_checkpoints,
                                             load_checkpoint, remove_partial, save_checkpoint)
 from soundstorm.training.config import TrainConfig
 from soundstorm.training.corpus import TokenCorpus, open_corpus
-from soundstorm.training.data import (Batch, DataPosition, TrainStream, WindowSampler,
-                                      collate, split_indices)
+from soundstorm.training.data import (Batch, DataPosition, TrainStream, WindowDataset,
+                                      WindowSampler, collate, split_indices)
 from soundstorm.training.masking import masked_loss, sample_mask
 from soundstorm.training.plot import plot_curves
 from soundstorm.training.schedule import WarmupExponentialDecay
@@ -273,7 +273,6 @@ class Trainer:
         batches = sampler.global_batches(0)
         if cfg.val_batches:
             batches = batches[:cfg.val_batches * d.world_size]
-        from soundstorm.training.data import WindowDataset
         dataset = WindowDataset(sampler.corpus)
         for windows in batches[d.rank::d.world_size]:
             b = collate([dataset[w] for w in windows]).to(d.device)
