@@ -5,6 +5,8 @@
   soundstorm generate --preset small --seconds 10          (random weights: speed checks)
   soundstorm info DIR|PRESET
   soundstorm bench --preset small --seconds 10 [--batch N] [--backend B] [--dtype D] [--json]
+  soundstorm train --preset tiny --data corpus/train --out run/     (soundstorm.training)
+  soundstorm synthetic-corpus corpus/                               (soundstorm.training)
 """
 
 from __future__ import annotations
@@ -343,10 +345,24 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     b.add_argument("--quiet", action="store_true", help="no progress lines")
     b.set_defaults(func=cmd_bench)
+
+    # Training subcommands: listed here, parsed and run by soundstorm.training.cli, which
+    # is imported only when one of them runs.
+    sub.add_parser("train", add_help=False,
+                   help="train a model on a token corpus (see: soundstorm train --help)")
+    sub.add_parser("synthetic-corpus", add_help=False,
+                   help="write a synthetic token corpus for tests and quick experiments")
     return parser
 
 
+TRAINING_COMMANDS = ("train", "synthetic-corpus")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in TRAINING_COMMANDS:
+        from soundstorm.training.cli import main as training_main
+        return training_main(argv[0], argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -1,0 +1,157 @@
+"""The §3.2 training mask: exact structural rules on ragged batches, and its statistics."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from soundstorm.training.masking import IGNORE_INDEX, masked_loss, sample_mask
+
+Q, C = 4, 32
+MASK = C
+
+
+def ragged_batch(lengths, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    T = max(lengths)
+    tokens = torch.randint(0, C, (len(lengths), T, Q), generator=g)
+    return tokens, torch.tensor(lengths)
+
+
+def draw(lengths, n_draws, seed=0):
+    """n_draws masks of the same ragged batch, each with fresh example keys."""
+    tokens, lengths_t = ragged_batch(lengths)
+    B = len(lengths)
+    keys = torch.arange(n_draws * B, dtype=torch.int64).view(n_draws, B)
+    out = [sample_mask(tokens, lengths_t, keys[i], seed, MASK) for i in range(n_draws)]
+    return tokens, lengths_t, out
+
+
+def test_structural_rules_hold_exactly_on_ragged_batches():
+    lengths = [1, 2, 3, 7, 64, 13, 97]
+    tokens, lengths_t, draws = draw(lengths, 80)
+    T = max(lengths)
+    t_idx = torch.arange(T)
+    for m in draws:
+        real = t_idx[None, :] < lengths_t[:, None]
+        prompt = t_idx[None, :] < m.prompt_len[:, None]
+        after = real & ~prompt
+        is_mask = m.inputs == MASK
+        # prompt and padding frames are never masked, at any level
+        assert not (is_mask & ~after[..., None]).any()
+        # unmasked tokens are the ground truth
+        assert torch.equal(torch.where(is_mask, tokens, m.inputs), tokens)
+        for b in range(len(lengths)):
+            q = int(m.level[b])
+            assert 1 <= q <= Q and 0 <= int(m.prompt_len[b]) < lengths[b]
+            # levels < q untouched, levels > q masked at every frame after the prompt
+            assert not is_mask[b, :, :q - 1].any()
+            assert torch.equal(is_mask[b, :, q:], after[b, :, None].expand(-1, Q - q))
+            # loss targets: exactly the masked level-q tokens, with their true values
+            target = m.targets[b]
+            assert torch.equal(target != IGNORE_INDEX, is_mask[b, :, q - 1])
+            assert torch.equal(target[target != IGNORE_INDEX],
+                               tokens[b, :, q - 1][target != IGNORE_INDEX])
+            # never an empty loss
+            assert (target != IGNORE_INDEX).sum() >= 1
+
+
+def test_level_prompt_and_ratio_are_drawn_per_row():
+    _, _, draws = draw([50] * 16, 1)
+    m = draws[0]
+    assert len(set(m.level.tolist())) > 1
+    assert len(set(m.prompt_len.tolist())) > 1
+    assert len(set(m.ratio.tolist())) == 16
+
+
+def test_statistics_of_level_prompt_and_ratio():
+    lengths = [1, 5, 40]
+    n = 3000
+    # one batch of n copies of the three rows, each copy with its own key
+    tokens, lengths_t = ragged_batch(lengths * n)
+    m = sample_mask(tokens, lengths_t, torch.arange(3 * n), 3, MASK)
+    level = m.level.view(n, 3)                              # [N, B]
+    prompt = m.prompt_len.view(n, 3)
+    ratio = m.ratio.double().numpy()
+    # q ~ U{1..Q}: chi-square on all rows
+    counts = np.bincount(level.flatten().numpy(), minlength=Q + 1)[1:]
+    assert stats.chisquare(counts).pvalue > 1e-3
+    # t ~ U{0..T_b-1}, per row length
+    assert (prompt[:, 0] == 0).all()
+    for b, T_b in enumerate(lengths[1:], start=1):
+        counts = np.bincount(prompt[:, b].numpy(), minlength=T_b)
+        assert len(counts) == T_b
+        assert stats.chisquare(counts).pvalue > 1e-3
+    # p = cos(u), u ~ U[0, pi/2]: P(p <= x) = 1 - (2/pi) arccos(x)
+    ks = stats.kstest(ratio, lambda x: 1 - 2 / np.pi * np.arccos(np.clip(x, 0, 1)))
+    assert ks.pvalue > 1e-3, ks
+    # and the test can tell: a uniform ratio is rejected
+    assert stats.kstest(np.random.default_rng(0).random(ratio.size),
+                        lambda x: 1 - 2 / np.pi * np.arccos(np.clip(x, 0, 1))).pvalue < 1e-6
+    assert abs(ratio.mean() - 2 / math.pi) < 0.01          # E[cos U] = 2/pi
+
+
+def test_each_frame_after_the_prompt_is_masked_with_probability_p():
+    # long rows without prompt effects: the masked fraction of the eligible level-q frames
+    # tracks each row's own p
+    tokens, lengths, draws = draw([400] * 8, 40, seed=5)
+    ratios, fractions = [], []
+    for m in draws:
+        for b in range(8):
+            eligible = 400 - int(m.prompt_len[b])
+            if eligible < 200:
+                continue
+            masked = int((m.targets[b] != IGNORE_INDEX).sum())
+            if masked > 1:   # (the one-token fallback aside)
+                ratios.append(float(m.ratio[b]))
+                fractions.append(masked / eligible)
+    ratios, fractions = np.array(ratios), np.array(fractions)
+    assert len(ratios) > 50
+    assert np.abs(fractions - ratios).max() < 0.15
+    assert np.corrcoef(ratios, fractions)[0, 1] > 0.98
+
+
+def test_a_row_masked_empty_by_the_draw_gets_one_token():
+    tokens, lengths, draws = draw([30] * 64, 50, seed=7)
+    fallback = 0
+    for m in draws:
+        counts = (m.targets != IGNORE_INDEX).sum(dim=1)
+        assert (counts >= 1).all()
+        fallback += int(((counts == 1) & (m.ratio < 0.02)).sum())
+    assert fallback > 0  # the case did occur
+
+
+def test_the_mask_depends_only_on_the_example_key_and_seed():
+    tokens, lengths = ragged_batch([9, 20, 14])
+    keys = torch.tensor([11, 12, 13])
+    full = sample_mask(tokens, lengths, keys, 0, MASK)
+    # the same example alone, with different padding, gets the same mask
+    alone = sample_mask(tokens[1:2, :20], lengths[1:2], keys[1:2], 0, MASK)
+    assert torch.equal(alone.inputs[0], full.inputs[1, :20])
+    assert torch.equal(alone.level, full.level[1:2])
+    other_seed = sample_mask(tokens, lengths, keys, 1, MASK)
+    assert not torch.equal(other_seed.inputs, full.inputs)
+
+
+def test_masked_loss_counts_only_masked_level_q_tokens():
+    tokens, lengths = ragged_batch([5, 12])
+    m = sample_mask(tokens, lengths, torch.tensor([1, 2]), 0, MASK)
+    logits = torch.randn(2, 12, C)
+    parts = masked_loss(logits, m)
+    for b in range(2):
+        sel = m.targets[b] != IGNORE_INDEX
+        want = torch.nn.functional.cross_entropy(logits[b][sel], m.targets[b][sel], reduction="sum")
+        assert torch.allclose(parts.loss_sum[b], want)
+        assert parts.count[b] == sel.sum()
+        assert parts.correct[b] == (logits[b][sel].argmax(-1) == m.targets[b][sel]).sum()
+    assert torch.isfinite(parts.loss_sum).all()
+
+
+def test_bad_lengths_are_rejected():
+    tokens, _ = ragged_batch([4, 4])
+    with pytest.raises(ValueError, match="lengths must lie in 1..4"):
+        sample_mask(tokens, torch.tensor([0, 4]), torch.tensor([1, 2]), 0, MASK)
+    with pytest.raises(ValueError, match="must be \\[B=2\\]"):
+        sample_mask(tokens, torch.tensor([4]), torch.tensor([1, 2]), 0, MASK)

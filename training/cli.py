@@ -1,0 +1,166 @@
+"""The training subcommands of `soundstorm` (loaded only when one of them runs).
+
+  soundstorm train --preset tiny --data corpus/train --val-data corpus/val --out run/
+  soundstorm synthetic-corpus corpus/ --utterances 2000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Dict, Optional, Sequence
+
+from soundstorm.engine.config import ModelConfig
+from soundstorm.training.config import TrainConfig, load_config_file
+
+# (setting, type, metavar, help). Every flag overrides the preset and the --config file.
+_FLAGS = [
+    ("data", str, "DIR", "training corpus directory (corpus.json + manifest.jsonl + shards)"),
+    ("val_data", str, "DIR", "validation corpus directory"),
+    ("val_fraction", float, "F", "hold out this fraction of --data for validation instead"),
+    ("val_batches", int, "N", "validate on at most N batches per process (0 = all)"),
+    ("out", str, "DIR", "run directory: checkpoints/, model/, metrics.jsonl, curves.png"),
+    ("model", str, "PRESET", f"model preset ({', '.join(ModelConfig.preset_names())}); "
+                             "change fields with model_overrides in --config"),
+    ("steps", int, "N", "optimizer steps in all (a resumed run continues up to N)"),
+    ("batch_size", int, "N", "windows per optimizer step, over all processes"),
+    ("grad_accum", int, "N", "micro-batches per step (memory: each is batch/(procs*N))"),
+    ("lr", float, "LR", "peak learning rate (AdamW)"),
+    ("weight_decay", float, "WD", "AdamW weight decay (matrices and embeddings only)"),
+    ("warmup_steps", int, "N", "linear warm-up steps"),
+    ("decay_steps", int, "N", "after warm-up, lr *= decay_rate every N steps (smoothly)"),
+    ("decay_rate", float, "R", "exponential decay factor per decay_steps"),
+    ("grad_clip", float, "NORM", "clip the global gradient norm (0 = off)"),
+    ("min_seconds", float, "S", "shortest training window"),
+    ("max_seconds", float, "S", "longest training window (paper: 30)"),
+    ("bucket_batches", int, "N", "sort windows by length within groups of N batches (0 = off)"),
+    ("num_workers", int, "N", "data-loading worker processes per training process"),
+    ("on_bad_shard", str, "raise|skip", "a missing/corrupt shard: fail (default) or skip it "
+                                        "with a warning"),
+    ("seed", int, "N", "seed of the initialisation, data order, windows and masks"),
+    ("device", str, "DEV", "auto (cuda:LOCAL_RANK if a GPU is visible, else cpu), cpu, cuda"),
+    ("dtype", str, "D", "auto (bf16 autocast on CUDA, fp32 on CPU), float32, bfloat16"),
+    ("log_every", int, "N", "log training metrics every N steps"),
+    ("val_every", int, "N", "validate every N steps"),
+    ("checkpoint_every", int, "N", "write a checkpoint every N steps"),
+    ("keep_checkpoints", int, "K", "keep the newest K checkpoints"),
+    ("resume", str, "auto|never|DIR", "auto: continue from the newest checkpoint in --out if "
+                                      "there is one; never; or a checkpoint directory"),
+]
+
+
+def train_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="soundstorm train",
+        description="Train a SoundStorm model on a tokenized corpus (masking of paper §3.2; "
+                    "AdamW with linear warm-up and exponential decay). Settings come from a "
+                    "preset, then an optional --config file (JSON or YAML), then flags. The "
+                    "model the engine loads is written to OUT/model. Multi-GPU and multi-node: "
+                    "launch the same command with torchrun (see the README).",
+        epilog="examples:\n"
+               "  soundstorm synthetic-corpus corpus/ --utterances 2000\n"
+               "  soundstorm train --preset tiny --data corpus/train --val-data corpus/val "
+               "--out run/\n"
+               "  torchrun --nproc-per-node 8 -m soundstorm.engine.cli train --preset paper "
+               "--data tokens/ --val-fraction 0.001 --out run/",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", required=True, choices=TrainConfig.preset_names(),
+                   help="training preset: tiny (CPU, seconds), small, paper (§4.1)")
+    p.add_argument("--config", metavar="FILE", help="JSON or YAML file of settings (names as "
+                                                    "the flags, with underscores)")
+    for name, typ, metavar, help_text in _FLAGS:
+        p.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, metavar=metavar,
+                       help=help_text)
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=None,
+                   help="no progress bar")
+    p.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
+    return p
+
+
+def build_train_config(args: argparse.Namespace) -> TrainConfig:
+    settings: Dict[str, Any] = {}
+    if args.config:
+        settings.update(load_config_file(args.config))
+    for name, *_ in _FLAGS + [("progress",)]:
+        value = getattr(args, name)
+        if value is not None:
+            settings[name] = value
+    return TrainConfig.preset(args.preset, **settings)
+
+
+def cmd_train(argv: Sequence[str]) -> int:
+    parser = train_parser()
+    args = parser.parse_args(argv)
+    from soundstorm.training.trainer import train
+    try:
+        config = build_train_config(args)
+        summary = train(config)
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        parser.exit(2, f"soundstorm train: error: {e}\n")
+    t, v = summary["train"], summary["validation"]
+    line = f"trained to step {summary['step']}"
+    if t:
+        line += f": loss {t['loss']:.4f}, masked accuracy {t['acc']:.3f}"
+    if v:
+        line += f"; validation loss {v['val_loss']:.4f}, accuracy {v['val_acc']:.3f}"
+    print(f"{line}. Model: {summary['model']}")
+    if args.json:
+        print(json.dumps(summary))
+    return 0
+
+
+def synthetic_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="soundstorm synthetic-corpus",
+        description="Write a synthetic token corpus for tests and quick experiments: level-1 "
+                    "tokens follow the semantic ids and a hidden speaker, finer levels follow "
+                    "coarser ones, and the speaker shows only in the acoustic tokens (the "
+                    "voice prompt). Writes OUT/train and OUT/val with the same speakers.",
+        epilog="example: soundstorm synthetic-corpus corpus/ --utterances 2000 && "
+               "soundstorm train --preset tiny --data corpus/train --val-data corpus/val "
+               "--out run/")
+    p.add_argument("out", metavar="OUT", help="directory to create")
+    p.add_argument("--model", default="tiny", choices=ModelConfig.preset_names(),
+                   help="model preset whose token shapes and rates to match (default tiny)")
+    p.add_argument("--utterances", type=int, default=2000, help="training utterances (2000)")
+    p.add_argument("--val-utterances", type=int, default=200, help="validation utterances (200)")
+    p.add_argument("--speakers", type=int, default=4, help="hidden speakers (4)")
+    p.add_argument("--noise", type=float, default=0.02, help="token noise probability (0.02)")
+    p.add_argument("--min-seconds", type=float, default=1.0, help="shortest utterance (1.0)")
+    p.add_argument("--max-seconds", type=float, default=3.0, help="longest utterance (3.0)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the voices and utterances")
+    return p
+
+
+def cmd_synthetic(argv: Sequence[str]) -> int:
+    parser = synthetic_parser()
+    args = parser.parse_args(argv)
+    from soundstorm.training.synthetic import SyntheticSpec, write_synthetic_corpus
+    try:
+        if args.utterances < 1 or args.val_utterances < 0:
+            raise ValueError(f"--utterances must be >= 1 and --val-utterances >= 0, got "
+                             f"{args.utterances} and {args.val_utterances}")
+        spec = SyntheticSpec.for_model(ModelConfig.preset(args.model),
+                                       num_speakers=args.speakers, noise=args.noise,
+                                       min_seconds=args.min_seconds, max_seconds=args.max_seconds)
+        out = Path(args.out)
+        write_synthetic_corpus(out / "train", args.utterances, spec, seed=args.seed,
+                               voice_seed=args.seed)
+        if args.val_utterances:
+            write_synthetic_corpus(out / "val", args.val_utterances, spec,
+                                   seed=args.seed + 1_000_003, voice_seed=args.seed,
+                                   prefix="val")
+    except (ValueError, FileExistsError) as e:
+        parser.exit(2, f"soundstorm synthetic-corpus: error: {e}\n")
+    print(f"wrote {args.utterances} training and {args.val_utterances} validation utterances "
+          f"to {out}/train and {out}/val")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "synthetic-corpus": cmd_synthetic}
+
+
+def main(command: str, argv: Optional[Sequence[str]] = None) -> int:
+    return COMMANDS[command](list(sys.argv[2:] if argv is None else argv))

@@ -1,0 +1,207 @@
+"""Training configuration: a typed dataclass, named presets, a JSON/YAML file, flags.
+
+Precedence: preset < file < flags. Every field is validated on construction, and the
+settings that depend on the data or the launch (corpus shape vs model, batch divisibility
+by processes x accumulation) are checked by the trainer before any step runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Mapping, Optional, Union
+
+from soundstorm.engine.config import ModelConfig
+
+_PRESETS: Dict[str, Dict[str, Any]] = {
+    # Paper §4.1: batch 256, AdamW lr 5e-4 and weight decay 1e-3, linear warm-up over 20k
+    # steps, exponential decay over 0.5M steps, windows of up to 30 s, 10 epochs of
+    # LibriLight (~60k hours) -- about 0.5M steps at this batch size.
+    "paper": dict(model="paper", batch_size=256, lr=5e-4, weight_decay=1e-3,
+                  warmup_steps=20_000, decay_steps=500_000, decay_rate=0.1, steps=500_000,
+                  min_seconds=0.0, max_seconds=30.0, grad_clip=1.0, log_every=50,
+                  val_every=5_000, checkpoint_every=5_000, keep_checkpoints=3,
+                  bucket_batches=64, num_workers=4),
+    "small": dict(model="small", batch_size=64, lr=5e-4, weight_decay=1e-3,
+                  warmup_steps=2_000, decay_steps=100_000, decay_rate=0.1, steps=100_000,
+                  min_seconds=0.0, max_seconds=30.0, grad_clip=1.0, log_every=50,
+                  val_every=2_000, checkpoint_every=2_000, keep_checkpoints=3,
+                  bucket_batches=64, num_workers=4),
+    # For tests and quick experiments on a CPU: the tiny model (4 levels of 32 codes).
+    "tiny": dict(model="tiny", batch_size=16, lr=3e-3, weight_decay=1e-3,
+                 warmup_steps=20, decay_steps=2_000, decay_rate=0.1, steps=300,
+                 min_seconds=0.5, max_seconds=3.0, grad_clip=1.0, log_every=10,
+                 val_every=100, checkpoint_every=100, keep_checkpoints=2,
+                 bucket_batches=0, num_workers=0),
+}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a training run needs.
+
+    data / val_data: corpus directories (see `soundstorm.training.corpus`); without
+        val_data, `val_fraction` of `data` is held out (0 = no validation).
+    out: run directory: checkpoints/, model/ (the exported model), metrics.jsonl,
+        curves.png, config.json.
+    model: a model preset; model_overrides: ModelConfig fields to change.
+    batch_size: windows per optimizer step, over all processes and accumulation steps.
+    lr, weight_decay, betas, eps: AdamW. warmup_steps: linear ramp from 0 to lr;
+        then lr * decay_rate ** ((step - warmup_steps) / decay_steps).
+    grad_clip: max global gradient norm (0 = off). grad_accum: micro-batches per step.
+    min_seconds, max_seconds: window lengths (clamped to the model's max_frames).
+    bucket_batches: length-bucketing group size in batches (0 = off).
+    on_bad_shard: "raise" or "skip" (see `open_corpus`).
+    dtype: "auto" (bf16 autocast on CUDA, fp32 on CPU), "float32" or "bfloat16".
+    """
+
+    data: Optional[str] = None
+    out: Optional[str] = None
+    val_data: Optional[str] = None
+    val_fraction: float = 0.0
+    val_batches: int = 0
+    model: str = "tiny"
+    model_overrides: Dict[str, Any] = field(default_factory=dict)
+    steps: int = 300
+    batch_size: int = 16
+    grad_accum: int = 1
+    lr: float = 3e-3
+    weight_decay: float = 1e-3
+    betas: tuple = (0.9, 0.98)
+    eps: float = 1e-8
+    warmup_steps: int = 20
+    decay_steps: int = 2000
+    decay_rate: float = 0.1
+    grad_clip: float = 1.0
+    min_seconds: float = 0.5
+    max_seconds: float = 3.0
+    bucket_batches: int = 0
+    num_workers: int = 0
+    on_bad_shard: str = "raise"
+    seed: int = 0
+    device: str = "auto"
+    dtype: str = "auto"
+    log_every: int = 10
+    val_every: int = 100
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 2
+    resume: str = "auto"
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        def check(ok: bool, name: str, expected: str) -> None:
+            if not ok:
+                raise ValueError(f"{name} = {getattr(self, name)!r}: expected {expected}")
+
+        def is_int(v: Any) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        def is_num(v: Any) -> bool:
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+        for name in ("steps", "batch_size", "grad_accum", "log_every", "val_every",
+                     "checkpoint_every", "keep_checkpoints"):
+            check(is_int(getattr(self, name)) and getattr(self, name) >= 1, name, "an int >= 1")
+        for name in ("warmup_steps", "val_batches", "bucket_batches", "num_workers"):
+            check(is_int(getattr(self, name)) and getattr(self, name) >= 0, name, "an int >= 0")
+        check(is_int(self.decay_steps) and self.decay_steps >= 1, "decay_steps", "an int >= 1")
+        check(is_int(self.seed) and 0 <= self.seed < 2 ** 63, "seed", "an int in 0..2**63-1")
+        check(is_num(self.lr) and self.lr > 0, "lr", "a number > 0")
+        check(is_num(self.weight_decay) and self.weight_decay >= 0, "weight_decay", "a number >= 0")
+        check(is_num(self.eps) and self.eps > 0, "eps", "a number > 0")
+        check(is_num(self.decay_rate) and 0 < self.decay_rate <= 1, "decay_rate",
+              "a number in (0, 1]")
+        check(is_num(self.grad_clip) and self.grad_clip >= 0, "grad_clip", "a number >= 0 (0 = off)")
+        check(is_num(self.val_fraction) and 0 <= self.val_fraction < 1, "val_fraction",
+              "a number in [0, 1)")
+        check(is_num(self.min_seconds) and self.min_seconds >= 0, "min_seconds", "a number >= 0")
+        check(is_num(self.max_seconds) and self.max_seconds > 0 and self.max_seconds >= self.min_seconds,
+              "max_seconds", f"a number > 0 and >= min_seconds ({self.min_seconds})")
+        betas = tuple(self.betas) if isinstance(self.betas, (list, tuple)) else self.betas
+        check(isinstance(betas, tuple) and len(betas) == 2 and all(is_num(b) and 0 <= b < 1 for b in betas),
+              "betas", "two numbers in [0, 1)")
+        object.__setattr__(self, "betas", betas)
+        check(self.on_bad_shard in ("raise", "skip"), "on_bad_shard", "'raise' or 'skip'")
+        check(self.dtype in ("auto", "float32", "bfloat16"), "dtype",
+              "'auto', 'float32' or 'bfloat16'")
+        check(isinstance(self.device, str) and self.device.split(":")[0] in ("auto", "cpu", "cuda"),
+              "device", "'auto', 'cpu', 'cuda' or 'cuda:N'")
+        check(isinstance(self.resume, str) and bool(self.resume), "resume",
+              "'auto' (latest checkpoint in out, if any), 'never', or a checkpoint directory")
+        check(isinstance(self.progress, bool), "progress", "true or false")
+        check(isinstance(self.model_overrides, dict), "model_overrides", "a mapping of ModelConfig fields")
+        for name in ("data", "out", "val_data"):
+            v = getattr(self, name)
+            check(v is None or (isinstance(v, str) and bool(v)), name, "a path")
+        if self.val_data is not None and self.val_fraction:
+            raise ValueError("give either val_data or val_fraction, not both")
+        try:
+            self.model_config()
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"model = {self.model!r} with model_overrides = "
+                             f"{self.model_overrides}: {e}") from None
+
+    def model_config(self) -> ModelConfig:
+        return ModelConfig.preset(self.model, **self.model_overrides)
+
+    def window_frames(self) -> tuple[int, int]:
+        """(min, max) window length in frames, clamped to [1, max_frames]."""
+        cfg = self.model_config()
+        hi = min(cfg.max_frames, max(1, int(self.max_seconds * cfg.frame_rate)))
+        lo = min(hi, max(1, int(self.min_seconds * cfg.frame_rate)))
+        return lo, hi
+
+    # -- construction -------------------------------------------------------------------
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> "TrainConfig":
+        if name not in _PRESETS:
+            raise ValueError(f"unknown training preset {name!r}; choose one of {sorted(_PRESETS)}")
+        return cls.from_dict({**_PRESETS[name], **overrides})
+
+    @staticmethod
+    def preset_names() -> tuple[str, ...]:
+        return tuple(_PRESETS)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown training setting(s) {unknown}; expected a subset of "
+                             f"{sorted(known)}")
+        return cls(**data)
+
+    def replace(self, **changes: Any) -> "TrainConfig":
+        return self.from_dict({**self.to_dict(), **changes})
+
+    def to_dict(self) -> Dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["betas"] = list(self.betas)
+        return d
+
+
+def load_config_file(path: Union[str, Path]) -> Dict[str, Any]:
+    """Read a JSON (.json) or YAML (.yaml/.yml) mapping of training settings."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    text = path.read_text()
+    try:
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+            data = yaml.safe_load(text)
+        elif path.suffix == ".json":
+            data = json.loads(text)
+        else:
+            raise ValueError(f"config file {path} must end in .json, .yaml or .yml")
+    except (json.JSONDecodeError, ValueError) as e:
+        raise ValueError(f"config file {path}: {e}") from None
+    except Exception as e:  # yaml.YAMLError without importing yaml at module level
+        raise ValueError(f"config file {path}: not valid YAML ({e})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {path} must hold a mapping of settings, got "
+                         f"{type(data).__name__}")
+    return data

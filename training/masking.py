@@ -1,0 +1,154 @@
+"""SoundStorm's training mask (paper §3.2), drawn per example and vectorised over the batch.
+
+For every row b of real length T_b (frames numbered 1..T_b as in the paper):
+
+- a prompt delimiter t ~ U{0, ..., T_b - 1}: frames 1..t are the voice prompt and are never
+  masked (in 0-based tensor indexing: frames [0, t)); t = 0 means no prompt;
+- an RVQ level q ~ U{1, ..., Q};
+- a mask ratio p = cos(u), u ~ U[0, pi/2]; each frame after t is masked at level q with
+  probability p (iid Bernoulli);
+- every frame after t is masked at all levels > q;
+- the loss is the cross-entropy on the masked level-q tokens only. Semantic conditioning
+  is never masked (it is not even an input here); padding frames are never masked and
+  never counted.
+
+Because t <= T_b - 1, every row has at least one frame after its prompt. A row whose
+Bernoulli draw masks nothing gets exactly one level-q token masked instead: the eligible
+frame whose Bernoulli uniform came closest to being masked. So every row contributes to
+the loss and no row ever divides by zero (a p close to 0 is otherwise common: p < 0.05 has
+probability ~3%).
+
+All randomness comes from the counter-based hash in `soundstorm.kernels.rng`, keyed by
+(seed, sample key, stream, frame): an example's mask depends only on its own key, never on
+its batch companions, its padding, the batch size or the number of processes. That is
+what makes a 2-process run reproduce a 1-process run and makes resuming exact.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from soundstorm.kernels.rng import MASK32, mix32, to_uniform, frame_keys
+
+IGNORE_INDEX = -100
+
+# Independent streams of the per-example hash.
+_STREAM_PROMPT = 0x11
+_STREAM_LEVEL = 0x22
+_STREAM_RATIO = 0x33
+_STREAM_FRAMES = 0x44
+
+
+@dataclass
+class MaskedBatch:
+    """One masked batch.
+
+    inputs:     int64 [B, T, Q] model input: ground truth with MASK (= codebook_size)
+                where masked; padding frames as given
+    targets:    int64 [B, T]    ground truth of level q at the masked level-q frames,
+                                IGNORE_INDEX (-100) everywhere else
+    level:      int64 [B]       the level q of each row (1-based)
+    prompt_len: int64 [B]       the delimiter t: frames [0, t) are the prompt
+    ratio:      float32 [B]     the mask ratio p = cos(u) drawn for the row
+    """
+    inputs: torch.Tensor
+    targets: torch.Tensor
+    level: torch.Tensor
+    prompt_len: torch.Tensor
+    ratio: torch.Tensor
+
+    @property
+    def loss_mask(self) -> torch.Tensor:
+        """bool [B, T]: the masked level-q tokens (those the loss is computed on)."""
+        return self.targets != IGNORE_INDEX
+
+
+def row_keys(seed: int, sample_keys: torch.Tensor, stream: int) -> torch.Tensor:
+    """int64 [B] 32-bit keys for one stream, from a run seed and per-example keys.
+
+    seed: any int in [0, 2**63); sample_keys: int64 [B] (unique per example and epoch).
+    """
+    s = torch.full_like(sample_keys, 0)
+    lo, hi = seed & MASK32, (seed >> 32) & MASK32
+    k = mix32(s + (lo ^ stream))
+    k = mix32(k ^ hi)
+    k = mix32(k ^ (sample_keys & MASK32))
+    return mix32(k ^ ((sample_keys >> 32) & MASK32))
+
+
+def sample_mask(tokens: torch.Tensor, lengths: torch.Tensor, sample_keys: torch.Tensor,
+                seed: int, mask_id: int) -> MaskedBatch:
+    """Draw the §3.2 mask for every row.
+
+    tokens:      int64 [B, T, Q] ground-truth codes in [0, mask_id); frames at or past a
+                 row's length are padding (any value)
+    lengths:     int64 [B] real frames per row, 1..T
+    sample_keys: int64 [B] per-example keys (the data pipeline gives each example of an
+                 epoch its own); equal keys and seed give equal masks
+    seed:        the run's seed
+    mask_id:     the MASK id (= codebook_size)
+    """
+    if tokens.ndim != 3:
+        raise ValueError(f"tokens must be [B, T, Q], got shape {tuple(tokens.shape)}")
+    B, T, Q = tokens.shape
+    if lengths.shape != (B,) or sample_keys.shape != (B,):
+        raise ValueError(f"lengths and sample_keys must be [B={B}], got "
+                         f"{tuple(lengths.shape)} and {tuple(sample_keys.shape)}")
+    device = tokens.device
+    lengths = lengths.to(device=device, dtype=torch.int64)
+    if bool((lengths < 1).any()) or bool((lengths > T).any()):
+        raise ValueError(f"lengths must lie in 1..{T}, got {lengths.tolist()}")
+    keys = sample_keys.to(device=device, dtype=torch.int64)
+
+    # The modulo bias of a 32-bit hash reduced mod T_b <= 2**16 is below 2**-16: negligible.
+    prompt_len = row_keys(seed, keys, _STREAM_PROMPT) % lengths                      # [B]
+    level = row_keys(seed, keys, _STREAM_LEVEL) % Q + 1                              # [B]
+    u = to_uniform(row_keys(seed, keys, _STREAM_RATIO)).double() * (math.pi / 2)
+    ratio = torch.cos(u).float()                                                     # [B]
+
+    t = torch.arange(T, device=device)
+    real = t[None, :] < lengths[:, None]                                             # [B, T]
+    after_prompt = real & (t[None, :] >= prompt_len[:, None])                        # [B, T]
+    draw = to_uniform(frame_keys(row_keys(seed, keys, _STREAM_FRAMES), T))           # [B, T]
+    masked_q = after_prompt & (draw < ratio[:, None])
+    # A row the draw left empty: mask the eligible frame closest to being masked.
+    empty = ~masked_q.any(dim=1)
+    nearest = draw.masked_fill(~after_prompt, 2.0).argmin(dim=1)                     # [B]
+    fallback = F.one_hot(nearest, T).bool() & empty[:, None]
+    masked_q = masked_q | fallback
+
+    q_index = torch.arange(Q, device=device)[None, None, :]                          # 0-based
+    at_q = q_index == (level - 1)[:, None, None]
+    finer = q_index > (level - 1)[:, None, None]
+    mask = (masked_q[..., None] & at_q) | (after_prompt[..., None] & finer)           # [B, T, Q]
+    inputs = tokens.masked_fill(mask, mask_id)
+    truth_q = tokens.gather(2, (level - 1)[:, None, None].expand(B, T, 1)).squeeze(2)
+    targets = truth_q.masked_fill(~masked_q, IGNORE_INDEX)
+    return MaskedBatch(inputs=inputs, targets=targets, level=level, prompt_len=prompt_len,
+                       ratio=ratio)
+
+
+@dataclass
+class LossParts:
+    """Per-row sums of a masked batch (all float32/int64 [B]), for exact aggregation over
+    micro-batches and processes: loss_sum (summed cross-entropy of the masked level-q
+    tokens), correct (argmax hits among them), count (how many)."""
+    loss_sum: torch.Tensor
+    correct: torch.Tensor
+    count: torch.Tensor
+
+
+def masked_loss(logits: torch.Tensor, batch: MaskedBatch) -> LossParts:
+    """logits: [B, T, C] of each row's level (any float dtype; computed in float32)."""
+    B, T, C = logits.shape
+    logits = logits.float()
+    ce = F.cross_entropy(logits.reshape(B * T, C), batch.targets.reshape(B * T),
+                         ignore_index=IGNORE_INDEX, reduction="none").view(B, T)
+    mask = batch.loss_mask
+    with torch.no_grad():
+        correct = ((logits.argmax(dim=-1) == batch.targets) & mask).sum(dim=1)
+    return LossParts(loss_sum=ce.sum(dim=1), correct=correct, count=mask.sum(dim=1))

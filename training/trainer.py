@@ -1,0 +1,329 @@
+"""The training loop: masked-token training of a SoundStorm model (paper §3.2, §4.1).
+
+    from soundstorm.training import TrainConfig, train
+    summary = train(TrainConfig.preset("tiny", data="corpus/", out="run/"))
+
+One optimizer step consumes one global batch of `batch_size` windows, split over the
+processes of a torchrun launch and `grad_accum` micro-batches. The loss is the mean
+cross-entropy over all masked level-q tokens of the global batch, computed exactly
+whatever the split (the masked-token count is summed over ranks before the backward
+pass), so a 2-process run reproduces a 1-process run with the same global batch.
+
+The run directory (`out`) receives:
+    train_config.json    the resolved settings
+    metrics.jsonl        one JSON object per log interval ("loss", "acc_level", ...) and
+                         per validation ("val_loss", "val_acc_level", ...)
+    checkpoints/         step-XXXXXXXX/ directories (see `soundstorm.training.checkpoint`)
+    model/               the final model: config.json + model.safetensors, what
+                         `Engine(out / "model")` loads
+    curves.png           loss and per-level accuracy curves
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from soundstorm.engine.model import SoundStorm
+from soundstorm.training import distributed as dist_utils
+from soundstorm.training.checkpoint import (latest_checkpoint, list_checkpoints,
+                                            load_checkpoint, remove_partial, save_checkpoint)
+from soundstorm.training.config import TrainConfig
+from soundstorm.training.corpus import TokenCorpus, open_corpus
+from soundstorm.training.data import (Batch, DataPosition, TrainStream, WindowDataset,
+                                      WindowSampler, collate, split_indices)
+from soundstorm.training.masking import masked_loss, sample_mask
+from soundstorm.training.plot import plot_curves
+from soundstorm.training.schedule import WarmupExponentialDecay
+
+METRICS_FILE = "metrics.jsonl"
+VAL_SEED_OFFSET = 0x7A1  # validation windows and masks: fixed, and unlike training's
+
+
+class TrainingSetupError(ValueError):
+    """Settings that cannot work together, found before any training step."""
+
+
+def check_corpus_matches(corpus: TokenCorpus, config: TrainConfig, what: str) -> None:
+    model = config.model_config()
+    wrong = [f"{k}: corpus {getattr(corpus.meta, k)!r}, model {getattr(model, k)!r}"
+             for k in ("num_quantizers", "codebook_size", "semantic_vocab_size",
+                       "frame_rate", "semantic_rate")
+             if float(getattr(corpus.meta, k)) != float(getattr(model, k))]
+    if wrong:
+        raise TrainingSetupError(f"{what} {corpus.directory} does not fit model {config.model!r}: "
+                                 + "; ".join(wrong)
+                                 + " (choose another preset or set model_overrides)")
+
+
+class _Stats:
+    """Per-level sums (loss, correct, count) of masked tokens, as float64 [3, Q]."""
+
+    def __init__(self, levels: int, device: torch.device):
+        self.sums = torch.zeros(3, levels, dtype=torch.float64, device=device)
+
+    def add(self, level: torch.Tensor, loss_sum: torch.Tensor, correct: torch.Tensor,
+            count: torch.Tensor) -> None:
+        idx = level - 1
+        for row, values in enumerate((loss_sum.detach(), correct, count)):
+            self.sums[row].index_add_(0, idx, values.to(torch.float64))
+
+    def summary(self, prefix: str = "") -> Dict[str, Any]:
+        loss, correct, count = self.sums.cpu().tolist()
+        total = sum(count)
+        return {
+            f"{prefix}loss": sum(loss) / total if total else float("nan"),
+            f"{prefix}acc": sum(correct) / total if total else float("nan"),
+            f"{prefix}loss_level": [l / c if c else None for l, c in zip(loss, count)],
+            f"{prefix}acc_level": [k / c if c else None for k, c in zip(correct, count)],
+            f"{prefix}tokens": int(total),
+        }
+
+
+class Trainer:
+    """Builds everything a run needs from a `TrainConfig`, checking it all first."""
+
+    def __init__(self, config: TrainConfig):
+        self.config = cfg = config
+        if cfg.data is None:
+            raise TrainingSetupError("data is not set: give the corpus directory (--data)")
+        if cfg.out is None:
+            raise TrainingSetupError("out is not set: give the run directory (--out)")
+        self.dist = dist_utils.setup(cfg.device)
+        d = self.dist
+        chunks = d.world_size * cfg.grad_accum
+        if cfg.batch_size % chunks:
+            raise TrainingSetupError(
+                f"batch_size = {cfg.batch_size} must be divisible by processes x grad_accum = "
+                f"{d.world_size} x {cfg.grad_accum} = {chunks}")
+        if cfg.dtype == "bfloat16" and d.device.type != "cuda":
+            raise TrainingSetupError("dtype = 'bfloat16' (autocast) needs a CUDA device; "
+                                     "CPU training runs in float32")
+        self.autocast = d.device.type == "cuda" and cfg.dtype in ("auto", "bfloat16")
+        self.model_config = cfg.model_config()
+
+        self.corpus = open_corpus(cfg.data, on_bad_shard=cfg.on_bad_shard)
+        check_corpus_matches(self.corpus, cfg, "corpus")
+        train_idx, val_idx = split_indices(len(self.corpus), cfg.val_fraction, cfg.seed)
+        lo, hi = cfg.window_frames()
+        self.sampler = WindowSampler(self.corpus, cfg.seed, lo, hi, cfg.batch_size,
+                                     indices=train_idx, bucket_batches=cfg.bucket_batches)
+        self.val_sampler: Optional[WindowSampler] = None
+        if cfg.val_data is not None:
+            val_corpus = open_corpus(cfg.val_data, on_bad_shard=cfg.on_bad_shard)
+            check_corpus_matches(val_corpus, cfg, "validation corpus")
+            val_idx = np.arange(len(val_corpus))
+        elif cfg.val_fraction:
+            val_corpus = self.corpus
+            if len(val_idx) == 0:
+                raise TrainingSetupError(f"val_fraction = {cfg.val_fraction} of "
+                                         f"{len(self.corpus)} utterances holds none out")
+        if cfg.val_data is not None or cfg.val_fraction:
+            self.val_sampler = WindowSampler(val_corpus, cfg.seed + VAL_SEED_OFFSET, lo, hi,
+                                             cfg.batch_size // chunks, indices=val_idx,
+                                             drop_last=False)
+        self.out = Path(cfg.out)
+        self.ckpt_dir = self.out / "checkpoints"
+        self.resume_from = self._resume_target()
+
+    def _resume_target(self) -> Optional[Path]:
+        mode = self.config.resume
+        if mode == "never":
+            if list_checkpoints(self.ckpt_dir):
+                raise TrainingSetupError(
+                    f"{self.ckpt_dir} already holds checkpoints and resume = 'never'; choose a "
+                    "new out directory or resume ('auto')")
+            return None
+        if mode == "auto":
+            return latest_checkpoint(self.ckpt_dir)
+        path = Path(mode)
+        if not (path / "state.json").is_file():
+            raise TrainingSetupError(f"resume = {mode!r} is not a complete checkpoint directory "
+                                     "(no state.json)")
+        return path
+
+    # -- the run ----------------------------------------------------------------------
+    def run(self) -> Dict[str, Any]:
+        cfg, d = self.config, self.dist
+        from tqdm import tqdm
+
+        torch.manual_seed(cfg.seed)
+        model = SoundStorm(self.model_config).to(d.device).train()
+        decay = [p for p in model.parameters() if p.ndim >= 2]
+        no_decay = [p for p in model.parameters() if p.ndim < 2]
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": cfg.weight_decay},
+             {"params": no_decay, "weight_decay": 0.0}],
+            lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+        schedule = WarmupExponentialDecay(cfg.lr, cfg.warmup_steps, cfg.decay_steps,
+                                          cfg.decay_rate)
+        step, position = 0, DataPosition()
+        if d.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            remove_partial(self.ckpt_dir)
+            _write_json(self.out / "train_config.json", cfg.to_dict())
+        if self.resume_from is not None:
+            state = load_checkpoint(self.resume_from, model, optimizer)
+            schedule.load_state_dict(state["scheduler"])
+            position = DataPosition(**state["data"])
+            step = state["step"]
+        if d.is_main:
+            _truncate_metrics(self.out / METRICS_FILE, step)
+        dist_utils.barrier(d)
+
+        net = model
+        if d.distributed:
+            net = DistributedDataParallel(
+                model, device_ids=[d.device] if d.device.type == "cuda" else None)
+        stream = TrainStream(self.sampler, d.rank, d.world_size, cfg.grad_accum,
+                             cfg.num_workers)(position)
+        Q = self.model_config.num_quantizers
+        stats = _Stats(Q, d.device)
+        bar = tqdm(total=cfg.steps, initial=step, desc="training", unit="step",
+                   disable=not (cfg.progress and d.is_main), dynamic_ncols=True)
+        interval_start, interval_steps = time.perf_counter(), 0
+        last: Dict[str, Any] = {}
+        last_val: Optional[Dict[str, Any]] = None
+        while step < cfg.steps:
+            position, micro = next(stream)
+            step += 1
+            lr = schedule.step(optimizer)
+            grad_norm = self._train_step(net, model, optimizer, micro, stats)
+            interval_steps += 1
+            bar.update(1)
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                dist_utils.all_reduce_sum(stats.sums, d)
+                elapsed = time.perf_counter() - interval_start
+                last = {"step": step, "epoch": position.epoch, "lr": lr,
+                        "grad_norm": grad_norm, **stats.summary(),
+                        "steps_per_s": interval_steps / elapsed if elapsed > 0 else None}
+                if not math.isfinite(last["loss"]):
+                    raise RuntimeError(f"the training loss is {last['loss']} at step {step}; "
+                                       "lower lr or check the data")
+                bar.set_postfix(loss=f"{last['loss']:.3f}", acc=f"{last['acc']:.3f}",
+                                lr=f"{lr:.2e}")
+                if d.is_main:
+                    _append_metrics(self.out / METRICS_FILE, last)
+                stats = _Stats(Q, d.device)
+                interval_start, interval_steps = time.perf_counter(), 0
+            if self.val_sampler is not None and (step % cfg.val_every == 0 or step == cfg.steps):
+                last_val = {"step": step, **self.validate(model)}
+                if d.is_main:
+                    _append_metrics(self.out / METRICS_FILE, last_val)
+            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                if d.is_main:
+                    save_checkpoint(self.ckpt_dir, step, model, optimizer, {
+                        "scheduler": schedule.state_dict(),
+                        "data": {"epoch": position.epoch, "batches_done": position.batches_done},
+                        "train_config": cfg.to_dict(), "world_size": d.world_size},
+                        keep=cfg.keep_checkpoints)
+                dist_utils.barrier(d)
+        bar.close()
+
+        export = self.out / "model"
+        if d.is_main:
+            model.save_pretrained(export)
+            records = read_metrics(self.out / METRICS_FILE)
+            plot_curves(records, self.out / "curves.png")
+        dist_utils.barrier(d)
+        return {"step": step, "model": str(export), "train": last, "validation": last_val,
+                "out": str(self.out)}
+
+    def _train_step(self, net: torch.nn.Module, model: SoundStorm,
+                    optimizer: torch.optim.Optimizer, micro: List[Batch], stats: _Stats) -> float:
+        cfg, d = self.config, self.dist
+        mask_id = self.model_config.mask_id
+        micro = [b.to(d.device) for b in micro]
+        masked = [sample_mask(b.tokens, b.lengths, b.keys, cfg.seed, mask_id) for b in micro]
+        # The loss is a mean over every masked token of the global batch: count them first.
+        count = torch.stack([m.loss_mask.sum() for m in masked]).sum().to(torch.float64)
+        total = dist_utils.all_reduce_sum(count.reshape(1), d)
+        scale = d.world_size / total.item()   # DDP averages gradients over ranks
+        for i, (b, m) in enumerate(zip(micro, masked)):
+            sync = i == len(micro) - 1
+            ctx = net.no_sync() if d.distributed and not sync else contextlib.nullcontext()
+            with ctx:
+                with torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+                    logits = net(b.semantic, m.inputs, b.lengths, level=m.level)
+                parts = masked_loss(logits, m)
+                (parts.loss_sum.sum() * scale).backward()
+            stats.add(m.level, parts.loss_sum, parts.correct, parts.count)
+        max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return float(grad_norm)
+
+    @torch.no_grad()
+    def validate(self, model: SoundStorm) -> Dict[str, Any]:
+        """Loss and accuracy per level on the validation windows (fixed windows and masks)."""
+        cfg, d = self.config, self.dist
+        sampler = self.val_sampler
+        model.eval()
+        stats = _Stats(self.model_config.num_quantizers, d.device)
+        batches = sampler.global_batches(0)
+        if cfg.val_batches:
+            batches = batches[:cfg.val_batches * d.world_size]
+        dataset = WindowDataset(sampler.corpus)
+        for windows in batches[d.rank::d.world_size]:
+            b = collate([dataset[w] for w in windows]).to(d.device)
+            m = sample_mask(b.tokens, b.lengths, b.keys, cfg.seed + VAL_SEED_OFFSET,
+                            self.model_config.mask_id)
+            with torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+                logits = model(b.semantic, m.inputs, b.lengths, level=m.level)
+            parts = masked_loss(logits, m)
+            stats.add(m.level, parts.loss_sum, parts.correct, parts.count)
+        dist_utils.all_reduce_sum(stats.sums, d)
+        model.train()
+        return stats.summary("val_")
+
+
+def train(config: TrainConfig) -> Dict[str, Any]:
+    """Run (or resume) training as configured; returns a summary. Every rank of a torchrun
+    launch calls this."""
+    trainer = Trainer(config)
+    try:
+        return trainer.run()
+    finally:
+        dist_utils.teardown(trainer.dist)
+
+
+# -- metrics file ---------------------------------------------------------------------
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def _append_metrics(path: Path, record: Dict[str, Any]) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def read_metrics(path: Path) -> List[Dict[str, Any]]:
+    if not Path(path).is_file():
+        return []
+    records = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a line cut short by a kill
+    return records
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """On resume, forget what was logged after the checkpoint (it is about to be redone)."""
+    records = [r for r in read_metrics(path) if r.get("step", 0) <= step]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+    os.replace(tmp, path)
