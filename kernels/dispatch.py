@@ -18,8 +18,8 @@ from soundstorm.kernels.embedding import summed_embedding_reference
 from soundstorm.kernels.resample import masked_resample_reference
 
 # Backends the project knows of, in order of preference for "auto".
-KNOWN_BACKENDS = ("torch",)
-PLANNED_BACKENDS = ("triton", "cpp", "pallas")
+KNOWN_BACKENDS = ("torch", "triton")
+PLANNED_BACKENDS = ("cpp", "pallas")
 
 
 @dataclass(frozen=True)
@@ -41,9 +41,35 @@ TORCH_OPS = Ops(
 )
 
 
+def _triton_usable(device: Optional[torch.device]) -> bool:
+    """Whether the Triton kernels can run on `device` here (without importing them when
+    the answer is plainly no)."""
+    import importlib.util
+    import os
+
+    if importlib.util.find_spec("triton") is None:
+        return False
+    on_cuda = device is not None and torch.device(device).type == "cuda"
+    if on_cuda and torch.cuda.is_available():
+        return True
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 def available_backends(device: Optional[torch.device] = None) -> tuple[str, ...]:
-    """Backends that can run on `device` in this installation, fastest first."""
+    """Backends that can run on `device` in this installation, fastest first (on CPU
+    the interpreted Triton kernels are far slower than torch, so they come last)."""
+    on_cuda = device is not None and torch.device(device).type == "cuda"
+    if _triton_usable(device):
+        return ("triton", "torch") if on_cuda else ("torch", "triton")
     return ("torch",)
+
+
+def _triton_ops(device: Optional[torch.device]) -> Ops:
+    try:
+        from soundstorm.kernels import triton as triton_backend
+    except ImportError as e:
+        raise RuntimeError(f"backend 'triton' is not available: {e}") from e
+    return triton_backend.ops_for(device)
 
 
 def get_ops(backend: str = "auto", device: Optional[torch.device] = None) -> Ops:
@@ -54,6 +80,8 @@ def get_ops(backend: str = "auto", device: Optional[torch.device] = None) -> Ops
         backend = available_backends(device)[0]
     if backend == "torch":
         return TORCH_OPS
+    if backend == "triton":
+        return _triton_ops(device)
     if backend in PLANNED_BACKENDS:
         raise RuntimeError(
             f"backend {backend!r} is not available in this installation; available on "

@@ -1,0 +1,189 @@
+"""Gumbel-perturbed top-k masked resampling (reference: `soundstorm.kernels.resample`).
+
+Two kernels per decoding iteration:
+
+1. `_candidates_kernel`, one program per tile of frames: reads each eligible frame's C
+   logits once, draws the candidate (Gumbel-max over logits / temperature with the
+   counter-based noise, or argmax), and computes its confidence log softmax(logits)[cand]
+   plus the annealed Gumbel noise. Non-eligible frames are never read. On the last
+   iteration of a level (keep all) it writes the tokens directly and is the only kernel.
+2. `_select_kernel`, one program per row: keeps exactly `num_keep[b]` of the most
+   confident candidates by threshold selection - a 32-step bisection on an
+   order-preserving uint32 image of the confidences finds the k-th largest, and a prefix
+   count breaks ties toward the earlier frame, exactly as the reference's stable sort -
+   instead of sorting the row.
+
+Shapes: logits [B, T, C] fp32/fp16/bf16 (last dim contiguous), tokens int64 [B, T],
+eligible bool [B, T], num_keep int64 [B] or None, seeds int64 [B] (on the device: a
+CUDA graph replays with whatever seeds the buffer holds). Returns int64 [B, T].
+
+Memory traffic (paper preset, 30 s = 1500 frames, B = 1, bf16 logits, C = 1024): the
+kernels read the logits once, 3.1 MB, plus O(T) bytes. The reference materialises the
+[B, T, C] hash, uniform and Gumbel tensors in int64/float32 (about ten full passes of
+8-byte elements) and reads the logits three more times: about 0.2 GB per iteration
+(`bench/op_costs.py` has the exact counts).
+
+Confidences equal to the reference's up to float rounding of log-sum-exp; a near-exact
+tie between two frames could then rank differently (never observed in the tests). An
+eligible frame always ranks above a non-eligible one, so exactly k are kept even when a
+confidence is -inf.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+from soundstorm.kernels import rng as rng_ref
+from soundstorm.kernels.triton import rng
+from soundstorm.kernels.triton._launch import check_device, check_float, next_pow2
+
+
+@triton.jit
+def _candidates_kernel(logits_ptr, tokens_ptr, eligible_ptr, seeds_ptr, out_ptr, cand_ptr,
+                       key_ptr, T, C, stride_lb, stride_lt, stride_tb, stride_tt,
+                       stride_eb, stride_ob, stride_ot, tag_candidate, tag_confidence,
+                       temperature, noise_scale,
+                       SAMPLE: tl.constexpr, KEEP_ALL: tl.constexpr, HAS_NOISE: tl.constexpr,
+                       BLOCK_F: tl.constexpr, BLOCK_C: tl.constexpr):
+    b = tl.program_id(1).to(tl.int64)
+    offs_t = tl.program_id(0) * BLOCK_F + tl.arange(0, BLOCK_F)
+    offs_c = tl.arange(0, BLOCK_C)
+    t_ok = offs_t < T
+    eligible = tl.load(eligible_ptr + b * stride_eb + offs_t, mask=t_ok, other=0) != 0
+    # Masked lanes issue no memory traffic: frames that are not eligible cost nothing.
+    lane = eligible[:, None] & (offs_c < C)[None, :]
+    x = tl.load(logits_ptr + b * stride_lb + offs_t[:, None].to(tl.int64) * stride_lt
+                + offs_c[None, :], mask=lane, other=float("-inf")).to(tl.float32)
+    seed = tl.load(seeds_ptr + b)
+    if SAMPLE:
+        fkey = rng.mix32(rng.step_key(seed, tag_candidate) ^ rng.spread(offs_t))
+        noise = rng.to_gumbel(rng.mix32(fkey[:, None] ^ rng.spread(offs_c)[None, :]))
+        # div_rn: the reference divides with IEEE rounding, not by a reciprocal.
+        z = tl.where(lane, tl.div_rn(x, temperature) + noise, float("-inf"))
+        cand = tl.argmax(z, axis=1, tie_break_left=True)
+    else:
+        cand = tl.argmax(x, axis=1, tie_break_left=True)
+    tokens = tl.load(tokens_ptr + b * stride_tb + offs_t * stride_tt, mask=t_ok, other=0)
+    if KEEP_ALL:
+        tl.store(out_ptr + b * stride_ob + offs_t * stride_ot,
+                 tl.where(eligible, cand.to(tl.int64), tokens), mask=t_ok)
+    else:
+        row_max = tl.max(x, axis=1)
+        safe_max = tl.where(eligible, row_max, 0.0)
+        total = tl.sum(tl.exp(x - safe_max[:, None]), axis=1)
+        lse = safe_max + tl.log(tl.where(eligible, total, 1.0))
+        picked = tl.sum(tl.where(offs_c[None, :] == cand[:, None], x, 0.0), axis=1)
+        conf = tl.where(eligible, picked - lse, 0.0)
+        if HAS_NOISE:
+            ckey = rng.mix32(rng.step_key(seed, tag_confidence) ^ rng.spread(offs_t))
+            conf = conf + noise_scale * rng.to_gumbel(ckey)
+        # Order-preserving map float32 -> uint32 (+0.0 first, so -0.0 ties with +0.0).
+        bits = (conf + 0.0).to(tl.uint32, bitcast=True)
+        sign_bit = tl.full(bits.shape, 0x80000000, tl.uint32)
+        all_ones = tl.full(bits.shape, 0xFFFFFFFF, tl.uint32)
+        key = tl.where((bits & sign_bit) != 0, bits ^ all_ones, bits | sign_bit)
+        # 0 is below the image of every float, -inf included: ineligible frames rank last.
+        key = tl.where(eligible, key, tl.zeros_like(key))
+        tl.store(cand_ptr + b * T + offs_t, cand, mask=t_ok)
+        tl.store(key_ptr + b * T + offs_t, key.to(tl.int32, bitcast=True), mask=t_ok)
+
+
+@triton.jit
+def _select_kernel(cand_ptr, key_ptr, tokens_ptr, num_keep_ptr, out_ptr, T,
+                   stride_tb, stride_tt, stride_ob, stride_ot, BLOCK_T: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK_T)
+    ok = offs < T
+    key = tl.load(key_ptr + b * T + offs, mask=ok, other=0).to(tl.uint32, bitcast=True)
+    k = tl.load(num_keep_ptr + b).to(tl.int32)
+    # The largest threshold with at least k keys >= it, one bit at a time from the top.
+    tau = tl.zeros([], tl.uint32)
+    for i in tl.static_range(32):
+        trial = tau | tl.full([], 1 << (31 - i), tl.uint32)
+        count = tl.sum((key >= trial).to(tl.int32), axis=0)
+        tau = tl.where(count >= k, trial, tau)
+    above = key > tau
+    tied = (key == tau) & ok
+    # Among frames tied at the threshold, the earliest ones fill the remaining places.
+    tie_rank = tl.cumsum(tied.to(tl.int32), axis=0)
+    need = k - tl.sum(above.to(tl.int32), axis=0)
+    keep = (above | (tied & (tie_rank <= need))) & (key != 0)
+    cand = tl.load(cand_ptr + b * T + offs, mask=ok, other=0)
+    tokens = tl.load(tokens_ptr + b * stride_tb + offs * stride_tt, mask=ok, other=0)
+    tl.store(out_ptr + b * stride_ob + offs * stride_ot,
+             tl.where(keep, cand.to(tl.int64), tokens), mask=ok)
+
+
+def candidates_config(num_codes: int) -> dict:
+    """Block sizes of `_candidates_kernel` for C codes: a [BLOCK_F, BLOCK_C] tile of about
+    4096 logits (4 frames at C = 1024), so short rows still fill a program."""
+    block_c = next_pow2(num_codes)
+    return dict(BLOCK_C=block_c, BLOCK_F=max(1, 4096 // block_c),
+                num_warps=4 if block_c <= 2048 else 8)
+
+
+def select_config(num_frames: int) -> dict:
+    """The whole row in one tile (T <= max_frames): BLOCK_T = next power of two."""
+    block_t = next_pow2(num_frames)
+    return dict(BLOCK_T=block_t, num_warps=max(1, min(8, block_t // 256)))
+
+
+@triton_op("soundstorm::masked_resample", mutates_args=())
+def masked_resample(logits: torch.Tensor, tokens: torch.Tensor, eligible: torch.Tensor,
+                    num_keep: Optional[torch.Tensor], seeds: torch.Tensor, level: int,
+                    iteration: int, temperature: float, noise_scale: float,
+                    sample: bool) -> torch.Tensor:
+    """Triton version of `masked_resample_reference` (same arguments, same result)."""
+    check_device(logits, "masked_resample")
+    check_float("logits", logits)
+    if logits.ndim != 3:
+        raise ValueError(f"logits must be [B, T, C], got shape {tuple(logits.shape)}")
+    B, T, C = logits.shape
+    if tokens.shape != (B, T) or tokens.dtype != torch.int64:
+        raise ValueError(f"tokens must be int64 [B, T] = [{B}, {T}], got {tokens.dtype} "
+                         f"{tuple(tokens.shape)}")
+    if eligible.shape != (B, T) or eligible.dtype != torch.bool:
+        raise ValueError(f"eligible must be bool [B, T] = [{B}, {T}], got {eligible.dtype} "
+                         f"{tuple(eligible.shape)}")
+    if seeds.shape != (B,) or seeds.dtype != torch.int64:
+        raise ValueError(f"seeds must be int64 [B] = [{B}], got {seeds.dtype} "
+                         f"{tuple(seeds.shape)}")
+    if num_keep is not None and (num_keep.shape != (B,) or num_keep.is_floating_point()):
+        raise ValueError(f"num_keep must be integer [B] = [{B}] or None, got "
+                         f"{num_keep.dtype} {tuple(num_keep.shape)}")
+    if sample and not temperature > 0:
+        raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
+    if logits.stride(2) != 1:
+        logits = logits.contiguous()
+    eligible = eligible.contiguous()
+    out = torch.empty((B, T), dtype=torch.int64, device=logits.device)
+    keep_all = num_keep is None
+    if keep_all:
+        cand = torch.empty((1,), dtype=torch.int32, device=logits.device)
+        key = torch.empty((1,), dtype=torch.int32, device=logits.device)
+    else:
+        cand = torch.empty((B, T), dtype=torch.int32, device=logits.device)
+        key = torch.empty((B, T), dtype=torch.int32, device=logits.device)
+    cfg = candidates_config(C)
+    grid = (triton.cdiv(T, cfg["BLOCK_F"]), B)
+    wrap_triton(_candidates_kernel)[grid](
+        logits, tokens, eligible, seeds, out, cand, key, T, C,
+        logits.stride(0), logits.stride(1), tokens.stride(0), tokens.stride(1),
+        eligible.stride(0), out.stride(0), out.stride(1),
+        rng.tag_key(level, iteration, rng_ref.STREAM_CANDIDATE),
+        rng.tag_key(level, iteration, rng_ref.STREAM_CONFIDENCE),
+        float(temperature) if sample else 1.0, float(noise_scale),
+        SAMPLE=bool(sample), KEEP_ALL=keep_all, HAS_NOISE=float(noise_scale) != 0.0,
+        BLOCK_F=cfg["BLOCK_F"], BLOCK_C=cfg["BLOCK_C"], num_warps=cfg["num_warps"])
+    if keep_all:
+        return out
+    sel = select_config(T)
+    wrap_triton(_select_kernel)[(B,)](
+        cand, key, tokens, num_keep, out, T, tokens.stride(0), tokens.stride(1),
+        out.stride(0), out.stride(1), BLOCK_T=sel["BLOCK_T"], num_warps=sel["num_warps"])
+    return out
