@@ -16,12 +16,13 @@ about float32 accuracy on tensor cores; plain IEEE float32 products spill regist
 Returns [B, H, T, dh] laid out as [B, T, H, dh], so the model's
 `y.transpose(1, 2).reshape(B, T, D)` is free.
 
-Memory traffic (paper preset, 30 s, B = 1, bf16): the kernel reads q, k, v from the QKV
-output and writes the output once (12.3 MB per layer); the scores never leave the chip.
-The reference rotates q and k through chunk/multiply/cat (about eight passes over a
-[B, H, T, dh] tensor each) and copies the output transpose: 27.6 MB more per layer, and
-more again if the attention backend materialises the masked [B, H, T, T] scores
-(`bench/op_costs.py`).
+Memory traffic (paper preset, 30 s, B = 1, bf16; `bench/op_costs.py`): the kernel
+reads q, k, v from the QKV output and writes the output once: 12.3 MB per layer; the
+scores never leave the chip. The reference rotates q and k through half-size
+multiplies, add/sub and cat (nine passes over a [B, H, T, dh] tensor each), then copies
+the output transpose: 73.7 MB even with an ideal flash-style attention inside, 61.4 MB
+(737 MB per forward pass) more, and far more when the attention backend materialises
+the masked [B, H, T, T] scores (72 MB per layer for one bf16 copy).
 """
 
 from __future__ import annotations

@@ -12,10 +12,11 @@ Shapes: h [B, T, 2E] (channels contiguous), dw_weight [E, 1, K], dw_bias [E],
 norm_weight / norm_bias [E], frame_mask bool [B, T] or None; fp32/fp16/bf16, computed in
 float32. Returns [B, T, E] in h's dtype.
 
-Memory traffic (paper preset, 30 s, B = 1, bf16, E = 2048): the kernel reads h
-(12.3 MB) and writes the output (6.1 MB) once per layer. The reference's GLU, mask, pad,
-five multiply-adds, LayerNorm and swish each make a full pass: 104 MB more per layer,
-1.25 GB per forward pass (`bench/op_costs.py`).
+Memory traffic (paper preset, 30 s, B = 1, bf16, E = 2048; `bench/op_costs.py`): the
+kernel reads h (12.3 MB) and writes the output (6.1 MB) once: 18.4 MB per layer. The
+reference's GLU, pad, five multiply-adds, LayerNorm and swish each make a full pass:
+141.3 MB, 122.9 MB (1.47 GB per forward pass) more; with padding, its mask pass adds
+12.3 MB.
 """
 
 from __future__ import annotations

@@ -9,11 +9,12 @@ semantic_table [V, D], acoustic_table [Q * C + 1, D] (fp32/fp16/bf16, rows conti
 Returns [B, T, D] in the tables' dtype. Ids are clamped into their tables, so a bad id
 can never read outside them (the engine rejects bad ids before decoding).
 
-Memory traffic (paper preset, 30 s = 1500 frames, B = 1, bf16): the kernel reads the
-(Q + 1) * T gathered rows (36.9 MB) and writes [B, T, D] once (3.1 MB). The reference
-(embedding + embedding_bag + add, plus the [B, T, Q] row-index arithmetic) writes and
-re-reads two more [B, T, D] tensors: 9.2 MB more per forward pass; a per-level loop of
-Q + 1 lookups and adds would move 73.7 MB more (`bench/op_costs.py`).
+Memory traffic (paper preset, 30 s = 1500 frames, B = 1, bf16; `bench/op_costs.py`):
+the kernel reads the (Q + 1) * T gathered rows (39.9 MB) and writes [B, T, D] once
+(3.1 MB): 43.2 MB per forward pass. The reference (embedding, embedding_bag, add and
+the [B, T, Q] row-index arithmetic) writes and re-reads two more [B, T, D] tensors:
+56.3 MB, 13.1 MB more. A per-level loop of Q + 1 lookups and Q adds, the plain way to
+write it, would move 147 MB more.
 """
 
 from __future__ import annotations
