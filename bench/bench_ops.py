@@ -66,6 +66,8 @@ def make_inputs(cfg: ModelConfig, frames: int, batch: int, dtype: torch.dtype,
             logits, torch.full((B, T), C, dtype=torch.int64, device=device), eligible,
             torch.full((B,), keep, dtype=torch.int64, device=device),
             torch.arange(B, dtype=torch.int64, device=device), 1, 1, 1.0, 1.0 - 1 / 16, True),
+        "residual_norm": (randn(B, T, D), randn(B, T, D), 0.5, randn(D, scale=0.1) + 1,
+                          randn(D, scale=0.1), 1e-5),
     }
 
 

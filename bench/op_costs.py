@@ -111,6 +111,10 @@ def op_costs(config: ModelConfig, frames: int, batch: int = 1, act_bytes: int = 
         ("read the logits once", n_l * act_bytes),
         ("tokens, eligible, seeds; candidates and keys; output", B * T * (3 * INT64 + 1 + 8)),
     ], flops=n_l * ((30 if sample else 0) + 6)))
+    costs.append(OpCost("residual_norm", 4 * config.depth, reference=[
+        ("residual add: read 2, write 1", 3 * act), ("LayerNorm: read, write", 2 * act),
+    ], fused=[("read x and delta", 2 * act), ("write the sum and its norm", 2 * act)],
+        flops=B * T * D * 9))
     return costs
 
 

@@ -16,6 +16,7 @@ from soundstorm.kernels.attention import rotary_attention_reference
 from soundstorm.kernels.conv_module import conv_module_reference
 from soundstorm.kernels.embedding import summed_embedding_reference
 from soundstorm.kernels.resample import masked_resample_reference
+from soundstorm.kernels.residual_norm import residual_norm_reference
 
 # Backends the project knows of, in order of preference for "auto".
 KNOWN_BACKENDS = ("torch", "triton")
@@ -30,6 +31,7 @@ class Ops:
     rotary_attention: Callable[..., torch.Tensor]
     conv_module: Callable[..., torch.Tensor]
     masked_resample: Callable[..., torch.Tensor]
+    residual_norm: Callable[..., tuple] = residual_norm_reference
 
 
 TORCH_OPS = Ops(

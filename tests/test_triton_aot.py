@@ -25,8 +25,8 @@ print(json.dumps({"compiled": compile_all(archs=(80, 90), dtypes=("bf16",)),
                   "traced": traced_kernels()}))
 """
 
-KERNELS = {"summed_embedding", "rotary_attention", "conv_module", "resample_candidates",
-           "resample_candidates_keep_all", "resample_select"}
+KERNELS = {"summed_embedding", "rotary_attention", "conv_module", "residual_norm",
+           "resample_candidates", "resample_candidates_keep_all", "resample_select"}
 SHARED_LIMIT = {"sm_80": 163 * 1024, "sm_90": 227 * 1024}   # opt-in shared memory per block
 
 
@@ -67,4 +67,5 @@ def test_tracing_sees_the_triton_kernels_of_every_op(report):
         "rotary_attention": ["_rotary_attention_kernel"],
         "conv_module": ["_conv_module_kernel"],
         "masked_resample": ["_candidates_kernel", "_select_kernel"],
+        "residual_norm": ["_residual_norm_kernel"],
     }

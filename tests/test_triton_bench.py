@@ -20,7 +20,7 @@ def test_bench_ops_runs_every_op_at_the_tiny_preset():
     rows = bench_ops.run("tiny", seconds=0.4, batch=2, dtype="float32", repeats=1, inner=1,
                          device=str(DEVICE))
     assert [r["op"] for r in rows] == ["summed_embedding", "rotary_attention", "conv_module",
-                                       "masked_resample"]
+                                       "masked_resample", "residual_norm"]
     for r in rows:
         assert r["frames"] == 20 and r["reference_ms"] > 0 and r["triton_ms"] > 0
         assert r["speedup"] > 0 and r["triton_GBps"] > 0
@@ -33,7 +33,8 @@ def _mb(x: float) -> tuple:
 def test_kernel_docstrings_quote_the_analytic_table():
     costs = {c.name: c for c in op_costs.op_costs(ModelConfig.preset("paper"), 1500)}
     modules = {"summed_embedding": "embedding", "rotary_attention": "attention",
-               "conv_module": "conv_module", "masked_resample": "resample"}
+               "conv_module": "conv_module", "masked_resample": "resample",
+               "residual_norm": "residual_norm"}
     for op, module in modules.items():
         doc = importlib.import_module(f"soundstorm.kernels.triton.{module}").__doc__
         c = costs[op]

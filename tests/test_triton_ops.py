@@ -11,7 +11,9 @@ import torch
 from soundstorm.kernels.attention import rotary_attention_reference
 from soundstorm.kernels.conv_module import conv_module_reference
 from soundstorm.kernels.embedding import summed_embedding_reference
-from soundstorm.kernels.triton import conv_module, rotary_attention, summed_embedding
+from soundstorm.kernels.residual_norm import residual_norm_reference
+from soundstorm.kernels.triton import (conv_module, residual_norm, rotary_attention,
+                                       summed_embedding)
 
 
 def ragged_mask(lengths, T):
@@ -132,6 +134,23 @@ def test_conv_module_zeroes_padding_before_the_convolution():
     h2 = h.clone()
     h2[:, 8:] = 1e3
     assert torch.equal(a[:, :8], conv_module(h2, *params, mask)[:, :8])
+
+
+# -- residual + norm ------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,alpha", [((1, 1, 8), 0.5), ((2, 37, 24), 1.0),
+                                         ((3, 5, 130), 0.5)])
+def test_residual_norm_matches_reference(dtype, shape, alpha):
+    g = torch.Generator().manual_seed(shape[1] + shape[2])
+    D = shape[-1]
+    x, delta = (torch.randn(*shape, generator=g).to(DEVICE).to(dtype) for _ in range(2))
+    w = (1 + 0.1 * torch.randn(D, generator=g)).to(DEVICE).to(dtype)
+    b = (0.1 * torch.randn(D, generator=g)).to(DEVICE).to(dtype)
+    y, out = residual_norm(x, delta, alpha, w, b)
+    ref32 = residual_norm_reference(x.float(), delta.float(), alpha, w.float(), b.float())
+    ref_low = residual_norm_reference(x, delta, alpha, w, b)
+    assert_close_to_reference(y, ref32[0], ref_low[0])
+    assert_close_to_reference(out, ref32[1], ref_low[1])
 
 
 # -- errors ---------------------------------------------------------------------------

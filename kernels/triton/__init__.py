@@ -29,6 +29,7 @@ from soundstorm.kernels.triton.attention import rotary_attention
 from soundstorm.kernels.triton.conv_module import conv_module
 from soundstorm.kernels.triton.embedding import summed_embedding
 from soundstorm.kernels.triton.resample import masked_resample
+from soundstorm.kernels.triton.residual_norm import residual_norm
 
 TRITON_OPS = Ops(
     name="triton",
@@ -36,6 +37,7 @@ TRITON_OPS = Ops(
     rotary_attention=rotary_attention,
     conv_module=conv_module,
     masked_resample=masked_resample,
+    residual_norm=residual_norm,
 )
 
 
@@ -48,4 +50,4 @@ def ops_for(device: Optional[torch.device]) -> Ops:
 
 
 __all__ = ["INTERPRET", "TRITON_OPS", "ops_for", "rotary_attention", "conv_module",
-           "summed_embedding", "masked_resample"]
+           "summed_embedding", "masked_resample", "residual_norm"]

@@ -31,9 +31,9 @@ from triton.compiler import ASTSource
 from soundstorm.kernels.triton._launch import INTERPRET
 
 # By module path: the package re-exports ops under the names of some of these modules.
-attention, conv_module, embedding, resample = (
+attention, conv_module, embedding, resample, residual_norm = (
     importlib.import_module(f"soundstorm.kernels.triton.{name}")
-    for name in ("attention", "conv_module", "embedding", "resample"))
+    for name in ("attention", "conv_module", "embedding", "resample", "residual_norm"))
 
 # The paper preset (paper §4.1) at 30 s: kept here as numbers, since kernels never
 # import the engine's config.
@@ -92,6 +92,13 @@ def kernel_specs(dtype: str, shapes: Dict[str, int] = PAPER_SHAPES) -> List[Spec
     specs.append(Spec("conv_module", fn, _sig(fn, {
         "h_ptr": f, "w_ptr": f, "bias_ptr": f, "norm_w_ptr": f, "norm_b_ptr": f,
         "mask_ptr": "*i1", "out_ptr": f, "eps": "fp32"}, ce), ce, cfg["num_warps"]))
+
+    cfg = residual_norm.residual_norm_config(shapes["dim"])
+    ce = {"BLOCK_R": cfg["BLOCK_R"], "BLOCK_D": cfg["BLOCK_D"]}
+    fn = residual_norm._residual_norm_kernel
+    specs.append(Spec("residual_norm", fn, _sig(fn, {
+        "x_ptr": f, "delta_ptr": f, "w_ptr": f, "b_ptr": f, "y_ptr": f, "out_ptr": f,
+        "alpha": "fp32", "eps": "fp32"}, ce), ce, cfg["num_warps"]))
 
     cfg = resample.candidates_config(shapes["codebook"])
     for keep_all in (False, True):

@@ -11,8 +11,8 @@ from typing import Callable, Dict, List
 
 import torch
 
-from soundstorm.kernels.triton import (conv_module, masked_resample, rotary_attention,
-                                       summed_embedding)
+from soundstorm.kernels.triton import (conv_module, masked_resample, residual_norm,
+                                       rotary_attention, summed_embedding)
 
 
 def _cases(mode) -> Dict[str, tuple]:
@@ -34,6 +34,9 @@ def _cases(mode) -> Dict[str, tuple]:
                 torch.randn(B, T, C, **bf), torch.zeros(B, T, dtype=torch.long), mask,
                 torch.ones(B, dtype=torch.long), torch.ones(B, dtype=torch.long),
                 1, 1, 1.0, 0.5, True)),
+            "residual_norm": (residual_norm, (
+                torch.randn(B, T, 32, **bf), torch.randn(B, T, 32, **bf), 0.5,
+                torch.randn(32, **bf), torch.randn(32, **bf), 1e-5)),
         }
 
 
