@@ -57,11 +57,17 @@ def _triton_usable(device: Optional[torch.device]) -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def available_backends(device: Optional[torch.device] = None) -> tuple[str, ...]:
-    """Backends that can run on `device` in this installation, fastest first (on CPU
-    the interpreted Triton kernels are far slower than torch, so they come last)."""
+# The Triton kernels compute in float32 from these storage dtypes.
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def available_backends(device: Optional[torch.device] = None,
+                       dtype: Optional[torch.dtype] = None) -> tuple[str, ...]:
+    """Backends that can run on `device` (with weights and activations of `dtype`, if
+    given) in this installation, fastest first (on CPU the interpreted Triton kernels
+    are far slower than torch, so they come last)."""
     on_cuda = device is not None and torch.device(device).type == "cuda"
-    if _triton_usable(device):
+    if (dtype is None or dtype in TRITON_DTYPES) and _triton_usable(device):
         return ("triton", "torch") if on_cuda else ("torch", "triton")
     return ("torch",)
 
@@ -74,15 +80,20 @@ def _triton_ops(device: Optional[torch.device]) -> Ops:
     return triton_backend.ops_for(device)
 
 
-def get_ops(backend: str = "auto", device: Optional[torch.device] = None) -> Ops:
-    """Resolve a backend name ("auto" = fastest available on `device`) to its ops."""
+def get_ops(backend: str = "auto", device: Optional[torch.device] = None,
+            dtype: Optional[torch.dtype] = None) -> Ops:
+    """Resolve a backend name ("auto" = fastest available on `device` for `dtype`) to
+    its ops."""
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a string, got {backend!r}")
     if backend == "auto":
-        backend = available_backends(device)[0]
+        backend = available_backends(device, dtype)[0]
     if backend == "torch":
         return TORCH_OPS
     if backend == "triton":
+        if dtype is not None and dtype not in TRITON_DTYPES:
+            raise ValueError(f"backend 'triton' runs float32, float16 and bfloat16 models, "
+                             f"got dtype {dtype}; use backend='torch' for {dtype}")
         return _triton_ops(device)
     if backend in PLANNED_BACKENDS:
         raise RuntimeError(

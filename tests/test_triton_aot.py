@@ -31,8 +31,10 @@ SHARED_LIMIT = {"sm_80": 163 * 1024, "sm_90": 227 * 1024}   # opt-in shared memo
 
 
 @pytest.fixture(scope="module")
-def report():
+def report(tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    # A fresh cache: every kernel is really compiled here, not found from an earlier run.
+    env["TRITON_CACHE_DIR"] = str(tmp_path_factory.mktemp("triton-cache"))
     r = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True,
                        env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-4000:]

@@ -28,7 +28,7 @@ the masked [B, H, T, T] scores (72 MB per layer for one bf16 copy).
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 import triton
@@ -37,7 +37,7 @@ from torch.library import triton_op, wrap_triton
 
 from soundstorm.kernels.attention import rotary_tables
 from soundstorm.kernels.triton._launch import (check_device, check_float, dot_in_input_dtype,
-                                               next_pow2)
+                                               is_fake, next_pow2)
 
 
 @triton.jit
@@ -129,6 +129,26 @@ def _rotary_attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, cos_ptr, sin_ptr, mask_
     tl.store(out, acc.to(o_ptr.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
 
 
+_TABLES: Dict[tuple, Tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _tables(q: torch.Tensor, T: int, dh: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The reference's float32 cos/sin tables, kept per (T, dh, device): every layer of
+    every pass reuses them instead of recomputing them (five small launches each)."""
+    if is_fake(q):
+        return rotary_tables(T, dh, q.device, torch.float32)
+    key = (T, dh, q.device)
+    if key not in _TABLES:
+        tables = rotary_tables(T, dh, q.device, torch.float32)
+        # Tensors made during CUDA graph capture belong to the graph's memory pool.
+        if q.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return tables
+        if len(_TABLES) >= 64:
+            _TABLES.clear()
+        _TABLES[key] = tables
+    return _TABLES[key]
+
+
 def attention_config(num_frames: int, head_dim: int, fp32: bool = False) -> dict:
     """128 x 64 query x key tiles (16 x 16 at least: tensor-core products need 16); 64 x 32
     in float32, whose split TF32 products need more registers."""
@@ -156,7 +176,7 @@ def rotary_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         raise ValueError(f"key_mask must be bool [B, T] = [{B}, {T}] or None, got "
                          f"{key_mask.dtype} {tuple(key_mask.shape)}")
     q, k, v = (x if x.stride(3) == 1 else x.contiguous() for x in (q, k, v))
-    cos, sin = rotary_tables(T, dh, q.device, torch.float32)
+    cos, sin = _tables(q, T, dh)
     # [B, T, H, dh] memory, returned as the [B, H, T, dh] view.
     out = torch.empty_strided((B, H, T, dh), (T * H * dh, dh, H * dh, 1), dtype=q.dtype,
                               device=q.device)
