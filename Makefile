@@ -23,6 +23,8 @@ test: setup
 
 bench: setup
 	$(PY) bench/bench_decode.py
+	$(PY) bench/op_costs.py
+	$(PY) bench/bench_ops.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info soundstorm-out .pytest_cache

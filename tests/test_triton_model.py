@@ -47,6 +47,25 @@ def test_logits_match_the_torch_backend(engines, level):
     torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_logits_are_as_close_as_torch_in_that_dtype(dtype):
+    """In half precision the Triton model may be at most twice as far from the float32
+    model as PyTorch is in the same dtype (plus a small margin)."""
+    model = make_model(ModelConfig.preset("tiny"), seed=3, sharpen=20.0)
+    ref32 = Engine(copy.deepcopy(model), device=DEVICE, backend="torch")
+    ref_low = Engine(copy.deepcopy(model), device=DEVICE, dtype=dtype, backend="torch")
+    tri = Engine(copy.deepcopy(model), device=DEVICE, dtype=dtype, backend="triton")
+    cfg = ref32.config
+    semantic = random_semantic(cfg, 2, 10, seed=6).to(DEVICE)
+    tokens = random_codes(cfg, 2, 20, cfg.num_quantizers, seed=7).to(DEVICE)
+    lengths = torch.tensor([20, 13], device=DEVICE)
+    with torch.no_grad():
+        want = ref32.model(semantic, tokens, lengths, level=2)
+        err_torch = (ref_low.model(semantic, tokens, lengths, level=2).float() - want).abs().max()
+        err_triton = (tri.model(semantic, tokens, lengths, level=2).float() - want).abs().max()
+    assert err_triton <= 2 * err_torch + 1e-2, (err_triton, err_torch)
+
+
 @pytest.mark.parametrize("decode", [
     DecodeConfig(steps_per_level=(4, 1, 1, 1), temperature=0.0, gumbel_scale=0.0),
     DecodeConfig(steps_per_level=(3, 2, 1, 1)),   # sampled, with annealed Gumbel noise

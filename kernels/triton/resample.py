@@ -160,7 +160,10 @@ def masked_resample(logits: torch.Tensor, tokens: torch.Tensor, eligible: torch.
         raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
     if logits.stride(2) != 1:
         logits = logits.contiguous()
-    eligible = eligible.contiguous()
+    # The kernels index these [B] and [B, T] tensors with unit strides.
+    eligible, seeds = eligible.contiguous(), seeds.contiguous()
+    if num_keep is not None:
+        num_keep = num_keep.contiguous()
     out = torch.empty((B, T), dtype=torch.int64, device=logits.device)
     keep_all = num_keep is None
     if keep_all:

@@ -69,6 +69,7 @@ def residual_norm(x: torch.Tensor, delta: torch.Tensor, alpha: float, weight: to
     if weight.shape != (D,) or bias.shape != (D,):
         raise ValueError(f"weight and bias must be [D={D}], got {tuple(weight.shape)} and "
                          f"{tuple(bias.shape)}")
+    weight, bias = weight.contiguous(), bias.contiguous()
     x2 = x.reshape(-1, D)
     d2 = delta.reshape(-1, D)
     if x2.stride(1) != 1:
