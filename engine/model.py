@@ -73,7 +73,8 @@ class ConvModule(nn.Module):
     def forward(self, x: torch.Tensor, frame_mask: Optional[torch.Tensor], ops: Ops) -> torch.Tensor:
         return self.body(self.norm(x), frame_mask, ops)
 
-    def body(self, h: torch.Tensor, frame_mask: Optional[torch.Tensor], ops: Ops) -> torch.Tensor:
+    def body(self, h: torch.Tensor, frame_mask: Optional[torch.Tensor],
+             ops: Ops) -> torch.Tensor:
         h = self.pointwise_in(h)
         h = ops.conv_module(h, self.depthwise.weight, self.depthwise.bias,
                             self.inner_norm.weight, self.inner_norm.bias, frame_mask,

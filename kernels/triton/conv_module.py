@@ -98,7 +98,8 @@ def conv_module(h: torch.Tensor, dw_weight: torch.Tensor, dw_bias: torch.Tensor,
                          f"{frame_mask.dtype} {tuple(frame_mask.shape)}")
     if h.stride(2) != 1:
         h = h.contiguous()
-    dw_bias, norm_weight, norm_bias = (p.contiguous() for p in (dw_bias, norm_weight, norm_bias))
+    dw_bias, norm_weight, norm_bias = (p.contiguous()
+                                       for p in (dw_bias, norm_weight, norm_bias))
     mask = frame_mask.contiguous() if frame_mask is not None else h.new_empty((1,), dtype=torch.bool)
     out = torch.empty((B, T, E), dtype=h.dtype, device=h.device)
     cfg = conv_config(E, T)

@@ -23,10 +23,10 @@ sampled iteration of the reference materialises the [B, T, C] hashes, uniforms a
 Gumbel noise in int64/float32 (mix32 alone is ten passes over int64) and re-reads the
 logits in float32: 470 MB, 467 MB more; a greedy one moves 27.6 MB.
 
-Confidences equal to the reference's up to float rounding of log-sum-exp; a near-exact
-tie between two frames could then rank differently (never observed in the tests). An
-eligible frame always ranks above a non-eligible one, so exactly k are kept even when a
-confidence is -inf.
+Confidences equal the reference's up to the float rounding of log-sum-exp, so only two
+frames tied to the last bit could rank differently (the tests compare token for token).
+An eligible frame always ranks above a non-eligible one, so exactly k are kept even when
+a confidence is -inf.
 """
 
 from __future__ import annotations
