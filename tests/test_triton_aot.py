@@ -71,3 +71,12 @@ def test_tracing_sees_the_triton_kernels_of_every_op(report):
         "masked_resample": ["_candidates_kernel", "_select_kernel"],
         "residual_norm": ["_residual_norm_kernel"],
     }
+
+
+def test_kernels_use_plain_pointer_arithmetic():
+    """The kernels index with explicit offsets and masks, never with tl.make_block_ptr."""
+    from pathlib import Path
+
+    sources = Path(__file__).resolve().parents[1].joinpath("kernels", "triton").glob("*.py")
+    for path in sources:
+        assert "make_block_ptr" not in path.read_text(), path.name
