@@ -23,6 +23,8 @@ test: setup
 
 bench: setup
 	$(VENV)/bin/soundstorm bench --preset small --seconds 10
+	$(PY) bench/op_costs.py
+	$(PY) bench/bench_ops.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info soundstorm-out .pytest_cache

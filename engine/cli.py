@@ -313,7 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--init-seed", type=int, default=0, help="with --preset: weight init seed")
     g.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cpu)")
     g.add_argument("--dtype", choices=sorted(DTYPES), help="compute dtype (default float32)")
-    g.add_argument("--backend", default="auto", help="op backend: auto (default) or torch")
+    g.add_argument("--backend", default="auto",
+                   help="op backend: auto (default), torch or triton")
     g.add_argument("--json", action="store_true", help="also print a JSON summary as the last line")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
     g.set_defaults(func=cmd_generate)

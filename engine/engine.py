@@ -87,7 +87,7 @@ class Engine:
             raise ValueError("the model's weights are on the meta device; load real weights "
                              "(SoundStorm.from_pretrained) before building an Engine")
         self.dtype = dtype or torch.float32
-        self.ops = get_ops(backend, self.device)
+        self.ops = get_ops(backend, self.device, self.dtype)
         self.backend = self.ops.name
         self.model = model.to(device=self.device, dtype=self.dtype).eval()
         self.model.ops = self.ops

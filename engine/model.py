@@ -33,7 +33,11 @@ class FeedForward(nn.Module):
         self.down = nn.Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(F.silu(self.up(self.norm(x)), inplace=True))
+        return self.body(self.norm(x))
+
+    def body(self, h: torch.Tensor) -> torch.Tensor:
+        """Everything after the pre-norm (the block fuses that norm with its residual)."""
+        return self.down(F.silu(self.up(h), inplace=True))
 
 
 class RotarySelfAttention(nn.Module):
@@ -45,9 +49,12 @@ class RotarySelfAttention(nn.Module):
         self.out = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, key_mask: Optional[torch.Tensor], ops: Ops) -> torch.Tensor:
-        B, T, D = x.shape
+        return self.body(self.norm(x), key_mask, ops)
+
+    def body(self, h: torch.Tensor, key_mask: Optional[torch.Tensor], ops: Ops) -> torch.Tensor:
+        B, T, D = h.shape
         # [B, T, 3, H, dh] -> three [B, H, T, dh]
-        q, k, v = self.qkv(self.norm(x)).view(B, T, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = self.qkv(h).view(B, T, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
         y = ops.rotary_attention(q, k, v, key_mask)
         return self.out(y.transpose(1, 2).reshape(B, T, D))
 
@@ -64,7 +71,11 @@ class ConvModule(nn.Module):
         self.pointwise_out = nn.Linear(inner, dim)
 
     def forward(self, x: torch.Tensor, frame_mask: Optional[torch.Tensor], ops: Ops) -> torch.Tensor:
-        h = self.pointwise_in(self.norm(x))
+        return self.body(self.norm(x), frame_mask, ops)
+
+    def body(self, h: torch.Tensor, frame_mask: Optional[torch.Tensor],
+             ops: Ops) -> torch.Tensor:
+        h = self.pointwise_in(h)
         h = ops.conv_module(h, self.depthwise.weight, self.depthwise.bias,
                             self.inner_norm.weight, self.inner_norm.bias, frame_mask,
                             self.inner_norm.eps)
@@ -83,11 +94,19 @@ class ConformerBlock(nn.Module):
         self.norm = nn.LayerNorm(config.dim)
 
     def forward(self, x: torch.Tensor, frame_mask: Optional[torch.Tensor], ops: Ops) -> torch.Tensor:
-        x = torch.add(x, self.ff1(x), alpha=0.5)
-        x = x + self.attn(x, frame_mask, ops)
-        x = x + self.conv(x, frame_mask, ops)
-        x = torch.add(x, self.ff2(x), alpha=0.5)
-        return self.norm(x)
+        # Each residual add is fused with the norm that the next sub-module starts with
+        # (`ops.residual_norm` returns the sum and its normalisation).
+        x, h = ops.residual_norm(x, self.ff1(x), 0.5, *_norm_args(self.attn.norm))
+        x, h = ops.residual_norm(x, self.attn.body(h, frame_mask, ops), 1.0,
+                                 *_norm_args(self.conv.norm))
+        x, h = ops.residual_norm(x, self.conv.body(h, frame_mask, ops), 1.0,
+                                 *_norm_args(self.ff2.norm))
+        _, out = ops.residual_norm(x, self.ff2.body(h), 0.5, *_norm_args(self.norm))
+        return out
+
+
+def _norm_args(norm: nn.LayerNorm) -> tuple:
+    return norm.weight, norm.bias, norm.eps
 
 
 class SoundStorm(nn.Module):

@@ -30,6 +30,7 @@ forward pass's activations and the logits, B x T x C float32 (B = 8, T = 1500, C
 from __future__ import annotations
 
 import threading
+import warnings
 from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -221,6 +222,7 @@ class SchedulerStats:
     rows_padded: int = 0     # bucket rows summed over steps
     completed: int = 0
     failed: int = 0
+    fallbacks: int = 0       # passes that failed and were rerun one request at a time
     buckets: Dict[Tuple[int, int], int] = field(default_factory=dict)
 
 
@@ -317,9 +319,13 @@ class Scheduler:
             return 0
         try:
             self._run(active)
-        except Exception:
+        except Exception as error:
             # The pass failed: run each request alone so only the ones that fail on their
-            # own are failed; the others go on.
+            # own are failed; the others go on. Loudly: a pass that keeps failing would
+            # otherwise only show as a slow engine.
+            self.stats.fallbacks += 1
+            warnings.warn(f"a batched decoding pass failed ({error!r}); running its "
+                          f"{len(active)} requests one by one", RuntimeWarning, stacklevel=2)
             for request in active:
                 try:
                     self._run([request])

@@ -16,10 +16,11 @@ from soundstorm.kernels.attention import rotary_attention_reference
 from soundstorm.kernels.conv_module import conv_module_reference
 from soundstorm.kernels.embedding import summed_embedding_reference
 from soundstorm.kernels.resample import masked_resample_reference
+from soundstorm.kernels.residual_norm import residual_norm_reference
 
 # Backends the project knows of, in order of preference for "auto".
-KNOWN_BACKENDS = ("torch",)
-PLANNED_BACKENDS = ("triton", "cpp", "pallas")
+KNOWN_BACKENDS = ("torch", "triton")
+PLANNED_BACKENDS = ("cpp", "pallas")
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,7 @@ class Ops:
     rotary_attention: Callable[..., torch.Tensor]
     conv_module: Callable[..., torch.Tensor]
     masked_resample: Callable[..., torch.Tensor]
+    residual_norm: Callable[..., tuple] = residual_norm_reference
 
 
 TORCH_OPS = Ops(
@@ -41,19 +43,58 @@ TORCH_OPS = Ops(
 )
 
 
-def available_backends(device: Optional[torch.device] = None) -> tuple[str, ...]:
-    """Backends that can run on `device` in this installation, fastest first."""
+def _triton_usable(device: Optional[torch.device]) -> bool:
+    """Whether the Triton kernels can run on `device` here (without importing them when
+    the answer is plainly no)."""
+    import importlib.util
+    import os
+
+    if importlib.util.find_spec("triton") is None:
+        return False
+    on_cuda = device is not None and torch.device(device).type == "cuda"
+    if on_cuda and torch.cuda.is_available():
+        return True
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# The Triton kernels compute in float32 from these storage dtypes.
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def available_backends(device: Optional[torch.device] = None,
+                       dtype: Optional[torch.dtype] = None) -> tuple[str, ...]:
+    """Backends that can run on `device` (with weights and activations of `dtype`, if
+    given) in this installation, fastest first (on CPU the interpreted Triton kernels
+    are far slower than torch, so they come last)."""
+    on_cuda = device is not None and torch.device(device).type == "cuda"
+    if (dtype is None or dtype in TRITON_DTYPES) and _triton_usable(device):
+        return ("triton", "torch") if on_cuda else ("torch", "triton")
     return ("torch",)
 
 
-def get_ops(backend: str = "auto", device: Optional[torch.device] = None) -> Ops:
-    """Resolve a backend name ("auto" = fastest available on `device`) to its ops."""
+def _triton_ops(device: Optional[torch.device]) -> Ops:
+    try:
+        from soundstorm.kernels import triton as triton_backend
+    except ImportError as e:
+        raise RuntimeError(f"backend 'triton' is not available: {e}") from e
+    return triton_backend.ops_for(device)
+
+
+def get_ops(backend: str = "auto", device: Optional[torch.device] = None,
+            dtype: Optional[torch.dtype] = None) -> Ops:
+    """Resolve a backend name ("auto" = fastest available on `device` for `dtype`) to
+    its ops."""
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a string, got {backend!r}")
     if backend == "auto":
-        backend = available_backends(device)[0]
+        backend = available_backends(device, dtype)[0]
     if backend == "torch":
         return TORCH_OPS
+    if backend == "triton":
+        if dtype is not None and dtype not in TRITON_DTYPES:
+            raise ValueError(f"backend 'triton' runs float32, float16 and bfloat16 models, "
+                             f"got dtype {dtype}; use backend='torch' for {dtype}")
+        return _triton_ops(device)
     if backend in PLANNED_BACKENDS:
         raise RuntimeError(
             f"backend {backend!r} is not available in this installation; available on "

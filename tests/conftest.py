@@ -1,5 +1,12 @@
+import os
+
 import pytest
 import torch
+
+# Without a GPU the Triton kernels run in Triton's interpreter, which must be chosen
+# before triton is first imported by anything in this process (tests/_triton_setup.py).
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
 
 from soundstorm.engine import Engine, ModelConfig, SoundStorm
 

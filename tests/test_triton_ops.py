@@ -1,0 +1,169 @@
+"""Triton kernels against their PyTorch references: summed embedding, rotary attention,
+convolution module. Awkward shapes (T = 1, primes, non-powers of two, ragged padding,
+batch 1 and > 1), every dtype (bf16 is loaded, then computed in float32)."""
+
+import _triton_setup  # noqa: F401  (must come first: picks interpreter or GPU)
+from _triton_setup import DEVICE, DTYPES, assert_close_to_reference
+
+import pytest
+import torch
+
+from soundstorm.kernels.attention import rotary_attention_reference
+from soundstorm.kernels.conv_module import conv_module_reference
+from soundstorm.kernels.embedding import summed_embedding_reference
+from soundstorm.kernels.residual_norm import residual_norm_reference
+from soundstorm.kernels.triton import (conv_module, residual_norm, rotary_attention,
+                                       summed_embedding)
+
+
+def ragged_mask(lengths, T):
+    return (torch.arange(T)[None, :] < torch.tensor(lengths)[:, None]).to(DEVICE)
+
+
+# -- summed embedding -----------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,T,Q,C,D,rate", [
+    (1, 1, 1, 5, 8, (1, 2)),        # one frame, one level
+    (2, 37, 3, 11, 24, (1, 2)),     # primes and a non-power-of-two width
+    (3, 20, 4, 7, 130, (2, 3)),     # wider than one tile; a 3:2 rate mapping
+    (1, 13, 12, 16, 64, (1, 1)),    # paper's 12 levels, equal rates
+])
+def test_summed_embedding_matches_reference(dtype, B, T, Q, C, D, rate):
+    g = torch.Generator().manual_seed(T * 7 + Q)
+    num, den = rate
+    S = (T - 1) * num // den + 1
+    V = 9
+    semantic = torch.randint(0, V, (B, S), generator=g).to(DEVICE)
+    tokens = torch.randint(0, C + 1, (B, T, Q), generator=g).to(DEVICE)   # C = MASK
+    sem_table = torch.randn(V, D, generator=g).to(DEVICE)
+    ac_table = torch.randn(Q * C + 1, D, generator=g).to(DEVICE)
+    out = summed_embedding(semantic, tokens, sem_table.to(dtype), ac_table.to(dtype), num, den)
+    ref32 = summed_embedding_reference(semantic, tokens, sem_table.to(dtype).float(),
+                                       ac_table.to(dtype).float(), num, den)
+    ref_low = summed_embedding_reference(semantic, tokens, sem_table.to(dtype),
+                                         ac_table.to(dtype), num, den)
+    assert_close_to_reference(out, ref32, ref_low)
+
+
+def test_summed_embedding_reads_noncontiguous_tokens():
+    g = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, 6, (2, 3, 17), generator=g).transpose(1, 2).to(DEVICE)
+    semantic = torch.randint(0, 4, (2, 9), generator=g).to(DEVICE)
+    st, at = torch.randn(4, 12).to(DEVICE), torch.randn(3 * 5 + 1, 12).to(DEVICE)
+    torch.testing.assert_close(summed_embedding(semantic, tokens, st, at, 1, 2),
+                               summed_embedding_reference(semantic, tokens, st, at, 1, 2))
+
+
+# -- rotary attention -----------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,H,T,dh,lengths", [
+    (1, 1, 1, 16, None),             # a single frame
+    (2, 3, 37, 16, [37, 23]),        # ragged rows, prime length
+    (1, 2, 131, 64, None),           # several query and key blocks, the paper's head dim
+    (3, 1, 70, 24, [70, 1, 65]),     # non-power-of-two head dim; a row with one frame
+])
+def test_rotary_attention_matches_reference(dtype, B, H, T, dh, lengths):
+    g = torch.Generator().manual_seed(T + dh)
+    # As the model passes them: strided views of one fused [B, T, 3, H, dh] projection.
+    qkv = (torch.randn(B, T, 3, H, dh, generator=g) * 2).to(DEVICE).to(dtype)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4)
+    mask = None if lengths is None else ragged_mask(lengths, T)
+    out = rotary_attention(q, k, v, mask)
+    assert out.shape == (B, H, T, dh) and out.transpose(1, 2).is_contiguous()
+    ref32 = rotary_attention_reference(q.float(), k.float(), v.float(), mask)
+    ref_low = rotary_attention_reference(q, k, v, mask)
+    assert_close_to_reference(out, ref32, ref_low)
+
+
+def test_rotary_attention_with_holes_in_the_key_mask():
+    """Any key mask works, not only a prefix: here blocks of 64 keys that are wholly
+    masked (the online softmax must not turn them into NaN)."""
+    g = torch.Generator().manual_seed(5)
+    B, H, T, dh = 2, 2, 150, 16
+    q, k, v = torch.randn(3, B, H, T, dh, generator=g).to(DEVICE)
+    mask = torch.zeros(B, T, dtype=torch.bool)
+    mask[0, 100:130] = True
+    mask[1, ::7] = True
+    mask = mask.to(DEVICE)
+    out = rotary_attention(q.contiguous(), k.contiguous(), v.contiguous(), mask)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, rotary_attention_reference(q, k, v, mask),
+                               atol=2e-5, rtol=1e-4)
+
+
+def test_rotary_attention_ignores_padded_keys():
+    g = torch.Generator().manual_seed(6)
+    q, k, v = torch.randn(3, 1, 2, 40, 16, generator=g).to(DEVICE)
+    mask = ragged_mask([25], 40)
+    a = rotary_attention(q, k, v, mask)
+    k2, v2 = k.clone(), v.clone()
+    k2[:, :, 25:] = 1e4
+    v2[:, :, 25:] = -1e4
+    assert torch.equal(a, rotary_attention(q, k2, v2, mask))
+
+
+# -- convolution module ---------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,T,E,K,lengths", [
+    (1, 1, 8, 5, None),              # one frame: every tap but the centre reads zeros
+    (2, 37, 40, 5, [37, 20]),        # ragged rows, non-power-of-two channels
+    (3, 19, 128, 5, [2, 19, 11]),    # the tiny preset's width
+    (1, 11, 24, 3, [7]),             # another odd kernel size
+])
+def test_conv_module_matches_reference(dtype, B, T, E, K, lengths):
+    g = torch.Generator().manual_seed(T + E)
+    h = torch.randn(B, T, 2 * E, generator=g).to(DEVICE).to(dtype)
+    params = [torch.randn(E, 1, K, generator=g) * 0.5, torch.randn(E, generator=g) * 0.1,
+              1 + 0.1 * torch.randn(E, generator=g), 0.1 * torch.randn(E, generator=g)]
+    params = [p.to(DEVICE).to(dtype) for p in params]
+    mask = None if lengths is None else ragged_mask(lengths, T)
+    out = conv_module(h, *params, mask)
+    ref32 = conv_module_reference(h.float(), *[p.float() for p in params], mask)
+    ref_low = conv_module_reference(h, *params, mask)
+    assert_close_to_reference(out, ref32, ref_low)
+
+
+def test_conv_module_zeroes_padding_before_the_convolution():
+    g = torch.Generator().manual_seed(8)
+    E, T = 16, 12
+    h = torch.randn(1, T, 2 * E, generator=g).to(DEVICE)
+    params = [torch.randn(E, 1, 5, generator=g).to(DEVICE)] + \
+        [torch.randn(E, generator=g).to(DEVICE) for _ in range(3)]
+    mask = ragged_mask([8], T)
+    a = conv_module(h, *params, mask)
+    h2 = h.clone()
+    h2[:, 8:] = 1e3
+    assert torch.equal(a[:, :8], conv_module(h2, *params, mask)[:, :8])
+
+
+# -- residual + norm ------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,alpha", [((1, 1, 8), 0.5), ((2, 37, 24), 1.0),
+                                         ((3, 5, 130), 0.5)])
+def test_residual_norm_matches_reference(dtype, shape, alpha):
+    g = torch.Generator().manual_seed(shape[1] + shape[2])
+    D = shape[-1]
+    x, delta = (torch.randn(*shape, generator=g).to(DEVICE).to(dtype) for _ in range(2))
+    w = (1 + 0.1 * torch.randn(D, generator=g)).to(DEVICE).to(dtype)
+    b = (0.1 * torch.randn(D, generator=g)).to(DEVICE).to(dtype)
+    y, out = residual_norm(x, delta, alpha, w, b)
+    ref32 = residual_norm_reference(x.float(), delta.float(), alpha, w.float(), b.float())
+    ref_low = residual_norm_reference(x, delta, alpha, w, b)
+    assert_close_to_reference(y, ref32[0], ref_low[0])
+    assert_close_to_reference(out, ref32[1], ref_low[1])
+
+
+# -- errors ---------------------------------------------------------------------------
+def test_bad_arguments_raise_clear_errors():
+    x = torch.randn(1, 2, 5, 16).to(DEVICE)
+    with pytest.raises(TypeError, match="q must be float32, float16 or bfloat16"):
+        rotary_attention(x.double(), x.double(), x.double(), None)
+    with pytest.raises(ValueError, match=r"key_mask must be bool \[B, T\] = \[1, 5\]"):
+        rotary_attention(x, x, x, torch.ones(1, 4, dtype=torch.bool, device=DEVICE))
+    with pytest.raises(ValueError, match=r"h must be \[B, T, 2E\]"):
+        conv_module(torch.randn(1, 3, 7).to(DEVICE), torch.randn(3, 1, 5), torch.randn(3),
+                    torch.randn(3), torch.randn(3), None)
+    with pytest.raises(ValueError, match=r"acoustic_table must be \[Q \* C \+ 1, D=4\]"):
+        summed_embedding(torch.zeros(1, 3, dtype=torch.long, device=DEVICE),
+                         torch.zeros(1, 5, 2, dtype=torch.long, device=DEVICE),
+                         torch.randn(3, 4).to(DEVICE), torch.randn(6, 4).to(DEVICE), 1, 2)
