@@ -169,3 +169,28 @@ def test_importing_the_engine_and_codecs_stays_light():
             "print(heavy)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+# -- with the engine ---------------------------------------------------------------------
+def test_engine_output_decodes_and_streams_through_a_codec(tiny_model):
+    """A voice prompt encoded by a codec conditions generation, and the engine's tokens
+    (and each streamed window) decode to audio of frames x hop samples."""
+    from soundstorm.engine import Engine
+
+    cfg = tiny_model.config
+    g = torch.Generator().manual_seed(0)
+    codec = MelRVQCodec(MelRVQConfig(num_quantizers=cfg.num_quantizers,
+                                     codebook_size=cfg.codebook_size, n_mels=20,
+                                     griffin_lim_iters=2),
+                        torch.randn(cfg.num_quantizers, cfg.codebook_size, 20, generator=g))
+    engine = Engine(tiny_model, backend="torch")
+    prompt = codec.encode(torch.from_numpy(tone(220, 22050, 0.3)), 22050)   # [1, 15, Q]
+    semantic = torch.randint(0, cfg.semantic_vocab_size, (1, 40), generator=g)
+    tokens = engine.generate(semantic, prompt=prompt, seed=1)
+    assert torch.equal(tokens[:, :15], prompt)
+    assert codec.decode(tokens).shape == (1, tokens.shape[1] * 320)
+    chunks = list(engine.stream(semantic[0], prompt=prompt[0], seed=1, codec=codec,
+                                window=40, overlap=10))
+    assert len(chunks) > 1
+    for chunk in chunks:
+        assert chunk.audio.shape == (1, chunk.tokens.shape[0] * 320)
