@@ -10,7 +10,7 @@ import soundfile as sf
 import torch
 
 from soundstorm.engine.codecs import CODECS, Codec, load_codec
-from soundstorm.engine.codecs.audio import as_batch, read_audio, resample
+from soundstorm.engine.codecs.audio import as_batch, read_audio, resample, resampled_length
 from soundstorm.engine.codecs.melrvq import MelRVQCodec, MelRVQConfig
 
 
@@ -48,6 +48,18 @@ def test_resample_removes_what_the_new_rate_cannot_hold():
     # of folding it down to 6 kHz.
     y = resample(torch.from_numpy(tone(10_000, 44100, 1.0))[None], 44100, 16000)
     assert np.abs(y[0, 2000:-2000].numpy()).max() < 0.01
+
+
+@pytest.mark.parametrize("n", [1, 3, 5, 7, 100, 101, 22049, 26461])
+@pytest.mark.parametrize("sr_in,sr_out", [(48000, 24000), (22050, 16000), (8000, 24000), (44100, 16000)])
+def test_resampled_length_predicts_the_output_length(n, sr_in, sr_out):
+    assert resample(torch.zeros(1, n), sr_in, sr_out).shape[1] == resampled_length(n, sr_in, sr_out)
+
+
+def test_num_frames_at_another_rate_matches_encode(codec):
+    for n in (1, 441, 7055, 7057, 22050):
+        assert codec.encode(torch.zeros(n), 22050).shape[1] == codec.num_frames(n, 22050)
+    assert codec.num_frames(16000) == 50 and codec.num_frames(16001) == 51
 
 
 def test_resample_same_rate_is_identity():

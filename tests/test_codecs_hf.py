@@ -69,6 +69,7 @@ def test_round_trip_on_speech(codec, speech, encoded):
     n = round(wav.shape[1] * codec.sample_rate / sr)
     assert tokens.dtype == torch.int64
     assert tokens.shape == (2, -(-n // codec.hop_length), codec.num_quantizers)
+    assert tokens.shape[1] == codec.num_frames(wav.shape[1], sr)
     assert tokens.min() >= 0 and tokens.max() < codec.codebook_size
     assert len(tokens.unique()) > 10                     # real, varied ids
     assert audio.dtype == torch.float32 and audio.shape == (2, tokens.shape[1] * codec.hop_length)

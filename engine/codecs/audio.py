@@ -58,10 +58,16 @@ def check_rate(sr: Any, name: str = "sr") -> int:
     return int(sr)
 
 
+def resampled_length(num_samples: int, sr_in: int, sr_out: int) -> int:
+    """Length of `resample` output: num_samples * sr_out / sr_in, halves rounded up
+    (as soxr does), in exact integer arithmetic."""
+    return (2 * num_samples * sr_out + sr_in) // (2 * sr_in)
+
+
 def resample(wav: torch.Tensor, sr_in: int, sr_out: int) -> torch.Tensor:
     """Band-limited sample-rate conversion with soxr.
 
-    wav: float32 [B, N] at `sr_in`. Returns float32 [B, round(N * sr_out / sr_in)].
+    wav: float32 [B, N] at `sr_in`. Returns float32 [B, resampled_length(N, sr_in, sr_out)].
     """
     sr_in, sr_out = check_rate(sr_in, "sr_in"), check_rate(sr_out, "sr_out")
     if sr_in == sr_out:

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
-from soundstorm.engine.codecs.audio import as_batch, check_rate, resample
+from soundstorm.engine.codecs.audio import as_batch, check_rate, resample, resampled_length
 
 
 class Codec(ABC):
@@ -53,8 +53,11 @@ class Codec(ABC):
         """Token frames per second (50.0 for 320-sample frames at 16 kHz; 12.5 for Mimi)."""
         return self.sample_rate / self.hop_length
 
-    def num_frames(self, num_samples: int) -> int:
-        """Frames that `encode` makes of `num_samples` samples at `sample_rate`."""
+    def num_frames(self, num_samples: int, sr: Optional[int] = None) -> int:
+        """Frames that `encode` makes of `num_samples` samples at `sr` (default:
+        `sample_rate`)."""
+        if sr is not None:
+            num_samples = resampled_length(num_samples, check_rate(sr, "sr"), self.sample_rate)
         return math.ceil(num_samples / self.hop_length)
 
     # -- public API -------------------------------------------------------------------
@@ -63,7 +66,9 @@ class Codec(ABC):
         """Waveform -> tokens.
 
         wav: float [N] or [B, N] (torch or numpy) at `sr` Hz; resampled with soxr when
-             `sr != sample_rate`.
+             `sr != sample_rate`. Clips of different lengths go in zero-padded to the
+             longest; each row is encoded on its own, so cut a row's tokens to
+             `num_frames(its length, sr)` afterwards.
         Returns int64 [B, T, Q], T = ceil(N' / hop_length) with N' the length at
         `sample_rate`.
         """
