@@ -127,6 +127,15 @@ def test_fit_is_seeded_and_takes_arrays_or_files(corpus, tmp_path):
     assert not torch.equal(a.codebooks, c.codebooks)
 
 
+def test_fit_keeps_a_random_subset_of_a_long_corpus(corpus, tmp_path):
+    kw = dict(num_quantizers=1, codebook_size=8, iterations=2, progress=False)
+    a = fit_melrvq(corpus[1:], tmp_path / "a", max_frames=300, **kw)
+    b = fit_melrvq(corpus[1:], tmp_path / "b", max_frames=300, **kw)
+    assert torch.equal(a.codebooks, b.codebooks)
+    with pytest.raises(ValueError, match="max_frames=4 must be at least codebook_size=8"):
+        fit_melrvq(corpus[1:2], tmp_path / "c", max_frames=4, **kw)
+
+
 def test_fit_other_rates_and_sizes(corpus, tmp_path):
     codec = fit_melrvq(corpus[1:3], tmp_path / "c24", num_quantizers=3, codebook_size=8,
                        iterations=3, progress=False, sample_rate=24000, n_mels=64, n_fft=1920)

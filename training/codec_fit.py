@@ -42,19 +42,39 @@ def fit_melrvq(audio: Iterable[Any], out_dir: Any, num_quantizers: int = 8,
     for name, value in (("iterations", iterations), ("max_frames", max_frames)):
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if max_frames < cfg.codebook_size:
+        raise ValueError(f"max_frames={max_frames} must be at least codebook_size="
+                         f"{cfg.codebook_size}")
     # A codec with no codebooks yet, for its feature extractor.
     extractor = MelRVQCodec(cfg, torch.zeros(cfg.num_quantizers, cfg.codebook_size, cfg.n_mels))
-    features = [extractor.log_mel(clip)[0] for clip in _clips(audio, cfg.sample_rate, progress)]
-    if not features:
+    g = torch.Generator().manual_seed(seed)
+    # A uniform random subset of at most max_frames frames, kept while reading so that a
+    # long corpus never sits in memory whole: every frame gets a random key and the
+    # max_frames smallest keys stay.
+    frames, keys = [torch.empty(0, cfg.n_mels)], [torch.empty(0)]
+    held, total, clips = 0, 0, 0
+
+    def compact():
+        f, k = torch.cat(frames), torch.cat(keys)
+        if len(f) > max_frames:
+            keep = k.topk(max_frames, largest=False).indices
+            f, k = f[keep], k[keep]
+        return [f], [k], len(f)
+
+    for clip in _clips(audio, cfg.sample_rate, progress):
+        feats = extractor.log_mel(clip)[0]
+        frames.append(feats)
+        keys.append(torch.rand(len(feats), generator=g))
+        held, total, clips = held + len(feats), total + len(feats), clips + 1
+        if held > 2 * max_frames:  # compact now and then, not per clip: cheap for short clips
+            frames, keys, held = compact()
+    frames = compact()[0][0]
+    if clips == 0:
         raise ValueError("audio is empty: fit_melrvq needs at least one clip")
-    frames = torch.cat(features)
-    if frames.shape[0] < cfg.codebook_size:
-        raise ValueError(f"audio has {frames.shape[0]} frames ({frames.shape[0] / cfg.frame_rate:.1f} s), "
+    if total < cfg.codebook_size:
+        raise ValueError(f"audio has {total} frames ({total / cfg.frame_rate:.1f} s), "
                          f"fewer than codebook_size={cfg.codebook_size}: give more audio or a "
                          f"smaller codebook")
-    g = torch.Generator().manual_seed(seed)
-    if frames.shape[0] > max_frames:
-        frames = frames[torch.randperm(frames.shape[0], generator=g)[:max_frames]]
 
     codebooks = []
     residual = frames.clone()
