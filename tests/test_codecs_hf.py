@@ -112,6 +112,20 @@ def test_weights_load_from_a_local_directory(codec, speech, encoded, tmp_path):
     torch.testing.assert_close(loaded.decode(tokens), audio)
 
 
+def test_weights_missing_from_the_checkpoint_are_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    dac = load_codec("dac", random_init=True, config=SMALL["dac"])
+    dac.model.save_pretrained(tmp_path / "dac")
+    weights = next((tmp_path / "dac").glob("*.safetensors"))
+    state = load_file(str(weights))
+    dropped = sorted(state)[0]
+    del state[dropped]
+    save_file(state, str(weights), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="lack 1 of the model's parameters"):
+        load_codec("dac", path=tmp_path / "dac")
+
+
 def test_a_directory_of_another_model_is_refused(tmp_path):
     dac = load_codec("dac", random_init=True, config=SMALL["dac"])
     dac.model.save_pretrained(tmp_path / "dac")

@@ -38,16 +38,26 @@ def load_hf_model(codec: str, model_type: str, repo_id: str, path: Any, random_i
         if config is not None and not isinstance(config, dict):
             raise TypeError(f"config must be a dict of {config_cls.__name__} fields, "
                             f"got {type(config).__name__}")
-        torch.manual_seed(seed)
-        model = model_cls(config_cls(**(config or {})))
+        with torch.random.fork_rng(devices=[]):  # seeded, without touching the caller's RNG
+            torch.manual_seed(seed)
+            model = model_cls(config_cls(**(config or {})))
         _randomize_empty_codebooks(model, seed)
     else:
         if config is not None:
             raise ValueError(f"load_codec({codec!r}): config= overrides apply only with "
                              f"random_init=True; a weights directory brings its own config.json")
         directory = _check_directory(codec, model_type, repo_id, path)
-        model = model_cls.from_pretrained(str(directory), local_files_only=True,
-                                          use_safetensors=True)
+        model, info = model_cls.from_pretrained(str(directory), local_files_only=True,
+                                                use_safetensors=True, output_loading_info=True)
+        # transformers fills weights missing from a checkpoint with random values and only
+        # logs it; a codec with random layers would silently make noise, so refuse it.
+        # (Buffers are exempt: some are derived from the config rather than stored.)
+        params = {n for n, _ in model.named_parameters()}
+        missing = sorted(k for k in info.get("missing_keys", ()) if k in params)
+        if missing:
+            raise ValueError(f"{codec} weights in {str(directory)!r} lack {len(missing)} of the "
+                             f"model's parameters (first: {missing[0]!r}); is it a checkpoint "
+                             f"of a different model or size? {how_to_get(repo_id, directory)}")
     return model.to(device).eval()
 
 
