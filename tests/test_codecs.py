@@ -95,6 +95,15 @@ def test_encode_decode_shapes_and_lengths(codec):
         assert wav.dtype == torch.float32 and wav.shape == (1, tokens.shape[1] * 320)
 
 
+def test_batches_encode_row_by_row(codec):
+    g = torch.Generator().manual_seed(0)
+    wav = 0.1 * torch.randn(2, 3200, generator=g)
+    tokens = codec.encode(wav, 16000)
+    assert tokens.shape == (2, 10, 3)
+    assert torch.equal(tokens[1:], codec.encode(wav[1], 16000))
+    assert codec.decode(tokens).shape == (2, 3200)
+
+
 def test_encode_resamples_other_rates(codec):
     x = torch.from_numpy(tone(300, 22050, 1.0))
     tokens = codec.encode(x, 22050)

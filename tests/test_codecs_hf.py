@@ -145,6 +145,11 @@ def test_random_init_is_seeded(speech):
     a = load_codec("dac", random_init=True, config=SMALL["dac"], seed=3).encode(wav[:, :4000], sr)
     b = load_codec("dac", random_init=True, config=SMALL["dac"], seed=3).encode(wav[:, :4000], sr)
     assert torch.equal(a, b)
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    load_codec("dac", random_init=True, config=SMALL["dac"], seed=3)
+    assert torch.equal(torch.rand(3), expected)          # the caller's RNG is left alone
 
 
 @pytest.mark.parametrize("bandwidth,levels", [(1.5, 2), (3.0, 4), (6.0, 8), (12.0, 16), (24.0, 32)])
