@@ -7,6 +7,10 @@ PY     := $(VENV)/bin/python
 .PHONY: setup run test bench clean
 
 $(VENV)/.installed: pyproject.toml setup.py
+	@# espeak-ng speaks the test speech; without it those tests are skipped (with a reason).
+	@command -v espeak-ng >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+		&& apt-get update -qq && apt-get install -y -qq espeak-ng >/dev/null; } \
+		|| echo "note: espeak-ng is not installed; the speech tests will be skipped"
 	$(PYTHON) -m venv $(VENV)
 	# The CPU build of torch first: letting the resolver pick torch pulls a CUDA build.
 	$(PY) -m pip install -q torch==2.13.0

@@ -1,0 +1,124 @@
+"""Loading `transformers` codec models from a local directory, or with random weights.
+
+Weights come only from a local directory in the usual Hugging Face layout
+(`config.json` + `*.safetensors`); nothing is downloaded at run time and nothing is
+unpickled. Random weights exist for tests and must be asked for with `random_init=True`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from soundstorm.engine.codecs.audio import require
+
+
+def load_hf_model(codec: str, model_type: str, repo_id: str, path: Any, random_init: bool,
+                  config: Optional[dict], device: Any, seed: int = 0):
+    """Build a `transformers` audio-codec model in eval mode on `device`.
+
+    codec:      our name for it ("encodec", "dac", "mimi"), for messages.
+    model_type: the `model_type` a matching config.json declares ("encodec", "dac", "mimi").
+    repo_id:    where the official weights live, for the how-to-get-them message.
+    path:       local directory with config.json + *.safetensors (ignored with random_init).
+    config:     with random_init, overrides of the default config (e.g. a small model).
+    """
+    transformers = require("transformers")
+
+    classes = {"encodec": ("EncodecModel", "EncodecConfig"), "dac": ("DacModel", "DacConfig"),
+               "mimi": ("MimiModel", "MimiConfig")}[model_type]
+    model_cls, config_cls = (getattr(transformers, n) for n in classes)
+    if random_init:
+        if path is not None:
+            raise ValueError(f"load_codec({codec!r}): pass either path=... (trained weights) "
+                             f"or random_init=True (random weights, for tests), not both")
+        if config is not None and not isinstance(config, dict):
+            raise TypeError(f"config must be a dict of {config_cls.__name__} fields, "
+                            f"got {type(config).__name__}")
+        with torch.random.fork_rng(devices=[]):  # seeded, without touching the caller's RNG
+            torch.manual_seed(seed)
+            model = model_cls(config_cls(**(config or {})))
+        _randomize_empty_codebooks(model, seed)
+    else:
+        if config is not None:
+            raise ValueError(f"load_codec({codec!r}): config= overrides apply only with "
+                             f"random_init=True; a weights directory brings its own config.json")
+        directory = _check_directory(codec, model_type, repo_id, path)
+        model, info = model_cls.from_pretrained(str(directory), local_files_only=True,
+                                                use_safetensors=True, output_loading_info=True)
+        # transformers fills weights missing from a checkpoint with random values and only
+        # logs it; a codec with random layers would silently make noise, so refuse it.
+        # (Buffers are exempt: some are derived from the config rather than stored.)
+        params = {n for n, _ in model.named_parameters()}
+        missing = sorted(k for k in info.get("missing_keys", ()) if k in params)
+        if missing:
+            raise ValueError(f"{codec} weights in {str(directory)!r} lack {len(missing)} of the "
+                             f"model's parameters (first: {missing[0]!r}); is it a checkpoint "
+                             f"of a different model or size? {how_to_get(repo_id, directory)}")
+    return model.to(device).eval()
+
+
+def how_to_get(repo_id: str, directory: Any = "DIR") -> str:
+    return (f"download the weights once with `hf download {repo_id} --local-dir {directory}` "
+            f"(huggingface_hub; older versions: `huggingface-cli download ...`) and pass "
+            f"path={str(directory)!r}")
+
+
+def _check_directory(codec: str, model_type: str, repo_id: str, path: Any) -> Path:
+    if path is None:
+        raise ValueError(f"load_codec({codec!r}) needs path=DIR, a local directory with the "
+                         f"model's config.json and *.safetensors: {how_to_get(repo_id)}; "
+                         f"or random_init=True for random weights (tests only)")
+    directory = Path(path)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{codec} weights directory {str(directory)!r} does not exist: "
+                                f"{how_to_get(repo_id, directory)}")
+    config_file = directory / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{codec} weights directory {str(directory)!r} has no "
+                                f"config.json: {how_to_get(repo_id, directory)}")
+    if not any(directory.glob("*.safetensors")):
+        raise FileNotFoundError(f"{codec} weights directory {str(directory)!r} has no "
+                                f"*.safetensors file (pickled checkpoints are not loaded): "
+                                f"{how_to_get(repo_id, directory)}")
+    try:
+        declared = json.loads(config_file.read_text()).get("model_type")
+    except (json.JSONDecodeError, AttributeError) as e:
+        raise ValueError(f"{config_file} is not a JSON object: {e}") from None
+    if declared != model_type:
+        raise ValueError(f"{config_file} declares model_type={declared!r}, but the {codec} "
+                         f"codec needs model_type={model_type!r}")
+    return directory
+
+
+def _randomize_empty_codebooks(model: torch.nn.Module, seed: int) -> None:
+    # EnCodec and Mimi initialise their k-means codebooks to zeros (trained checkpoints
+    # overwrite them): every vector would map to id 0. Random codewords make a random
+    # model's ids spread over the codebook, so tests see real, varied tokens. Where the
+    # latents are known (`_latent_stats`), codewords are drawn at their scale, as the
+    # codecs' own training seeds codebooks from the first batch.
+    g = torch.Generator().manual_seed(seed)
+    stats = _latent_stats(model, g)
+    first = True
+    for name, buf in model.named_buffers():
+        if name.split(".")[-1] in ("embed", "embed_sum") and not buf.any():
+            noise = torch.randn(buf.shape, generator=g)
+            if stats is not None and stats[0].shape[-1] == buf.shape[-1]:
+                mean, std = stats
+                noise = noise * std + (mean if first else 0.0)
+                first = False
+            buf.copy_(noise)
+
+
+def _latent_stats(model: torch.nn.Module, g: torch.Generator):
+    """Per-channel mean and std [D] of EnCodec's encoder latents on a second of noise;
+    None for other models."""
+    if type(model).__name__ != "EncodecModel":
+        return None
+    sr = model.config.sampling_rate
+    with torch.no_grad():
+        z = model.encoder(0.1 * torch.randn(1, 1, sr, generator=g))[0].T  # [frames, D]
+    return z.mean(0), z.std(0).clamp(min=1e-6)

@@ -1,0 +1,158 @@
+"""Fitting the built-in `melrvq` codec: residual k-means on log-mel frames of a corpus.
+
+    from soundstorm.training.codec_fit import fit_melrvq
+    codec = fit_melrvq(sorted(Path("corpus").glob("*.wav")), "codecs/melrvq",
+                       num_quantizers=8, codebook_size=256)
+    # later: soundstorm.engine.codecs.load_codec("melrvq", path="codecs/melrvq")
+
+Level 1 is k-means on the frames themselves, level q on what levels < q leave over, so
+the reconstruction error falls with every level added. Seeded: the same audio, settings
+and seed give the same codebooks.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from soundstorm.engine.codecs.audio import as_batch, check_rate, read_audio, resample
+from soundstorm.engine.codecs.melrvq import MelRVQCodec, MelRVQConfig, nearest
+
+
+def fit_melrvq(audio: Iterable[Any], out_dir: Any, num_quantizers: int = 8,
+               codebook_size: int = 256, iterations: int = 25, seed: int = 0,
+               max_frames: int = 200_000, progress: bool = True,
+               **config: Any) -> MelRVQCodec:
+    """Fit a melrvq codec on `audio` and save it to `out_dir`.
+
+    audio:          sound-file paths (any rate, mixed to mono) and/or (samples, rate)
+                    pairs with float samples [N].
+    num_quantizers: Q, RVQ levels.
+    codebook_size:  C, codewords per level; the corpus needs at least C frames (C / 50 s).
+    iterations:     Lloyd iterations of k-means per level.
+    max_frames:     frames kept (a seeded random subset) when the corpus has more.
+    config:         other MelRVQConfig fields (sample_rate=16000, n_mels=80, ...).
+    Returns the fitted codec, already saved.
+    """
+    cfg = MelRVQConfig(num_quantizers=num_quantizers, codebook_size=codebook_size, **config)
+    for name, value in (("iterations", iterations), ("max_frames", max_frames)):
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if max_frames < cfg.codebook_size:
+        raise ValueError(f"max_frames={max_frames} must be at least codebook_size="
+                         f"{cfg.codebook_size}")
+    # A codec with no codebooks yet, for its feature extractor.
+    extractor = MelRVQCodec(cfg, torch.zeros(cfg.num_quantizers, cfg.codebook_size, cfg.n_mels))
+    g = torch.Generator().manual_seed(seed)
+    # A uniform random subset of at most max_frames frames, kept while reading so that a
+    # long corpus never sits in memory whole: every frame gets a random key and the
+    # max_frames smallest keys stay.
+    frames, keys = [torch.empty(0, cfg.n_mels)], [torch.empty(0)]
+    held, total, clips = 0, 0, 0
+
+    def compact():
+        f, k = torch.cat(frames), torch.cat(keys)
+        if len(f) > max_frames:
+            keep = k.topk(max_frames, largest=False).indices
+            f, k = f[keep], k[keep]
+        return [f], [k], len(f)
+
+    for clip in _clips(audio, cfg.sample_rate, progress):
+        feats = extractor.log_mel(clip)[0]
+        frames.append(feats)
+        keys.append(torch.rand(len(feats), generator=g))
+        held, total, clips = held + len(feats), total + len(feats), clips + 1
+        if held > 2 * max_frames:  # compact now and then, not per clip: cheap for short clips
+            frames, keys, held = compact()
+    frames = compact()[0][0]
+    if clips == 0:
+        raise ValueError("audio is empty: fit_melrvq needs at least one clip")
+    if total < cfg.codebook_size:
+        raise ValueError(f"audio has {total} frames ({total / cfg.frame_rate:.1f} s), "
+                         f"fewer than codebook_size={cfg.codebook_size}: give more audio or a "
+                         f"smaller codebook")
+
+    codebooks = []
+    residual = frames.clone()
+    bar = tqdm(total=cfg.num_quantizers * iterations, desc="melrvq k-means", unit="iter",
+               disable=not progress)
+    for level in range(cfg.num_quantizers):
+        codebook = kmeans(residual, cfg.codebook_size, iterations, g, bar)
+        residual = residual - codebook[nearest(residual, codebook)]
+        codebooks.append(codebook)
+        bar.set_postfix(level=level + 1, residual_mse=f"{residual.pow(2).mean().item():.4f}")
+    bar.close()
+    codec = MelRVQCodec(cfg, torch.stack(codebooks))
+    codec.save(out_dir)
+    return codec
+
+
+def kmeans(x: torch.Tensor, k: int, iterations: int, generator: torch.Generator,
+           bar: Optional[Any] = None) -> torch.Tensor:
+    """Lloyd's k-means with k-means++ seeding.
+
+    x: float32 [N, D] with N >= k. Returns float32 [k, D]. An emptied cluster is moved to
+    the point worst served by the current centroids, so every codeword stays in use.
+    """
+    centroids = _kmeans_pp(x, k, generator)
+    for _ in range(iterations):
+        assign = nearest(x, centroids)
+        counts = torch.bincount(assign, minlength=k)
+        sums = torch.zeros_like(centroids).index_add_(0, assign, x)
+        centroids = sums / counts.clamp(min=1)[:, None].to(x.dtype)
+        empty = (counts == 0).nonzero().flatten()
+        if len(empty):
+            err = (x - centroids[assign]).pow(2).sum(1)
+            centroids[empty] = x[err.topk(len(empty)).indices]
+        if bar is not None:
+            bar.update(1)
+    return centroids
+
+
+def _kmeans_pp(x: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
+    # k-means++ (Arthur & Vassilvitskii, 2007): each new centre drawn with probability
+    # proportional to the squared distance to the nearest centre so far.
+    n = x.shape[0]
+    centroids = torch.empty(k, x.shape[1], dtype=x.dtype)
+    centroids[0] = x[torch.randint(n, (1,), generator=generator)]
+    d2 = (x - centroids[0]).pow(2).sum(1)
+    for i in range(1, k):
+        total = d2.sum()
+        if total <= 0:  # fewer distinct points than k: repeat points, Lloyd moves them apart
+            idx = torch.randint(n, (1,), generator=generator)
+        else:
+            idx = torch.multinomial(d2 / total, 1, generator=generator)
+        centroids[i] = x[idx]
+        d2 = torch.minimum(d2, (x - centroids[i]).pow(2).sum(1))
+    return centroids
+
+
+def _clips(audio: Iterable[Any], sample_rate: int, progress: bool):
+    if isinstance(audio, (str, Path)) or (isinstance(audio, tuple) and len(audio) == 2
+                                          and not isinstance(audio[0], (str, Path, tuple))):
+        raise TypeError("audio must be a list of sound-file paths or (samples, rate) pairs, "
+                        f"got a single {type(audio).__name__}; wrap it in a list")
+    items = list(audio)
+    for i, item in enumerate(tqdm(items, desc="melrvq features", unit="clip", disable=not progress)):
+        if isinstance(item, (str, Path)):
+            samples, _ = read_audio(item, sample_rate)
+            clip = torch.from_numpy(samples)[None]
+        elif isinstance(item, tuple) and len(item) == 2:
+            samples, rate = item
+            clip = as_batch(samples, f"audio[{i}] samples")
+            if clip.shape[0] != 1:
+                raise ValueError(f"audio[{i}] samples must be one mono clip [N], got shape "
+                                 f"{tuple(np.shape(samples))}")
+            clip = resample(clip, check_rate(rate, f"audio[{i}] rate"), sample_rate)
+        else:
+            raise TypeError(f"audio[{i}] must be a sound-file path or a (samples, rate) pair, "
+                            f"got {type(item).__name__}")
+        if clip.shape[1] > 0:
+            yield clip
+
+
+__all__ = ["fit_melrvq", "kmeans"]
