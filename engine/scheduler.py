@@ -19,8 +19,8 @@ model ignores padding and every random number is keyed by (seed, level, iteratio
 a request's tokens do not depend on its batch companions, its bucket or when it arrived.
 
 Bucket policy: batch sizes are powers of two up to `max_batch`; lengths are 64 frames
-doubled up to `max_frames` (plus `max_frames` itself). A request of T frames pads to less
-than twice its length. On CUDA every bucket holds static buffers and, after a warm-up
+doubled up to 256, then every 256 frames up to `max_frames` (for 1500: 64, 128, 256, 512,
+768, 1024, 1280, 1500). A batch pads to its longest row, rounded up to the next length. On CUDA every bucket holds static buffers and, after a warm-up
 step, a CUDA graph of its step; the memory a bucket costs is its buffers (tokens
 B x T x Q int64, semantic ids, per-row parameters) plus the graph's pool, dominated by the
 forward pass's activations and the logits, B x T x C float32 (B = 8, T = 1500, C = 1024:
@@ -55,12 +55,18 @@ def batch_buckets(max_batch: int) -> Tuple[int, ...]:
     return tuple(sizes + [max_batch])
 
 
-def length_buckets(max_frames: int, smallest: int = 64) -> Tuple[int, ...]:
+def length_buckets(max_frames: int, smallest: int = 64, step: int = 256) -> Tuple[int, ...]:
+    """`smallest` doubled up to `step`, then every `step` frames, then `max_frames`: short
+    requests pad to less than twice their length, long ones by less than `step` frames."""
     sizes, t = [], smallest
-    while t < max_frames:
+    while t < min(step, max_frames):
         sizes.append(t)
         t *= 2
-    return tuple(sizes + [max_frames])
+    t = step
+    while t < max_frames:
+        sizes.append(t)
+        t += step
+    return tuple(sorted(set(sizes))) + (max_frames,)
 
 
 def smallest_fit(buckets: Tuple[int, ...], n: int) -> int:

@@ -46,8 +46,9 @@ def alone(engine, r):
 def test_buckets():
     assert batch_buckets(8) == (1, 2, 4, 8) and batch_buckets(6) == (1, 2, 4, 6)
     assert batch_buckets(1) == (1,)
-    assert length_buckets(1500) == (64, 128, 256, 512, 1024, 1500)
+    assert length_buckets(1500) == (64, 128, 256, 512, 768, 1024, 1280, 1500)
     assert length_buckets(256) == (64, 128, 256) and length_buckets(50) == (50,)
+    assert length_buckets(300) == (64, 128, 256, 300)
 
 
 def test_generate_equals_the_reference_decoder_on_ragged_batches(engine, tiny_config):
