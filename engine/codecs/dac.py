@@ -12,13 +12,13 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 
-from soundstorm.engine.codecs.base import Codec, check_levels
-from soundstorm.engine.codecs.hf import load_hf_model
+from soundstorm.engine.codecs.base import check_levels
+from soundstorm.engine.codecs.hf import HFCodec, load_hf_model
 
 REPO_ID = "descript/dac_16khz"
 
 
-class DacCodec(Codec):
+class DacCodec(HFCodec):
     """DAC tokens [B, T, Q] at sample_rate / hop_length frames/s (50 Hz for 16 kHz)."""
 
     name = "dac"
@@ -30,22 +30,6 @@ class DacCodec(Codec):
         total = int(self.model.config.n_codebooks)
         self._q = check_levels(num_quantizers, total, "dac")
         self.device = next(self.model.parameters()).device
-
-    @property
-    def sample_rate(self) -> int:
-        return int(self.model.config.sampling_rate)
-
-    @property
-    def hop_length(self) -> int:
-        return int(self.model.config.hop_length)
-
-    @property
-    def num_quantizers(self) -> int:
-        return self._q
-
-    @property
-    def codebook_size(self) -> int:
-        return int(self.model.config.codebook_size)
 
     def _encode(self, wav: torch.Tensor) -> torch.Tensor:
         # DAC's strided encoder drops a trailing partial frame: pad to whole frames so

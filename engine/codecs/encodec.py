@@ -11,14 +11,13 @@ from typing import Any, Optional
 
 import torch
 
-from soundstorm.engine.codecs.base import Codec
-from soundstorm.engine.codecs.hf import load_hf_model
+from soundstorm.engine.codecs.hf import HFCodec, load_hf_model
 
 REPO_ID = "facebook/encodec_24khz"
 DEFAULT_BANDWIDTH = 6.0
 
 
-class EncodecCodec(Codec):
+class EncodecCodec(HFCodec):
     """EnCodec tokens [B, T, Q] at 75 Hz (24 kHz model); Q set by `bandwidth` (kbps)."""
 
     name = "encodec"
@@ -49,22 +48,6 @@ class EncodecCodec(Codec):
         self.bandwidth = float(bandwidth)
         self._q = self.model.quantizer.get_num_quantizers_for_bandwidth(self.bandwidth)
         self.device = next(self.model.parameters()).device
-
-    @property
-    def sample_rate(self) -> int:
-        return int(self.model.config.sampling_rate)
-
-    @property
-    def hop_length(self) -> int:
-        return int(self.model.config.hop_length)
-
-    @property
-    def num_quantizers(self) -> int:
-        return int(self._q)
-
-    @property
-    def codebook_size(self) -> int:
-        return int(self.model.config.codebook_size)
 
     def _encode(self, wav: torch.Tensor) -> torch.Tensor:
         out = self.model.encode(wav[:, None].to(self.device), bandwidth=self.bandwidth,

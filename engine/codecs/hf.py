@@ -14,6 +14,7 @@ from typing import Any, Optional
 import torch
 
 from soundstorm.engine.codecs.audio import require
+from soundstorm.engine.codecs.base import Codec
 
 
 def load_hf_model(codec: str, model_type: str, repo_id: str, path: Any, random_init: bool,
@@ -122,3 +123,27 @@ def _latent_stats(model: torch.nn.Module, g: torch.Generator):
     with torch.no_grad():
         z = model.encoder(0.1 * torch.randn(1, 1, sr, generator=g))[0].T  # [frames, D]
     return z.mean(0), z.std(0).clamp(min=1e-6)
+
+
+class HFCodec(Codec):
+    """What the transformers-backed adapters share: rates, sizes and the device, read off
+    `self.model.config`. Subclasses set `self.model` and `self._q` (levels kept) and name
+    the config field holding the hop length."""
+
+    HOP_FIELD = "hop_length"
+
+    @property
+    def sample_rate(self) -> int:
+        return int(self.model.config.sampling_rate)
+
+    @property
+    def hop_length(self) -> int:
+        return int(getattr(self.model.config, self.HOP_FIELD))
+
+    @property
+    def num_quantizers(self) -> int:
+        return int(self._q)
+
+    @property
+    def codebook_size(self) -> int:
+        return int(self.model.config.codebook_size)

@@ -12,14 +12,16 @@ from typing import Any, Optional
 
 import torch
 
-from soundstorm.engine.codecs.base import Codec, check_levels
-from soundstorm.engine.codecs.hf import load_hf_model
+from soundstorm.engine.codecs.base import check_levels
+from soundstorm.engine.codecs.hf import HFCodec, load_hf_model
 
 REPO_ID = "kyutai/mimi"
 
 
-class MimiCodec(Codec):
+class MimiCodec(HFCodec):
     """Mimi tokens [B, T, Q] at 12.5 Hz (24 kHz audio, 1920 samples per frame)."""
+
+    HOP_FIELD = "frame_size"
 
     name = "mimi"
 
@@ -34,22 +36,6 @@ class MimiCodec(Codec):
             raise ValueError(f"num_quantizers must be at least num_semantic_quantizers="
                              f"{cfg.num_semantic_quantizers} for Mimi, got {self._q}")
         self.device = next(self.model.parameters()).device
-
-    @property
-    def sample_rate(self) -> int:
-        return int(self.model.config.sampling_rate)
-
-    @property
-    def hop_length(self) -> int:
-        return int(self.model.config.frame_size)
-
-    @property
-    def num_quantizers(self) -> int:
-        return self._q
-
-    @property
-    def codebook_size(self) -> int:
-        return int(self.model.config.codebook_size)
 
     def _encode(self, wav: torch.Tensor) -> torch.Tensor:
         out = self.model.encode(wav[:, None].to(self.device), num_quantizers=self._q,
