@@ -7,6 +7,8 @@
   soundstorm bench --preset small --seconds 10 [--batch N] [--backend B] [--dtype D] [--json]
   soundstorm train --preset tiny --data corpus/train --out run/     (soundstorm.training)
   soundstorm synthetic-corpus corpus/                               (soundstorm.training)
+  soundstorm speech-corpus speech/ --minutes 40                     (soundstorm.training)
+  soundstorm tokenize speech/train.jsonl --codec melrvq --codec-path codec/ --semantic sem/ --out tokens/
 """
 
 from __future__ import annotations
@@ -353,10 +355,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train a model on a token corpus (see: soundstorm train --help)")
     sub.add_parser("synthetic-corpus", add_help=False,
                    help="write a synthetic token corpus for tests and quick experiments")
+    sub.add_parser("speech-corpus", add_help=False,
+                   help="speak a reproducible espeak-ng corpus (the demo's training data)")
+    sub.add_parser("tokenize", add_help=False,
+                   help="audio files -> codec tokens + semantic ids (a training corpus)")
     return parser
 
 
-TRAINING_COMMANDS = ("train", "synthetic-corpus")
+TRAINING_COMMANDS = ("train", "synthetic-corpus", "speech-corpus", "tokenize")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
