@@ -37,6 +37,8 @@ SAMPLE_RATE = 16000
 INFO_FILE = "speech-corpus.json"
 FORMAT_NAME = "soundstorm-speech-corpus"
 FORMAT_VERSION = 1
+# The held-out voices' sentences come from the stream of seed + this offset.
+HELDOUT_STREAM_OFFSET = 1_000_003
 
 
 @dataclass(frozen=True)
@@ -208,7 +210,7 @@ def write_speech_corpus(out: Any, minutes: float = 40.0, heldout_utterances: int
                 bar.update(min(entry["duration"], max(0.0, target - bar.n)))
             index += 1
         bar.close()
-        held_texts = sentences(seed + 1_000_003)
+        held_texts = sentences(seed + HELDOUT_STREAM_OFFSET)
         jobs = [(v, i, next(held_texts)) for i in range(heldout_utterances)
                 for v in heldout_voices]
         for f in tqdm([pool.submit(job, *j) for j in jobs], desc="speaking (held-out voices)",
@@ -223,7 +225,9 @@ def write_speech_corpus(out: Any, minutes: float = 40.0, heldout_utterances: int
         "train": {"utterances": len(train),
                   "minutes": round(sum(e["duration"] for e in train) / 60, 3)},
         "heldout": {"utterances": len(heldout),
-                    "minutes": round(sum(e["duration"] for e in heldout) / 60, 3)},
+                    "minutes": round(sum(e["duration"] for e in heldout) / 60, 3),
+                    "voices": [v.name for v in heldout_voices],
+                    "stream_offset": HELDOUT_STREAM_OFFSET},
     }
     (out / INFO_FILE).write_text(json.dumps(summary, indent=1) + "\n")
     return summary
@@ -236,5 +240,5 @@ def _write_wav(path: Path, samples: np.ndarray) -> None:
     sf.write(str(path), np.clip(samples, -1.0, 1.0), SAMPLE_RATE, subtype="PCM_16")
 
 
-__all__ = ["Voice", "VOICES", "SAMPLE_RATE", "sentences", "speak", "voice_by_name",
+__all__ = ["Voice", "VOICES", "SAMPLE_RATE", "HELDOUT_STREAM_OFFSET", "sentences", "speak", "voice_by_name",
            "require_espeak", "write_speech_corpus"]

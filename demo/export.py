@@ -1,0 +1,82 @@
+"""Export a demo training run as the demo's assets.
+
+    python -m soundstorm.demo.export WORK [--dest DIR]
+
+WORK is the folder `demo/reproduce.sh` builds in (speech/, codec/, semantic/, run/). The
+model is stored in float16 (the engine loads it as float32), which halves its size; the
+codec codebooks and semantic k-means are copied as they are, and `demo.json` records what
+the demo needs to draw held-out speech (corpus seed, held-out voices and sentences) plus
+the run's final training and validation figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+from typing import Any, Dict, Optional, Sequence
+
+import torch
+
+from soundstorm.demo import ASSETS
+
+
+def export_assets(work: Any, dest: Any = ASSETS) -> Dict[str, Any]:
+    from soundstorm.engine.model import SoundStorm
+    from soundstorm.training.trainer import read_metrics
+
+    work, dest = Path(work), Path(dest)
+    for part in ("speech/speech-corpus.json", "codec", "semantic", "run/model",
+                 "run/metrics.jsonl"):
+        if not (work / part).exists():
+            raise FileNotFoundError(f"{work / part} is missing: run demo/reproduce.sh first")
+    corpus = json.loads((work / "speech/speech-corpus.json").read_text())
+    model = SoundStorm.from_pretrained(work / "run/model", dtype=torch.float16)
+    dest.mkdir(parents=True, exist_ok=True)
+    for part in ("model", "codec", "semantic"):
+        if (dest / part).exists():
+            shutil.rmtree(dest / part)
+    model.save_pretrained(dest / "model")
+    shutil.copytree(work / "codec", dest / "codec")
+    shutil.copytree(work / "semantic", dest / "semantic")
+    records = read_metrics(work / "run/metrics.jsonl")
+    train = [r for r in records if "loss" in r]
+    val = [r for r in records if "val_loss" in r]
+    held = corpus["heldout"]
+    settings = {
+        "corpus_seed": corpus["seed"],
+        "corpus_minutes": corpus["train"]["minutes"],
+        "corpus_voices": [v["name"] for v in corpus["voices"] if not v["heldout"]],
+        "heldout_voices": held["voices"],
+        "heldout_stream_offset": held["stream_offset"],
+        "heldout_sentences_used": held["utterances"],
+        "espeak_version": corpus["espeak_version"],
+        "training": {
+            "steps": train[-1]["step"] if train else 0,
+            "final_train": {k: train[-1][k] for k in ("loss", "acc", "acc_level")
+                            if train and k in train[-1]},
+            "final_validation": {k: val[-1][k] for k in val[-1] if k.startswith("val_")}
+            if val else {},
+        },
+        "reproduce": "bash demo/reproduce.sh",
+    }
+    (dest / "demo.json").write_text(json.dumps(settings, indent=1) + "\n")
+    return settings
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("work", help="the folder reproduce.sh built in")
+    p.add_argument("--dest", default=str(ASSETS), help=f"assets folder (default {ASSETS})")
+    args = p.parse_args(argv)
+    settings = export_assets(args.work, args.dest)
+    size = sum(f.stat().st_size for f in Path(args.dest).rglob("*") if f.is_file()
+               and f.parent.name in ("model", "codec", "semantic"))
+    print(f"exported to {args.dest} ({size / 2**20:.1f} MiB): trained "
+          f"{settings['training']['steps']} steps on {settings['corpus_minutes']:.1f} min")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,378 @@
+"""`soundstorm demo`: generate speech in held-out voices with the shipped model and measure it.
+
+For each of a few held-out utterances (sentences the model never saw, spoken by one of the
+two voices held out of training), the demo
+
+1. speaks the sentence with espeak-ng (the ground truth) and tokenizes it: semantic ids
+   (what is said) and codec tokens (how it sounds);
+2. takes a 3 s voice prompt from another sentence of the same held-out voice;
+3. generates the codec tokens from the semantic ids and the prompt, as the paper does
+   (prompt frames first, then level-wise MaskGIT decoding), and decodes them to audio.
+
+It writes the first utterance's prompt, original, ground-truth codec resynthesis and
+generated audio as WAV, their spectrograms side by side as a PNG, every utterance's
+generated and resynthesised audio under `utterances/`, and a report (printed, and saved
+as `report.json`):
+
+- real-time factor of the generation (model only, and with the codec's Griffin-Lim);
+- voice preservation: the cosine similarity of speaker embeddings (resemblyzer) between
+  the generated audio and the prompt's speaker, against the similarity to the 11 other
+  speakers, and how often the prompt's speaker is the closest of all 12 (every speaker's
+  reference passes through the codec too, so the codec's own sound is common to all);
+- the distance of the generated log-mel spectrogram to the original's, next to the
+  codec's own distance (its floor), and the token accuracy per level (level 1 first);
+- the paper's decoding ablation on this model: its default schedule (16, 1, ..., 1)
+  against level-wise greedy (1, ..., 1) and more iterations.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import math
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from soundstorm.demo import ASSETS
+from soundstorm.engine.config import DecodeConfig
+
+DEMO_FILE = "demo.json"
+_DB = 20.0 / math.log(10.0)  # natural log of a magnitude -> dB
+
+
+def ablation_schedules(num_quantizers: int) -> Dict[str, tuple]:
+    """The decoding schedules compared: the paper's, level-wise greedy, and more steps."""
+    rest = (1,) * (num_quantizers - 1)
+    return {
+        "default": (16,) + rest,
+        "greedy": (1,) * num_quantizers,
+        "more": (32,) + (4,) * (num_quantizers - 1),
+    }
+
+
+def load_assets(assets: Any = ASSETS, device: str = "cpu"):
+    """(engine, codec, semantic tokenizer, demo settings) from an assets directory."""
+    from soundstorm.engine.codecs import load_codec
+    from soundstorm.engine.engine import Engine
+    from soundstorm.training.semantic import load_semantic
+
+    assets = Path(assets)
+    for part in ("model", "codec", "semantic", DEMO_FILE):
+        if not (assets / part).exists():
+            raise FileNotFoundError(f"demo assets {assets} lack {part!r}: expected model/, "
+                                    f"codec/, semantic/ and {DEMO_FILE} (see demo/reproduce.sh)")
+    settings = json.loads((assets / DEMO_FILE).read_text())
+    engine = Engine(assets / "model", device=device, dtype=torch.float32, backend="torch")
+    codec = load_codec("melrvq", path=assets / "codec")
+    semantic = load_semantic(assets / "semantic")
+    cfg = engine.config
+    checks = [("num_quantizers", codec.num_quantizers, cfg.num_quantizers),
+              ("codebook_size", codec.codebook_size, cfg.codebook_size),
+              ("frame_rate", float(codec.frame_rate), float(cfg.frame_rate)),
+              ("semantic vocab_size", semantic.vocab_size, cfg.semantic_vocab_size),
+              ("semantic rate", float(semantic.rate), float(cfg.semantic_rate))]
+    for name, got, want in checks:
+        if got != want:
+            raise ValueError(f"demo assets {assets} disagree: the tokenizers' {name} is {got}, "
+                             f"the model's is {want}")
+    return engine, codec, semantic, settings
+
+
+def run_demo(out: Any = "soundstorm-demo", assets: Any = ASSETS, utterances: int = 4,
+             prompt_seconds: float = 3.0, max_seconds: float = 6.0, seed: int = 0,
+             ablation: bool = True, speaker_similarity: bool = True, progress: bool = True,
+             log: Callable[[str], None] = print) -> Dict[str, Any]:
+    """Run the demo and write its files to `out`; returns the report.
+
+    utterances:     held-out sentences to generate (alternating the held-out voices).
+    prompt_seconds: length of the voice prompt.
+    max_seconds:    held-out sentences are cut to at most this long.
+    ablation:       also decode with the greedy and more-iterations schedules.
+    speaker_similarity: score voice preservation with resemblyzer (needs it installed).
+    """
+    from soundstorm.training.speech_corpus import (VOICES, sentences, speak, require_espeak,
+                                                   voice_by_name)
+
+    for name, value in (("utterances", utterances), ("seed", seed)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < (1 if name ==
+                                                                              "utterances" else 0):
+            raise ValueError(f"{name} must be an integer >= {1 if name == 'utterances' else 0}, "
+                             f"got {value!r}")
+    for name, value in (("prompt_seconds", prompt_seconds), ("max_seconds", max_seconds)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+                not math.isfinite(value) or value <= 0:
+            raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
+    require_espeak()
+    encoder = _speaker_encoder() if speaker_similarity else None
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    engine, codec, semantic, settings = load_assets(assets)
+    cfg = engine.config
+    sr = codec.sample_rate
+    frames_per_id = float(cfg.frame_rate) / float(cfg.semantic_rate)
+    # The prompt is a whole number of semantic ids, so its frames line up with them.
+    prompt_ids = max(1, round(prompt_seconds * float(cfg.semantic_rate)))
+    prompt_frames = int(prompt_ids * frames_per_id)
+    max_frames = min(int(max_seconds * float(cfg.frame_rate)), cfg.max_frames - prompt_frames)
+    if max_frames < 1:
+        raise ValueError(f"prompt_seconds={prompt_seconds} leaves no room for a target in the "
+                         f"model's {cfg.max_frames} frames")
+
+    voices = [voice_by_name(v) for v in settings["heldout_voices"]]
+    texts = sentences(settings["corpus_seed"] + settings["heldout_stream_offset"])
+    # Sentences drawn from the corpus's held-out stream, past those the corpus spoke.
+    texts = itertools.islice(texts, settings["heldout_sentences_used"], None)
+    prompt_text = {v.name: next(texts) for v in voices}
+    targets = [(voices[j % len(voices)], next(texts)) for j in range(utterances)]
+    schedules = ablation_schedules(cfg.num_quantizers)
+    if not ablation:
+        schedules = {"default": schedules["default"]}
+    log(f"model: {sum(p.numel() for p in engine.model.parameters()) / 1e6:.1f}M parameters, "
+        f"{cfg.num_quantizers} levels of {cfg.codebook_size} codes at {cfg.frame_rate:g} Hz; "
+        f"held-out voices {[v.name for v in voices]}")
+
+    prompts = {}
+    for v in voices:
+        audio = speak(prompt_text[v.name], v)[: int(prompt_frames * codec.hop_length)]
+        audio = np.pad(audio, (0, prompt_frames * codec.hop_length - len(audio)))
+        prompts[v.name] = {
+            "audio": audio,
+            "tokens": codec.encode(audio, sr)[0][:prompt_frames],
+            "ids": _semantic_ids(semantic, audio, sr)[:prompt_ids],
+        }
+
+    # Warm-up: the first pass of a shape pays one-off costs that are not the model's speed.
+    warm = prompts[voices[0].name]
+    engine.generate(torch.cat([warm["ids"], warm["ids"]])[None], prompt=warm["tokens"][None],
+                    seed=seed)
+
+    rows: List[Dict[str, Any]] = []
+    (out / "utterances").mkdir(exist_ok=True)
+    bar = tqdm(targets, desc="demo", unit="utt", disable=not progress)
+    for j, (voice, text) in enumerate(bar):
+        original = speak(text, voice)[: max_frames * codec.hop_length]
+        truth = codec.encode(original, sr)[0]
+        frames = truth.shape[0]
+        ids = _semantic_ids(semantic, original, sr)
+        need = math.ceil(frames / frames_per_id)
+        ids = torch.cat([ids, ids[-1:].expand(max(0, need - len(ids)))])[:need]
+        p = prompts[voice.name]
+        full_ids = torch.cat([p["ids"], ids])[None]
+        truth_audio = codec.decode(truth[None])[0].numpy()
+        row: Dict[str, Any] = {"voice": voice.name, "text": text,
+                               "seconds": round(frames / float(cfg.frame_rate), 3),
+                               "schedules": {}}
+        features_truth = codec.log_mel(torch.from_numpy(original)[None])[0][:frames]
+        row["codec_mel_distance_db"] = _mel_distance(codec.dequantize(truth[None])[0],
+                                                     features_truth)
+        for name, steps in schedules.items():
+            decode = DecodeConfig(steps_per_level=steps)
+            t0 = time.perf_counter()
+            tokens = engine.generate(full_ids, prompt=p["tokens"][None], decode=decode,
+                                     seed=seed + j)
+            gen_s = time.perf_counter() - t0
+            generated = tokens[0, prompt_frames:prompt_frames + frames].cpu()
+            t0 = time.perf_counter()
+            audio = codec.decode(generated[None])[0].numpy()
+            vocoder_s = time.perf_counter() - t0
+            seconds = frames / float(cfg.frame_rate)
+            result = {
+                "steps_per_level": list(steps),
+                "passes": int(sum(steps)),
+                "rtf": gen_s / seconds,
+                "rtf_with_vocoder": (gen_s + vocoder_s) / seconds,
+                "token_accuracy": [float((generated[:, q] == truth[:, q]).float().mean())
+                                   for q in range(cfg.num_quantizers)],
+                "mel_distance_db": _mel_distance(codec.dequantize(generated[None])[0],
+                                                 features_truth),
+            }
+            if name == "default":
+                _write_wav(out / "utterances" / f"{j:02d}-{voice.name}-generated.wav", audio, sr)
+                _write_wav(out / "utterances" / f"{j:02d}-{voice.name}-ground_truth.wav",
+                           truth_audio, sr)
+                if j == 0:
+                    _write_wav(out / "prompt.wav", p["audio"], sr)
+                    _write_wav(out / "original.wav", original, sr)
+                    _write_wav(out / "ground_truth.wav", truth_audio, sr)
+                    _write_wav(out / "generated.wav", audio, sr)
+                    _plot_spectrograms(out / "spectrograms.png", codec, [
+                        ("voice prompt (held-out voice)", p["audio"]),
+                        ("original (espeak-ng)", original),
+                        ("ground truth (codec resynthesis)", truth_audio),
+                        ("generated (SoundStorm)", audio)], text)
+            row["schedules"][name] = result
+            row.setdefault("_audio", {})[name] = audio
+        row["_truth_audio"], row["_original"] = truth_audio, original
+        rows.append(row)
+
+    report: Dict[str, Any] = {
+        "model": {"parameters": sum(p.numel() for p in engine.model.parameters()),
+                  "config": cfg.to_dict(), "backend": engine.backend,
+                  "device": str(engine.device), "threads": torch.get_num_threads()},
+        "prompt_seconds": prompt_frames / float(cfg.frame_rate),
+        "heldout_voices": [v.name for v in voices],
+        "schedules": {}, "utterances": [],
+    }
+    if encoder is not None:
+        refs = _speaker_references(encoder, VOICES, texts, speak, codec)
+        report["speaker_similarity"] = _similarity_report(encoder, refs, rows)
+    for name in schedules:
+        per = [r["schedules"][name] for r in rows]
+        acc = np.mean([s["token_accuracy"] for s in per], axis=0)
+        summary = {
+            "steps_per_level": per[0]["steps_per_level"], "passes": per[0]["passes"],
+            "rtf": float(np.mean([s["rtf"] for s in per])),
+            "rtf_with_vocoder": float(np.mean([s["rtf_with_vocoder"] for s in per])),
+            "token_accuracy": [round(float(a), 4) for a in acc],
+            "level1_accuracy": round(float(acc[0]), 4),
+            "mel_distance_db": round(float(np.mean([s["mel_distance_db"] for s in per])), 3),
+        }
+        if encoder is not None:
+            summary.update(report["speaker_similarity"]["generated"][name])
+        report["schedules"][name] = summary
+    report["codec_mel_distance_db"] = round(float(np.mean([r["codec_mel_distance_db"]
+                                                           for r in rows])), 3)
+    report["utterances"] = [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows]
+    (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
+    log(format_report(report))
+    log(f"wrote {out}/: prompt.wav, original.wav, ground_truth.wav, generated.wav, "
+        "spectrograms.png, report.json, utterances/")
+    return report
+
+
+def format_report(report: Dict[str, Any]) -> str:
+    lines = [f"{'schedule':<10} {'steps':<16} {'RTF':>6} {'+vocoder':>9} {'level-1 acc':>12} "
+             f"{'mel dist':>9} {'same spk':>9} {'other spk':>10} {'identified':>10}"]
+    for name, s in report["schedules"].items():
+        steps = ",".join(map(str, s["steps_per_level"]))
+        line = (f"{name:<10} {steps:<16} {s['rtf']:>6.3f} {s['rtf_with_vocoder']:>9.3f} "
+                f"{s['level1_accuracy']:>12.3f} {s['mel_distance_db']:>7.2f}dB")
+        if "similarity_prompt_speaker" in s:
+            line += (f" {s['similarity_prompt_speaker']:>9.3f} "
+                     f"{s['similarity_other_speakers']:>10.3f} {s['identified']:>10.2f}")
+        lines.append(line)
+    lines.append(f"codec floor: mel distance {report['codec_mel_distance_db']:.2f} dB "
+                 "(ground-truth tokens resynthesised)")
+    sim = report.get("speaker_similarity")
+    if sim:
+        t = sim["ground_truth"]
+        lines.append(f"ground truth resynthesis: same speaker {t['similarity_prompt_speaker']:.3f}, "
+                     f"others {t['similarity_other_speakers']:.3f}, identified "
+                     f"{t['identified']:.2f}")
+    return "\n".join(lines)
+
+
+# -- pieces -----------------------------------------------------------------------------
+def _semantic_ids(semantic: Any, audio: np.ndarray, sr: int) -> torch.Tensor:
+    ids = semantic.tokenize(audio, sr)
+    return torch.as_tensor(ids, dtype=torch.int64).reshape(-1)
+
+
+def _mel_distance(a: torch.Tensor, b: torch.Tensor) -> float:
+    """RMS difference of two log-mel spectrograms [T, n_mels] (natural-log magnitudes), dB."""
+    n = min(len(a), len(b))
+    return float(_DB * (a[:n] - b[:n]).pow(2).mean().sqrt())
+
+
+def _write_wav(path: Path, audio: np.ndarray, sr: int) -> None:
+    import soundfile as sf
+
+    tmp = path.with_name(path.stem + ".tmp.wav")
+    sf.write(str(tmp), np.clip(np.asarray(audio, np.float32), -1, 1), sr, subtype="PCM_16")
+    tmp.replace(path)
+
+
+def _plot_spectrograms(path: Path, codec: Any, panels: Sequence, text: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6),
+                             gridspec_kw={"width_ratios": [max(1, len(a)) for _, a in panels]})
+    mels = [codec.log_mel(torch.from_numpy(np.asarray(a, np.float32))[None])[0] * _DB
+            for _, a in panels]
+    top = max(float(m.max()) for m in mels)
+    for ax, (title, _), mel in zip(axes, panels, mels):
+        seconds = mel.shape[0] / float(codec.frame_rate)
+        ax.imshow(mel.T.numpy(), origin="lower", aspect="auto", cmap="magma",
+                  vmin=top - 80, vmax=top, extent=(0, seconds, 0, mel.shape[1]))
+        ax.set(title=title, xlabel="seconds")
+    axes[0].set_ylabel("mel band")
+    fig.suptitle(f"\u201c{text}\u201d", fontsize=10)
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def _speaker_encoder():
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # webrtcvad's pkg_resources deprecation notice
+            from resemblyzer import VoiceEncoder
+    except ImportError as e:
+        raise RuntimeError("the demo scores voice preservation with resemblyzer, which is not "
+                           "installed: pip install 'resemblyzer==0.1.4' 'setuptools<81' (or "
+                           f"pass speaker_similarity=False / --no-speaker-similarity): {e}") from None
+    with contextlib.redirect_stdout(None):
+        return VoiceEncoder("cpu", verbose=False)
+
+
+def _embed(encoder: Any, audio: np.ndarray, sr: int = 16000) -> np.ndarray:
+    from resemblyzer import preprocess_wav
+
+    wav = preprocess_wav(np.asarray(audio, np.float32), source_sr=sr)
+    if len(wav) < sr // 2:  # voice activity detection left almost nothing: use it all
+        wav = np.asarray(audio, np.float32)
+    return encoder.embed_utterance(wav)
+
+
+def _speaker_references(encoder: Any, voices: Sequence, texts, speak,
+                        codec: Any) -> Dict[str, np.ndarray]:
+    """One embedding per speaker, from two sentences no other part of the demo uses, passed
+    through the codec like everything they are compared with (so that the codec's own
+    sound is common to all and only the voices differ)."""
+    ref_texts = [next(texts), next(texts)]
+    refs = {}
+    for v in voices:
+        audio = np.concatenate([speak(t, v) for t in ref_texts])
+        resynth = codec.decode(codec.encode(audio, codec.sample_rate))[0].numpy()
+        refs[v.name] = _embed(encoder, resynth)
+    return refs
+
+
+def _similarity_report(encoder: Any, refs: Dict[str, np.ndarray], rows: List[Dict[str, Any]]):
+    names = list(refs)
+    matrix = np.stack([refs[n] for n in names])
+
+    def score(audio: np.ndarray, voice: str) -> Dict[str, float]:
+        e = _embed(encoder, audio)
+        cos = matrix @ e / (np.linalg.norm(matrix, axis=1) * np.linalg.norm(e))
+        same = names.index(voice)
+        others = np.delete(cos, same)
+        return {"same": float(cos[same]), "others": float(others.mean()),
+                "max_other": float(others.max()), "identified": float(cos.argmax() == same)}
+
+    def summary(scores: List[Dict[str, float]]) -> Dict[str, float]:
+        return {"similarity_prompt_speaker": round(float(np.mean([s["same"] for s in scores])), 4),
+                "similarity_other_speakers": round(float(np.mean([s["others"] for s in scores])), 4),
+                "similarity_closest_other": round(float(np.mean([s["max_other"] for s in scores])), 4),
+                "identified": round(float(np.mean([s["identified"] for s in scores])), 4)}
+
+    out = {"speakers": names, "generated": {}}
+    for name in rows[0]["_audio"]:
+        out["generated"][name] = summary([score(r["_audio"][name], r["voice"]) for r in rows])
+    out["ground_truth"] = summary([score(r["_truth_audio"], r["voice"]) for r in rows])
+    out["original"] = summary([score(r["_original"], r["voice"]) for r in rows])
+    return out
+
+
+__all__ = ["run_demo", "load_assets", "format_report", "ablation_schedules"]
