@@ -108,8 +108,7 @@ class SemanticTokenizer(ABC):
         self.vocab_size  # noqa: B018 (raises if not fitted)
         with torch.no_grad():
             feats = self.embed(wav, sr)
-        ids = nearest(feats, self.centroids)
-        return ids
+        return nearest(feats, self.centroids)
 
     def save(self, directory: Any) -> Path:
         """Write semantic.json and centroids.safetensors into `directory` (created if
@@ -243,6 +242,8 @@ class HFTokenizer(SemanticTokenizer):
                  layer: Optional[int] = None, model_path: Any = None, random_init: bool = False,
                  device: Any = "cpu", model_config: Optional[Dict[str, Any]] = None):
         super().__init__(rate, centroids)
+        if kind not in _HF:
+            raise ValueError(f"kind must be one of {', '.join(_HF)}, got {kind!r}")
         self.kind = kind
         # Frame i of HuBERT sees samples [320 i, 320 i + 400); of w2v-BERT, two stacked
         # 25 ms fbank frames: samples [320 i, 320 i + 560).
