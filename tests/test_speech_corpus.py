@@ -1,0 +1,97 @@
+"""The espeak-ng demo corpus: seeded sentences, voices, layout, reproducibility, errors."""
+
+import inspect
+import itertools
+import json
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from soundstorm.engine.cli import main as cli_main
+from soundstorm.training.speech_corpus import (SAMPLE_RATE, VOICES, sentences, speak,
+                                               voice_by_name, write_speech_corpus)
+from speech import require_espeak
+
+
+def test_sentences_are_seeded_and_varied():
+    a = list(itertools.islice(sentences(0), 300))
+    assert a == list(itertools.islice(sentences(0), 300))
+    assert a != list(itertools.islice(sentences(1), 300))
+    assert len(set(a)) > 280
+    for s in a:
+        assert s[0].isupper() and s[-1] in ".?" and 5 <= len(s.split()) <= 20
+
+
+def test_voices_cover_the_corpus_requirements():
+    names = [v.name for v in VOICES]
+    assert len(names) == len(set(names)) >= 8
+    train = [v for v in VOICES if not v.heldout]
+    held = [v for v in VOICES if v.heldout]
+    assert len(train) >= 8 and len(held) >= 2
+    # Voices differ by (voice, pitch, speed): no two are the same speaker.
+    assert len({(v.espeak, v.pitch, v.speed) for v in VOICES}) == len(VOICES)
+    assert inspect.signature(write_speech_corpus).parameters["minutes"].default >= 30
+    with pytest.raises(ValueError, match="unknown voice 'nobody'"):
+        voice_by_name("nobody")
+
+
+def test_every_voice_speaks_and_voices_differ():
+    require_espeak()
+    clips = {v.name: speak("Hello there, how are you today?", v) for v in VOICES}
+    for name, clip in clips.items():
+        assert clip.dtype == np.float32 and clip.ndim == 1
+        assert 0.5 * SAMPLE_RATE < len(clip) < 5 * SAMPLE_RATE, name
+        assert np.sqrt(np.mean(clip ** 2)) > 0.01, name
+    # Speed and voice changes show in the lengths and the samples.
+    assert len({len(c) for c in clips.values()}) >= len(VOICES) // 2
+
+
+def _manifest(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_corpus_layout_heldout_split_and_reproducibility(tmp_path):
+    require_espeak()
+    a = write_speech_corpus(tmp_path / "a", minutes=0.4, heldout_utterances=2, progress=False)
+    b = write_speech_corpus(tmp_path / "b", minutes=0.4, heldout_utterances=2, progress=False)
+    assert a == b
+    assert a["train"]["minutes"] >= 0.4
+    train, held = _manifest(tmp_path / "a/train.jsonl"), _manifest(tmp_path / "a/heldout.jsonl")
+    heldout_names = {v.name for v in VOICES if v.heldout}
+    assert {e["speaker"] for e in train} == {v.name for v in VOICES if not v.heldout}
+    assert {e["speaker"] for e in held} == heldout_names and len(held) == 2 * len(heldout_names)
+    assert not {e["text"] for e in held} & {e["text"] for e in train}
+    assert len({e["id"] for e in train + held}) == len(train) + len(held)
+    for e in train + held:
+        data, sr = sf.read(tmp_path / "a" / e["path"], dtype="int16")
+        assert sr == SAMPLE_RATE and data.ndim == 1
+        assert e["duration"] == pytest.approx(len(data) / sr, abs=1e-3)
+        other, _ = sf.read(tmp_path / "b" / e["path"], dtype="int16")
+        np.testing.assert_array_equal(data, other)
+    info = json.loads((tmp_path / "a/speech-corpus.json").read_text())
+    assert info["seed"] == 0 and len(info["voices"]) == len(VOICES)
+
+
+def test_corpus_bad_arguments(tmp_path):
+    with pytest.raises(ValueError, match="minutes must be a positive number, got 0"):
+        write_speech_corpus(tmp_path / "x", minutes=0)
+    with pytest.raises(ValueError, match="heldout_utterances must be an integer >= 0"):
+        write_speech_corpus(tmp_path / "x", minutes=1, heldout_utterances=-1)
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="is not empty"):
+        write_speech_corpus(tmp_path / "full", minutes=1)
+    assert (tmp_path / "full" / "keep.txt").read_text() == "mine"
+
+
+def test_speech_corpus_command(tmp_path, capsys):
+    require_espeak()
+    assert cli_main(["speech-corpus", str(tmp_path / "c"), "--minutes", "0.2",
+                     "--heldout-utterances", "1", "--no-progress"]) == 0
+    assert "training utterances" in capsys.readouterr().out
+    assert (tmp_path / "c/train.jsonl").exists() and (tmp_path / "c/heldout.jsonl").exists()
+    with pytest.raises(SystemExit) as e:
+        cli_main(["speech-corpus", str(tmp_path / "c"), "--minutes", "0.2"])
+    assert e.value.code == 2
+    assert "is not empty" in capsys.readouterr().err
