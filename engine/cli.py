@@ -9,6 +9,8 @@
   soundstorm train --preset tiny --data corpus/train --out run/     (soundstorm.training)
   soundstorm synthetic-corpus corpus/                               (soundstorm.training)
   soundstorm speech-corpus speech/ --minutes 40                     (soundstorm.training)
+  soundstorm fit-codec AUDIO... --out codec/                        (soundstorm.training)
+  soundstorm fit-semantic AUDIO... --out semantic/                  (soundstorm.training)
   soundstorm tokenize speech/train.jsonl --codec melrvq --codec-path codec/ --semantic sem/ --out tokens/
 """
 
@@ -394,12 +396,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write a synthetic token corpus for tests and quick experiments")
     sub.add_parser("speech-corpus", add_help=False,
                    help="speak a reproducible espeak-ng corpus (the demo's training data)")
+    sub.add_parser("fit-codec", add_help=False,
+                   help="fit the built-in melrvq codec on audio")
+    sub.add_parser("fit-semantic", add_help=False,
+                   help="fit a semantic tokenizer (mfcc, hubert, w2v-bert k-means) on audio")
     sub.add_parser("tokenize", add_help=False,
                    help="audio files -> codec tokens + semantic ids (a training corpus)")
     return parser
 
 
-TRAINING_COMMANDS = ("train", "synthetic-corpus", "speech-corpus", "tokenize")
+TRAINING_COMMANDS = ("train", "synthetic-corpus", "speech-corpus", "fit-codec", "fit-semantic",
+                     "tokenize")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

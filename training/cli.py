@@ -3,6 +3,8 @@
   soundstorm train --preset tiny --data corpus/train --val-data corpus/val --out run/
   soundstorm synthetic-corpus corpus/ --utterances 2000
   soundstorm speech-corpus speech/ --minutes 40
+  soundstorm fit-codec speech/train.jsonl --out codec/
+  soundstorm fit-semantic speech/train.jsonl --out semantic/ [--kind hubert --model-path DIR]
   soundstorm tokenize speech/train.jsonl --codec melrvq --codec-path codec/ \
       --semantic semantic/ --out tokens/
 """
@@ -162,6 +164,101 @@ def cmd_synthetic(argv: Sequence[str]) -> int:
     return 0
 
 
+_AUDIO_HELP = ("sound files, directories (searched recursively) or .jsonl manifests "
+               "({\"path\": ...} per line)")
+
+
+def _fit_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--iterations", type=int, default=25, help="k-means iterations (25)")
+    p.add_argument("--max-frames", type=int, default=200_000, metavar="N",
+                   help="fit on a seeded random subset of at most N frames (200,000)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the subset and k-means (0)")
+    p.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="no progress bars")
+
+
+def fit_semantic_parser() -> argparse.ArgumentParser:
+    from soundstorm.training.semantic import DEFAULT_LAYER, KINDS
+
+    p = argparse.ArgumentParser(
+        prog="soundstorm fit-semantic",
+        description="Fit a semantic tokenizer: k-means over speech features pooled to --rate "
+                    "ids per second. mfcc is built in (MFCCs with deltas, normalised per "
+                    "utterance); hubert and w2v-bert use a hidden layer of that model, whose "
+                    "weights must be in a local directory (--model-path).",
+        epilog="examples:\n"
+               "  soundstorm fit-semantic speech/train.jsonl --out semantic/\n"
+               "  hf download facebook/hubert-base-ls960 --local-dir hubert-base\n"
+               "  soundstorm fit-semantic speech/ --kind hubert --model-path hubert-base "
+               "--vocab-size 500 --out semantic-hubert/",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("inputs", nargs="+", metavar="AUDIO", help=_AUDIO_HELP)
+    p.add_argument("--out", required=True, metavar="DIR", help="tokenizer directory to write")
+    p.add_argument("--kind", default="mfcc", choices=KINDS, help="feature kind (mfcc)")
+    p.add_argument("--vocab-size", type=int, default=256, help="number of ids (256)")
+    p.add_argument("--rate", type=float, default=25.0,
+                   help="ids per second: the model's semantic_rate (25)")
+    p.add_argument("--layer", type=int, help=f"hubert/w2v-bert: the transformer layer whose "
+                                             f"output is clustered ({DEFAULT_LAYER})")
+    p.add_argument("--model-path", metavar="DIR",
+                   help="hubert/w2v-bert: local directory with config.json + *.safetensors")
+    p.add_argument("--device", default="cpu", help="hubert/w2v-bert: cpu, cuda, ... (cpu)")
+    _fit_flags(p)
+    return p
+
+
+def cmd_fit_semantic(argv: Sequence[str]) -> int:
+    parser = fit_semantic_parser()
+    args = parser.parse_args(argv)
+    from soundstorm.training.audio_list import collect_audio
+    from soundstorm.training.semantic import fit_semantic
+    try:
+        items = collect_audio(args.inputs)
+        tok = fit_semantic(args.kind, [item.path for item in items], args.out,
+                           vocab_size=args.vocab_size, rate=args.rate,
+                           iterations=args.iterations, seed=args.seed,
+                           max_frames=args.max_frames, progress=args.progress,
+                           layer=args.layer, model_path=args.model_path, device=args.device)
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        parser.exit(2, f"soundstorm fit-semantic: error: {e}\n")
+    print(f"fit a {tok.kind} semantic tokenizer ({tok.vocab_size} ids at {tok.rate:g} Hz) on "
+          f"{len(items)} files: {args.out}")
+    return 0
+
+
+def fit_codec_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="soundstorm fit-codec",
+        description="Fit the built-in melrvq codec (residual k-means on 16 kHz log-mel frames "
+                    "at 50 Hz; Griffin-Lim decoding). Load it with "
+                    "`--codec melrvq --codec-path DIR`.",
+        epilog="example: soundstorm fit-codec speech/train.jsonl --out codec/")
+    p.add_argument("inputs", nargs="+", metavar="AUDIO", help=_AUDIO_HELP)
+    p.add_argument("--out", required=True, metavar="DIR", help="codec directory to write")
+    p.add_argument("--num-quantizers", type=int, default=8, help="RVQ levels Q (8)")
+    p.add_argument("--codebook-size", type=int, default=256, help="codewords per level C (256)")
+    _fit_flags(p)
+    return p
+
+
+def cmd_fit_codec(argv: Sequence[str]) -> int:
+    parser = fit_codec_parser()
+    args = parser.parse_args(argv)
+    from soundstorm.training.audio_list import collect_audio
+    from soundstorm.training.codec_fit import fit_melrvq
+    try:
+        items = collect_audio(args.inputs)
+        codec = fit_melrvq([item.path for item in items], args.out,
+                           num_quantizers=args.num_quantizers, codebook_size=args.codebook_size,
+                           iterations=args.iterations, seed=args.seed,
+                           max_frames=args.max_frames, progress=args.progress)
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        parser.exit(2, f"soundstorm fit-codec: error: {e}\n")
+    print(f"fit a melrvq codec (Q={codec.num_quantizers}, C={codec.codebook_size}) on "
+          f"{len(items)} files: {args.out}")
+    return 0
+
+
 def speech_corpus_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="soundstorm speech-corpus",
@@ -276,7 +373,8 @@ def cmd_tokenize(argv: Sequence[str]) -> int:
 
 
 COMMANDS = {"train": cmd_train, "synthetic-corpus": cmd_synthetic,
-            "speech-corpus": cmd_speech_corpus, "tokenize": cmd_tokenize}
+            "speech-corpus": cmd_speech_corpus, "fit-codec": cmd_fit_codec,
+            "fit-semantic": cmd_fit_semantic, "tokenize": cmd_tokenize}
 
 
 def main(command: str, argv: Optional[Sequence[str]] = None) -> int:

@@ -13,7 +13,7 @@ and seed give the same codebooks.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -48,33 +48,18 @@ def fit_melrvq(audio: Iterable[Any], out_dir: Any, num_quantizers: int = 8,
     # A codec with no codebooks yet, for its feature extractor.
     extractor = MelRVQCodec(cfg, torch.zeros(cfg.num_quantizers, cfg.codebook_size, cfg.n_mels))
     g = torch.Generator().manual_seed(seed)
-    # A uniform random subset of at most max_frames frames, kept while reading so that a
-    # long corpus never sits in memory whole: every frame gets a random key and the
-    # max_frames smallest keys stay.
-    frames, keys = [torch.empty(0, cfg.n_mels)], [torch.empty(0)]
-    held, total, clips = 0, 0, 0
-
-    def compact():
-        f, k = torch.cat(frames), torch.cat(keys)
-        if len(f) > max_frames:
-            keep = k.topk(max_frames, largest=False).indices
-            f, k = f[keep], k[keep]
-        return [f], [k], len(f)
-
-    for clip in _clips(audio, cfg.sample_rate, progress):
-        feats = extractor.log_mel(clip)[0]
-        frames.append(feats)
-        keys.append(torch.rand(len(feats), generator=g))
-        held, total, clips = held + len(feats), total + len(feats), clips + 1
-        if held > 2 * max_frames:  # compact now and then, not per clip: cheap for short clips
-            frames, keys, held = compact()
-    frames = compact()[0][0]
+    sample = FrameSample(max_frames, cfg.n_mels, g)
+    clips = 0
+    for clip in audio_clips(audio, cfg.sample_rate, progress, desc="melrvq features"):
+        sample.add(extractor.log_mel(clip)[0])
+        clips += 1
     if clips == 0:
         raise ValueError("audio is empty: fit_melrvq needs at least one clip")
-    if total < cfg.codebook_size:
-        raise ValueError(f"audio has {total} frames ({total / cfg.frame_rate:.1f} s), "
+    if sample.total < cfg.codebook_size:
+        raise ValueError(f"audio has {sample.total} frames ({sample.total / cfg.frame_rate:.1f} s), "
                          f"fewer than codebook_size={cfg.codebook_size}: give more audio or a "
                          f"smaller codebook")
+    frames = sample.frames()
 
     codebooks = []
     residual = frames.clone()
@@ -131,13 +116,53 @@ def _kmeans_pp(x: torch.Tensor, k: int, generator: torch.Generator) -> torch.Ten
     return centroids
 
 
-def _clips(audio: Iterable[Any], sample_rate: int, progress: bool):
+class FrameSample:
+    """A uniform random subset of at most `max_frames` feature frames, kept while reading so
+    that a long corpus never sits in memory whole: every frame gets a random key (drawn
+    from `generator`) and the frames with the max_frames smallest keys stay."""
+
+    def __init__(self, max_frames: int, dim: int, generator: torch.Generator):
+        self.max_frames, self.generator = max_frames, generator
+        self._frames, self._keys = [torch.empty(0, dim)], [torch.empty(0)]
+        self._held = 0
+        self.total = 0  # frames seen, kept or not
+
+    def add(self, frames: torch.Tensor) -> None:
+        """frames: float32 [N, dim]."""
+        self._frames.append(frames)
+        self._keys.append(torch.rand(len(frames), generator=self.generator))
+        self._held += len(frames)
+        self.total += len(frames)
+        if self._held > 2 * self.max_frames:  # now and then, not per clip: cheap for short clips
+            self._compact()
+
+    def frames(self) -> torch.Tensor:
+        """The kept frames, float32 [min(total, max_frames), dim]."""
+        self._compact()
+        return self._frames[0]
+
+    def _compact(self) -> None:
+        f, k = torch.cat(self._frames), torch.cat(self._keys)
+        if len(f) > self.max_frames:
+            keep = k.topk(self.max_frames, largest=False).indices
+            f, k = f[keep], k[keep]
+        self._frames, self._keys, self._held = [f], [k], len(f)
+
+
+def audio_clips(audio: Iterable[Any], sample_rate: int, progress: bool,
+                desc: str = "features") -> Iterator[torch.Tensor]:
+    """The clips of a fitting corpus, one at a time, as float32 [1, N] at `sample_rate`
+    (empty clips skipped).
+
+    audio: sound-file paths (any rate, mixed to mono) and/or (samples, rate) pairs with
+           float samples [N].
+    """
     if isinstance(audio, (str, Path)) or (isinstance(audio, tuple) and len(audio) == 2
                                           and not isinstance(audio[0], (str, Path, tuple))):
         raise TypeError("audio must be a list of sound-file paths or (samples, rate) pairs, "
                         f"got a single {type(audio).__name__}; wrap it in a list")
     items = list(audio)
-    for i, item in enumerate(tqdm(items, desc="melrvq features", unit="clip", disable=not progress)):
+    for i, item in enumerate(tqdm(items, desc=desc, unit="clip", disable=not progress)):
         if isinstance(item, (str, Path)):
             samples, _ = read_audio(item, sample_rate)
             clip = torch.from_numpy(samples)[None]
@@ -155,4 +180,4 @@ def _clips(audio: Iterable[Any], sample_rate: int, progress: bool):
             yield clip
 
 
-__all__ = ["fit_melrvq", "kmeans"]
+__all__ = ["fit_melrvq", "kmeans", "audio_clips", "FrameSample"]
