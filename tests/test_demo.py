@@ -1,0 +1,102 @@
+"""`soundstorm demo` end to end on short clips, and the shipped demo assets."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from soundstorm.demo import ASSETS
+from soundstorm.demo.run import ablation_schedules, load_assets, run_demo
+from soundstorm.engine.cli import main as cli_main
+from soundstorm.engine.config import ModelConfig
+from soundstorm.engine.model import SoundStorm
+from soundstorm.training.audio_list import collect_audio
+from soundstorm.training.codec_fit import fit_melrvq
+from soundstorm.training.semantic import fit_semantic
+from soundstorm.training.speech_corpus import HELDOUT_STREAM_OFFSET, write_speech_corpus
+from speech import require_espeak
+
+SHIPPED_BYTES_LIMIT = 25 * 2 ** 20
+
+
+@pytest.fixture(scope="module")
+def tiny_assets(tmp_path_factory):
+    """Demo assets built in seconds: a codec, a semantic tokenizer and an untrained model."""
+    require_espeak()
+    root = tmp_path_factory.mktemp("demo")
+    summary = write_speech_corpus(root / "speech", minutes=0.3, heldout_utterances=0,
+                                  progress=False)
+    paths = [i.path for i in collect_audio(root / "speech/train.jsonl")]
+    assets = root / "assets"
+    fit_melrvq(paths, assets / "codec", num_quantizers=2, codebook_size=16, iterations=3,
+               progress=False)
+    fit_semantic("mfcc", paths, assets / "semantic", vocab_size=8, iterations=3,
+                 progress=False)
+    config = ModelConfig.preset("tiny", dim=32, depth=1, heads=2, ff_dim=64, num_quantizers=2,
+                                codebook_size=16, semantic_vocab_size=8, max_frames=256)
+    torch.manual_seed(0)
+    SoundStorm(config).save_pretrained(assets / "model")
+    (assets / "demo.json").write_text(json.dumps({
+        "corpus_seed": 0, "heldout_stream_offset": HELDOUT_STREAM_OFFSET,
+        "heldout_sentences_used": 0, "heldout_voices": summary["heldout"]["voices"]}))
+    return assets
+
+
+def test_demo_end_to_end(tiny_assets, tmp_path):
+    out = tmp_path / "out"
+    lines = []
+    report = run_demo(out, assets=tiny_assets, utterances=2, prompt_seconds=1.0,
+                      max_seconds=1.5, progress=False, log=lines.append)
+    for name in ("prompt.wav", "original.wav", "ground_truth.wav", "generated.wav"):
+        data, sr = sf.read(str(out / name))
+        assert sr == 16000 and data.ndim == 1 and np.abs(data).max() > 0
+    assert sf.info(str(out / "prompt.wav")).duration == pytest.approx(1.0, abs=0.02)
+    gen, truth = sf.info(str(out / "generated.wav")), sf.info(str(out / "ground_truth.wav"))
+    assert gen.frames == truth.frames and 0.5 < gen.duration <= 1.5
+    assert (out / "spectrograms.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(list((out / "utterances").glob("*.wav"))) == 4
+    assert json.loads((out / "report.json").read_text()) == json.loads(json.dumps(report))
+    assert list(report["schedules"]) == ["default", "greedy", "more"]
+    for name, steps in ablation_schedules(2).items():
+        s = report["schedules"][name]
+        assert s["steps_per_level"] == list(steps) and s["passes"] == sum(steps)
+        assert s["rtf"] > 0 and s["rtf_with_vocoder"] >= s["rtf"]
+        assert len(s["token_accuracy"]) == 2 and all(0 <= a <= 1 for a in s["token_accuracy"])
+        assert s["level1_accuracy"] == s["token_accuracy"][0]
+        assert s["mel_distance_db"] > 0
+        for key in ("similarity_prompt_speaker", "similarity_other_speakers",
+                    "similarity_closest_other"):
+            assert -1 <= s[key] <= 1
+        assert s["identified"] in (0.0, 0.5, 1.0)
+    assert report["codec_mel_distance_db"] > 0
+    assert len(report["speaker_similarity"]["speakers"]) == 12
+    assert [u["voice"] for u in report["utterances"]] == report["heldout_voices"]
+    assert any("level-1 acc" in line for line in lines)
+
+
+def test_demo_command_and_errors(tiny_assets, tmp_path, capsys):
+    assert cli_main(["demo", "--assets", str(tiny_assets), "--out", str(tmp_path / "o"),
+                     "--utterances", "1", "--prompt-seconds", "1", "--max-seconds", "1",
+                     "--no-ablation", "--no-speaker-similarity", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "default" in out and "greedy" not in out
+    report = json.loads((tmp_path / "o/report.json").read_text())
+    assert list(report["schedules"]) == ["default"] and "speaker_similarity" not in report
+    for argv, message in [
+        (["--utterances", "0"], "utterances must be an integer >= 1, got 0"),
+        (["--prompt-seconds", "-1"], "prompt_seconds must be a positive number of seconds"),
+        (["--prompt-seconds", "100"], "leaves no room for a target"),
+    ]:
+        with pytest.raises(SystemExit) as e:
+            cli_main(["demo", "--assets", str(tiny_assets), "--out", str(tmp_path / "x")]
+                     + argv)
+        assert e.value.code == 2
+        assert message in capsys.readouterr().err
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_assets, broken)
+    shutil.rmtree(broken / "semantic")
+    with pytest.raises(FileNotFoundError, match="lack 'semantic'"):
+        load_assets(broken)
