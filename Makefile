@@ -1,4 +1,5 @@
-# Quick start:  make run   (set up, then generate 10 s of tokens and print the real-time factor)
+# Quick start:  make run   (set up, then the end-to-end demo: the shipped model speaks held-out
+#                           sentences in a held-out voice; output in soundstorm-demo/)
 #               make test  (set up, then run the test suite)
 PYTHON ?= python3
 VENV   := .venv
@@ -7,7 +8,8 @@ PY     := $(VENV)/bin/python
 .PHONY: setup run test bench clean
 
 $(VENV)/.installed: pyproject.toml setup.py
-	@# espeak-ng speaks the test speech; without it those tests are skipped (with a reason).
+	@# espeak-ng speaks the demo's and the tests' speech; without it the demo stops saying
+	@# how to install it, and the speech tests are skipped (with a reason).
 	@command -v espeak-ng >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
 		&& apt-get update -qq && apt-get install -y -qq espeak-ng >/dev/null; } \
 		|| echo "note: espeak-ng is not installed; the speech tests will be skipped"
@@ -20,7 +22,7 @@ $(VENV)/.installed: pyproject.toml setup.py
 setup: $(VENV)/.installed
 
 run: setup
-	$(VENV)/bin/soundstorm generate --preset small --seconds 10 --seed 0 --out soundstorm-out/tokens.npy
+	$(VENV)/bin/soundstorm demo --out soundstorm-demo
 
 test: setup
 	$(PY) -m pytest -q
@@ -31,4 +33,4 @@ bench: setup
 	$(PY) bench/bench_ops.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info soundstorm-out .pytest_cache
+	rm -rf $(VENV) build *.egg-info soundstorm-out soundstorm-demo .pytest_cache

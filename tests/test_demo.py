@@ -100,3 +100,76 @@ def test_demo_command_and_errors(tiny_assets, tmp_path, capsys):
     shutil.rmtree(broken / "semantic")
     with pytest.raises(FileNotFoundError, match="lack 'semantic'"):
         load_assets(broken)
+
+
+def test_shipped_assets_load_and_fit_the_limits():
+    files = [f for part in ("model", "codec", "semantic") for f in (ASSETS / part).iterdir()]
+    assert sum(f.stat().st_size for f in files) <= SHIPPED_BYTES_LIMIT
+    engine, codec, semantic, settings = load_assets(ASSETS)
+    from soundstorm.training.speech_corpus import VOICES
+    heldout = {v.name for v in VOICES if v.heldout}
+    assert set(settings["heldout_voices"]) == heldout
+    assert not heldout & set(settings["corpus_voices"])
+    assert settings["corpus_minutes"] >= 30 and settings["training"]["steps"] >= 500
+    assert semantic.kind == "mfcc" and codec.name == "melrvq"
+    assert engine.config.num_quantizers == codec.num_quantizers
+
+
+def test_shipped_model_generates_held_out_speech(tmp_path):
+    """The trained model on one held-out sentence in a held-out voice: far above chance
+    at level 1, and closer to the original's spectrogram than an untrained model."""
+    require_espeak()
+    kwargs = dict(utterances=1, max_seconds=3.0, ablation=False, speaker_similarity=False,
+                  progress=False, log=lambda line: None)
+    trained = run_demo(tmp_path / "trained", **kwargs)["schedules"]["default"]
+    engine, *_ = load_assets(ASSETS)
+    untrained = tmp_path / "untrained"
+    shutil.copytree(ASSETS, untrained, ignore=shutil.ignore_patterns("__pycache__", "*.py"))
+    torch.manual_seed(0)
+    SoundStorm(engine.config).save_pretrained(untrained / "model")
+    baseline = run_demo(tmp_path / "u", assets=untrained, **kwargs)["schedules"]["default"]
+    chance = 1 / engine.config.codebook_size
+    assert trained["level1_accuracy"] > 10 * chance
+    assert trained["level1_accuracy"] > 5 * baseline["level1_accuracy"]
+    assert trained["mel_distance_db"] < baseline["mel_distance_db"] - 3
+
+
+def test_pipeline_from_espeak_to_demo(tmp_path):
+    """demo/reproduce.sh in miniature: speak, fit, tokenize, train, export, run the demo."""
+    require_espeak()
+    from soundstorm.demo.export import export_assets
+
+    w = tmp_path / "work"
+    cli = lambda *argv: cli_main([str(a) for a in argv])  # noqa: E731
+    assert cli("speech-corpus", w / "speech", "--minutes", "0.3", "--heldout-utterances", "1",
+               "--no-progress") == 0
+    assert cli("fit-codec", w / "speech/train.jsonl", "--out", w / "codec", "--num-quantizers",
+               2, "--codebook-size", 16, "--iterations", 3, "--no-progress") == 0
+    assert cli("fit-semantic", w / "speech/train.jsonl", "--out", w / "semantic", "--kind",
+               "mfcc", "--vocab-size", 8, "--iterations", 3, "--no-progress") == 0
+    for split in ("train", "heldout"):
+        assert cli("tokenize", w / f"speech/{split}.jsonl", "--codec-path", w / "codec",
+                   "--semantic", w / "semantic", "--out", w / f"tokens/{split}",
+                   "--no-progress") == 0
+    config = tmp_path / "train.json"
+    config.write_text(json.dumps({"model_overrides": {
+        "dim": 32, "depth": 1, "heads": 2, "ff_dim": 64, "num_quantizers": 2,
+        "codebook_size": 16, "semantic_vocab_size": 8, "max_frames": 256},
+        "batch_size": 4, "min_seconds": 1.0, "max_seconds": 2.0, "log_every": 1,
+        "val_every": 2, "checkpoint_every": 2}))
+    assert cli("train", "--preset", "tiny", "--config", config, "--data", w / "tokens/train",
+               "--val-data", w / "tokens/heldout", "--out", w / "run", "--steps", 2,
+               "--no-progress") == 0
+    settings = export_assets(w, tmp_path / "assets")
+    assert settings["training"]["steps"] == 2
+    assert settings["training"]["final_validation"]["val_loss"] > 0
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / "assets/model/model.safetensors"), "pt") as f:
+        assert all(f.get_tensor(k).dtype == torch.float16 for k in f.keys())
+    engine, *_ = load_assets(tmp_path / "assets")
+    assert next(engine.model.parameters()).dtype == torch.float32
+    report = run_demo(tmp_path / "out", assets=tmp_path / "assets", utterances=1,
+                      prompt_seconds=1.0, max_seconds=1.0, ablation=False,
+                      speaker_similarity=False, progress=False, log=lambda line: None)
+    assert (tmp_path / "out/generated.wav").exists()
+    assert report["utterances"][0]["voice"] in settings["heldout_voices"]
