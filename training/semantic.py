@@ -37,6 +37,7 @@ import torch
 from tqdm.auto import tqdm
 
 from soundstorm.engine.codecs.audio import as_batch, check_rate, require, resample, resampled_length
+from soundstorm.engine.codecs.hf import check_model_directory, how_to_get
 from soundstorm.engine.codecs.melrvq import nearest
 from soundstorm.training.codec_fit import FrameSample, audio_clips, kmeans
 
@@ -321,7 +322,8 @@ def _load_hf(kind: str, model_path: Any, random_config: Optional[Dict[str, Any]]
     if missing:
         raise ValueError(f"{kind} weights in {str(directory)!r} lack {len(missing)} of the "
                          f"model's parameters (first: {missing[0]!r}); is it a checkpoint of a "
-                         f"different model? {_how_to_get(repo, directory)}")
+                         f"different model? "
+                         f"{how_to_get(repo, directory, 'model_path', '--model-path')}")
     if (directory / "preprocessor_config.json").is_file():
         extractor = extractor_cls.from_pretrained(str(directory), local_files_only=True)
     else:
@@ -329,36 +331,9 @@ def _load_hf(kind: str, model_path: Any, random_config: Optional[Dict[str, Any]]
     return model, extractor
 
 
-def _how_to_get(repo: str, directory: Any = "DIR") -> str:
-    return (f"download the weights once with `hf download {repo} --local-dir {directory}` "
-            f"(huggingface_hub; older versions: `huggingface-cli download ...`) and pass "
-            f"model_path={str(directory)!r} (--model-path on the command line)")
-
-
 def _check_model_dir(kind: str, model_type: str, repo: str, path: Any) -> Path:
-    if path is None:
-        raise ValueError(f"the {kind} semantic tokenizer needs model_path=DIR, a local directory "
-                         f"with the model's config.json and *.safetensors: {_how_to_get(repo)}")
-    directory = Path(path)
-    if not directory.is_dir():
-        raise FileNotFoundError(f"{kind} model directory {str(directory)!r} does not exist: "
-                                f"{_how_to_get(repo, directory)}")
-    config_file = directory / "config.json"
-    if not config_file.is_file():
-        raise FileNotFoundError(f"{kind} model directory {str(directory)!r} has no config.json: "
-                                f"{_how_to_get(repo, directory)}")
-    if not any(directory.glob("*.safetensors")):
-        raise FileNotFoundError(f"{kind} model directory {str(directory)!r} has no *.safetensors "
-                                f"file (pickled checkpoints are not loaded): "
-                                f"{_how_to_get(repo, directory)}")
-    try:
-        declared = json.loads(config_file.read_text()).get("model_type")
-    except (json.JSONDecodeError, AttributeError) as e:
-        raise ValueError(f"{config_file} is not a JSON object: {e}") from None
-    if declared != model_type:
-        raise ValueError(f"{config_file} declares model_type={declared!r}, but the {kind} "
-                         f"semantic tokenizer needs model_type={model_type!r}")
-    return directory
+    return check_model_directory(f"the {kind} semantic tokenizer", f"{kind} model", model_type,
+                                 repo, path, argument="model_path", flag="--model-path")
 
 
 def check_semantic_rate(rate: Any) -> float:

@@ -47,7 +47,9 @@ def load_hf_model(codec: str, model_type: str, repo_id: str, path: Any, random_i
         if config is not None:
             raise ValueError(f"load_codec({codec!r}): config= overrides apply only with "
                              f"random_init=True; a weights directory brings its own config.json")
-        directory = _check_directory(codec, model_type, repo_id, path)
+        directory = check_model_directory(
+            f"the {codec} codec", f"{codec} weights", model_type, repo_id, path,
+            alternative="; or random_init=True for random weights (tests only)")
         model, info = model_cls.from_pretrained(str(directory), local_files_only=True,
                                                 use_safetensors=True, output_loading_info=True)
         # transformers fills weights missing from a checkpoint with random values and only
@@ -62,36 +64,48 @@ def load_hf_model(codec: str, model_type: str, repo_id: str, path: Any, random_i
     return model.to(device).eval()
 
 
-def how_to_get(repo_id: str, directory: Any = "DIR") -> str:
+def how_to_get(repo_id: str, directory: Any = "DIR", argument: str = "path",
+               flag: str = "") -> str:
     return (f"download the weights once with `hf download {repo_id} --local-dir {directory}` "
             f"(huggingface_hub; older versions: `huggingface-cli download ...`) and pass "
-            f"path={str(directory)!r}")
+            f"{argument}={str(directory)!r}" + (f" ({flag} on the command line)" if flag else ""))
 
 
-def _check_directory(codec: str, model_type: str, repo_id: str, path: Any) -> Path:
+def check_model_directory(user: str, name: str, model_type: str, repo_id: str, path: Any,
+                          argument: str = "path", flag: str = "",
+                          alternative: str = "") -> Path:
+    """The local Hugging Face directory `path` (config.json declaring `model_type` +
+    *.safetensors), or an error saying what is wrong and how to get the weights.
+
+    user:        who needs it, in messages ("the encodec codec").
+    name:        the directory's name in messages ("encodec weights").
+    argument:    the argument that takes the directory (and `flag`, its command-line flag).
+    alternative: appended to the message when no path is given.
+    """
+    def how(directory: Any = "DIR") -> str:
+        return how_to_get(repo_id, directory, argument, flag)
+
     if path is None:
-        raise ValueError(f"load_codec({codec!r}) needs path=DIR, a local directory with the "
-                         f"model's config.json and *.safetensors: {how_to_get(repo_id)}; "
-                         f"or random_init=True for random weights (tests only)")
+        raise ValueError(f"{user} needs {argument}=DIR, a local directory with the model's "
+                         f"config.json and *.safetensors: {how()}{alternative}")
     directory = Path(path)
     if not directory.is_dir():
-        raise FileNotFoundError(f"{codec} weights directory {str(directory)!r} does not exist: "
-                                f"{how_to_get(repo_id, directory)}")
+        raise FileNotFoundError(f"{name} directory {str(directory)!r} does not exist: "
+                                f"{how(directory)}")
     config_file = directory / "config.json"
     if not config_file.is_file():
-        raise FileNotFoundError(f"{codec} weights directory {str(directory)!r} has no "
-                                f"config.json: {how_to_get(repo_id, directory)}")
+        raise FileNotFoundError(f"{name} directory {str(directory)!r} has no config.json: "
+                                f"{how(directory)}")
     if not any(directory.glob("*.safetensors")):
-        raise FileNotFoundError(f"{codec} weights directory {str(directory)!r} has no "
-                                f"*.safetensors file (pickled checkpoints are not loaded): "
-                                f"{how_to_get(repo_id, directory)}")
+        raise FileNotFoundError(f"{name} directory {str(directory)!r} has no *.safetensors "
+                                f"file (pickled checkpoints are not loaded): {how(directory)}")
     try:
         declared = json.loads(config_file.read_text()).get("model_type")
     except (json.JSONDecodeError, AttributeError) as e:
         raise ValueError(f"{config_file} is not a JSON object: {e}") from None
     if declared != model_type:
-        raise ValueError(f"{config_file} declares model_type={declared!r}, but the {codec} "
-                         f"codec needs model_type={model_type!r}")
+        raise ValueError(f"{config_file} declares model_type={declared!r}, but {user} needs "
+                         f"model_type={model_type!r}")
     return directory
 
 
