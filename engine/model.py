@@ -13,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from soundstorm.engine.config import ModelConfig
+from soundstorm.engine.files import read_format_json
 from soundstorm.kernels import Ops, get_ops
 
 CONFIG_FILE = "config.json"
@@ -275,16 +276,7 @@ def load_config(directory: Union[str, Path]) -> ModelConfig:
         raise FileNotFoundError(f"model directory not found: {directory}")
     if not path.is_file():
         raise FileNotFoundError(f"model config not found: {path}")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from e
-    if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
-        raise ValueError(f"{path}: not a {FORMAT_NAME} model config "
-                         f"(expected \"format\": \"{FORMAT_NAME}\")")
-    if data.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{path}: format_version {data.get('format_version')!r} is not "
-                         f"supported (this version reads {FORMAT_VERSION})")
+    data = read_format_json(path, FORMAT_NAME, FORMAT_VERSION, f"{FORMAT_NAME} model")
     if not isinstance(data.get("model"), dict):
         raise ValueError(f"{path}: missing the \"model\" object with the ModelConfig fields")
     try:

@@ -37,8 +37,10 @@ import torch
 from tqdm.auto import tqdm
 
 from soundstorm.engine.codecs.audio import as_batch, check_rate, require, resample, resampled_length
-from soundstorm.engine.codecs.hf import check_model_directory, how_to_get
+from soundstorm.engine.codecs.hf import (check_model_directory, from_pretrained_complete,
+                                        how_to_get)
 from soundstorm.engine.codecs.melrvq import nearest
+from soundstorm.engine.files import read_format_json
 from soundstorm.training.codec_fit import FrameSample, audio_clips, kmeans
 
 FORMAT_NAME = "soundstorm-semantic-tokenizer"
@@ -315,15 +317,8 @@ def _load_hf(kind: str, model_path: Any, random_config: Optional[Dict[str, Any]]
             model = model_cls(config_cls(**random_config))
         return model, extractor_cls()
     directory = _check_model_dir(kind, model_type, repo, model_path)
-    model, info = model_cls.from_pretrained(str(directory), local_files_only=True,
-                                            use_safetensors=True, output_loading_info=True)
-    params = {n for n, _ in model.named_parameters()}
-    missing = sorted(k for k in info.get("missing_keys", ()) if k in params)
-    if missing:
-        raise ValueError(f"{kind} weights in {str(directory)!r} lack {len(missing)} of the "
-                         f"model's parameters (first: {missing[0]!r}); is it a checkpoint of a "
-                         f"different model? "
-                         f"{how_to_get(repo, directory, 'model_path', '--model-path')}")
+    model = from_pretrained_complete(model_cls, directory, f"{kind} weights",
+                                     how_to_get(repo, directory, "model_path", "--model-path"))
     if (directory / "preprocessor_config.json").is_file():
         extractor = extractor_cls.from_pretrained(str(directory), local_files_only=True)
     else:
@@ -445,16 +440,7 @@ def load_semantic(path: Any, **options: Any) -> SemanticTokenizer:
             raise FileNotFoundError(f"semantic tokenizer directory {str(directory)!r} has no "
                                     f"{f}: {how}")
     config_file = directory / CONFIG_FILE
-    try:
-        meta = json.loads(config_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{config_file} is not valid JSON: {e}") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
-        raise ValueError(f"{config_file} is not a semantic tokenizer config (expected format "
-                         f"{FORMAT_NAME!r})")
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{config_file} has format_version {meta.get('format_version')!r}; "
-                         f"this version reads {FORMAT_VERSION}")
+    meta = read_format_json(config_file, FORMAT_NAME, FORMAT_VERSION, "semantic tokenizer")
     kind, settings = meta.get("kind"), meta.get("settings")
     if kind not in KINDS or not isinstance(settings, dict) \
             or meta.get("sample_rate") != SAMPLE_RATE:

@@ -50,17 +50,8 @@ def load_hf_model(codec: str, model_type: str, repo_id: str, path: Any, random_i
         directory = check_model_directory(
             f"the {codec} codec", f"{codec} weights", model_type, repo_id, path,
             alternative="; or random_init=True for random weights (tests only)")
-        model, info = model_cls.from_pretrained(str(directory), local_files_only=True,
-                                                use_safetensors=True, output_loading_info=True)
-        # transformers fills weights missing from a checkpoint with random values and only
-        # logs it; a codec with random layers would silently make noise, so refuse it.
-        # (Buffers are exempt: some are derived from the config rather than stored.)
-        params = {n for n, _ in model.named_parameters()}
-        missing = sorted(k for k in info.get("missing_keys", ()) if k in params)
-        if missing:
-            raise ValueError(f"{codec} weights in {str(directory)!r} lack {len(missing)} of the "
-                             f"model's parameters (first: {missing[0]!r}); is it a checkpoint "
-                             f"of a different model or size? {how_to_get(repo_id, directory)}")
+        model = from_pretrained_complete(model_cls, directory, f"{codec} weights",
+                                         how_to_get(repo_id, directory))
     return model.to(device).eval()
 
 
@@ -107,6 +98,22 @@ def check_model_directory(user: str, name: str, model_type: str, repo_id: str, p
         raise ValueError(f"{config_file} declares model_type={declared!r}, but {user} needs "
                          f"model_type={model_type!r}")
     return directory
+
+
+def from_pretrained_complete(model_cls: Any, directory: Path, name: str, how: str):
+    """`model_cls.from_pretrained(directory)` (local safetensors only), refusing a checkpoint
+    that lacks any of the model's parameters: transformers fills those with random values
+    and only logs it, and a model with random layers would silently produce garbage.
+    (Buffers are exempt: some are derived from the config rather than stored.)"""
+    model, info = model_cls.from_pretrained(str(directory), local_files_only=True,
+                                            use_safetensors=True, output_loading_info=True)
+    params = {n for n, _ in model.named_parameters()}
+    missing = sorted(k for k in info.get("missing_keys", ()) if k in params)
+    if missing:
+        raise ValueError(f"{name} in {str(directory)!r} lack {len(missing)} of the model's "
+                         f"parameters (first: {missing[0]!r}); is it a checkpoint of a "
+                         f"different model or size? {how}")
+    return model
 
 
 def _randomize_empty_codebooks(model: torch.nn.Module, seed: int) -> None:

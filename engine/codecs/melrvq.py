@@ -24,6 +24,7 @@ import torch
 
 from soundstorm.engine.codecs.audio import require
 from soundstorm.engine.codecs.base import Codec, check_levels
+from soundstorm.engine.files import read_format_json
 
 CONFIG_FILE = "config.json"
 CODEBOOKS_FILE = "codebooks.safetensors"
@@ -235,16 +236,8 @@ class MelRVQCodec(Codec):
         for f in (CONFIG_FILE, CODEBOOKS_FILE):
             if not (directory / f).is_file():
                 raise FileNotFoundError(f"melrvq codec directory {str(directory)!r} has no {f}: {how}")
-        try:
-            meta = json.loads((directory / CONFIG_FILE).read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{directory / CONFIG_FILE} is not valid JSON: {e}") from None
-        if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
-            raise ValueError(f"{directory / CONFIG_FILE} is not a melrvq codec config "
-                             f"(expected format {FORMAT_NAME!r})")
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"{directory / CONFIG_FILE} has format_version "
-                             f"{meta.get('format_version')!r}; this version reads {FORMAT_VERSION}")
+        meta = read_format_json(directory / CONFIG_FILE, FORMAT_NAME, FORMAT_VERSION,
+                                "melrvq codec")
         config = MelRVQConfig.from_dict(meta["codec"])
         try:
             with safe_open(str(directory / CODEBOOKS_FILE), framework="pt") as f:
