@@ -20,7 +20,13 @@ def test_wheel_maps_the_top_level_folders_into_soundstorm(tmp_path):
     for module in ("soundstorm/engine/model.py", "soundstorm/engine/cli.py",
                    "soundstorm/kernels/resample.py", "soundstorm/kernels/triton/attention.py",
                    "soundstorm/training/__init__.py", "soundstorm/engine/codecs/melrvq.py",
-                   "soundstorm/training/codec_fit.py"):
+                   "soundstorm/training/codec_fit.py", "soundstorm/training/semantic.py",
+                   "soundstorm/demo/run.py",
+                   # the shipped demo assets travel as package data
+                   "soundstorm/demo/demo.json", "soundstorm/demo/model/config.json",
+                   "soundstorm/demo/model/model.safetensors",
+                   "soundstorm/demo/codec/codebooks.safetensors",
+                   "soundstorm/demo/semantic/semantic.json"):
         assert module in names
     top = {n.split("/")[0] for n in names}
     assert top <= {"soundstorm"} | {n for n in top if n.startswith("soundstorm-")}, top
@@ -32,8 +38,9 @@ def test_wheel_maps_the_top_level_folders_into_soundstorm(tmp_path):
     with zipfile.ZipFile(wheel) as z:
         z.extractall(target)
     code = ("import soundstorm.engine as e, soundstorm.kernels, soundstorm.training;"
-            "assert str(e.__file__).startswith(%r); print(e.ModelConfig.preset('tiny').dim)"
-            % str(target))
+            "from soundstorm.demo import ASSETS;"
+            "assert str(e.__file__).startswith(%r) and (ASSETS / 'model').is_dir();"
+            "print(e.ModelConfig.preset('tiny').dim)" % str(target))
     env = {**os.environ, "PYTHONPATH": str(target)}
     r = subprocess.run([sys.executable, "-c", code],
                        capture_output=True, text=True, cwd=tmp_path, env=env)
