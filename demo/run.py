@@ -85,7 +85,7 @@ def load_assets(assets: Any = ASSETS, device: str = "cpu"):
     return engine, codec, semantic, settings
 
 
-def run_demo(out: Any = "soundstorm-demo", assets: Any = ASSETS, utterances: int = 4,
+def run_demo(out: Any = "soundstorm-demo", assets: Any = ASSETS, utterances: int = 8,
              prompt_seconds: float = 3.0, max_seconds: float = 6.0, seed: int = 0,
              ablation: bool = True, speaker_similarity: bool = True, progress: bool = True,
              log: Callable[[str], None] = print) -> Dict[str, Any]:
@@ -209,7 +209,7 @@ def run_demo(out: Any = "soundstorm-demo", assets: Any = ASSETS, utterances: int
                         ("generated (SoundStorm)", audio)], text)
             row["schedules"][name] = result
             row.setdefault("_audio", {})[name] = audio
-        row["_truth_audio"], row["_original"] = truth_audio, original
+        row["_truth_audio"] = truth_audio
         rows.append(row)
 
     report: Dict[str, Any] = {
@@ -359,7 +359,8 @@ def _similarity_report(encoder: Any, refs: Dict[str, np.ndarray], rows: List[Dic
         same = names.index(voice)
         others = np.delete(cos, same)
         return {"same": float(cos[same]), "others": float(others.mean()),
-                "max_other": float(others.max()), "identified": float(cos.argmax() == same)}
+                "max_other": float(others.max()), "identified": float(cos.argmax() == same),
+                "closest": names[int(cos.argmax())]}
 
     def summary(scores: List[Dict[str, float]]) -> Dict[str, float]:
         return {"similarity_prompt_speaker": round(float(np.mean([s["same"] for s in scores])), 4),
@@ -369,9 +370,12 @@ def _similarity_report(encoder: Any, refs: Dict[str, np.ndarray], rows: List[Dic
 
     out = {"speakers": names, "generated": {}}
     for name in rows[0]["_audio"]:
-        out["generated"][name] = summary([score(r["_audio"][name], r["voice"]) for r in rows])
+        scores = [score(r["_audio"][name], r["voice"]) for r in rows]
+        out["generated"][name] = summary(scores)
+        for r, sc in zip(rows, scores):  # per utterance: the similarities and the nearest voice
+            r["schedules"][name].update(similarity_prompt_speaker=round(sc["same"], 4),
+                                        closest_speaker=sc["closest"])
     out["ground_truth"] = summary([score(r["_truth_audio"], r["voice"]) for r in rows])
-    out["original"] = summary([score(r["_original"], r["voice"]) for r in rows])
     return out
 
 

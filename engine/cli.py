@@ -374,7 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="example: soundstorm demo --out soundstorm-demo/")
     d.add_argument("--out", default="soundstorm-demo", metavar="DIR",
                    help="output folder (default ./soundstorm-demo/)")
-    d.add_argument("--utterances", type=int, default=4, help="held-out sentences (4)")
+    d.add_argument("--utterances", type=int, default=8, help="held-out sentences (8)")
     d.add_argument("--prompt-seconds", type=float, default=3.0, help="voice prompt (3.0)")
     d.add_argument("--max-seconds", type=float, default=6.0,
                    help="cut held-out sentences to at most this long (6.0)")
