@@ -276,7 +276,7 @@ def load_config(directory: Union[str, Path]) -> ModelConfig:
         raise FileNotFoundError(f"model directory not found: {directory}")
     if not path.is_file():
         raise FileNotFoundError(f"model config not found: {path}")
-    data = read_format_json(path, FORMAT_NAME, FORMAT_VERSION, f"{FORMAT_NAME} model")
+    data = read_format_json(path, FORMAT_NAME, FORMAT_VERSION, f"{FORMAT_NAME} model config")
     if not isinstance(data.get("model"), dict):
         raise ValueError(f"{path}: missing the \"model\" object with the ModelConfig fields")
     try:

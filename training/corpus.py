@@ -53,6 +53,8 @@ from typing import Any, Dict, Iterable, List, Optional, Union
 
 import numpy as np
 
+from soundstorm.engine.files import read_format_json
+
 FORMAT_NAME = "soundstorm-tokens"
 FORMAT_VERSION = 1
 CORPUS_FILE = "corpus.json"
@@ -299,15 +301,8 @@ def _read_meta(directory: Path) -> tuple[CorpusMeta, list]:
         raise CorpusError(f"corpus directory not found: {directory}")
     if not path.is_file():
         raise CorpusError(f"{path} not found: not a token corpus (or an unfinished one)")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CorpusError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
-        raise CorpusError(f"{path}: not a {FORMAT_NAME} corpus (\"format\" field)")
-    if data.get("format_version") != FORMAT_VERSION:
-        raise CorpusError(f"{path}: format_version {data.get('format_version')!r} is not "
-                          f"supported (this version reads {FORMAT_VERSION})")
+    data = read_format_json(path, FORMAT_NAME, FORMAT_VERSION, f"{FORMAT_NAME} corpus",
+                            error=CorpusError)
     missing = [k for k in _META_FIELDS + ("shards",) if k not in data]
     if missing:
         raise CorpusError(f"{path}: missing field(s) {missing}")

@@ -40,7 +40,7 @@ from soundstorm.engine.codecs.audio import as_batch, check_rate, require, resamp
 from soundstorm.engine.codecs.hf import (check_model_directory, from_pretrained_complete,
                                         how_to_get)
 from soundstorm.engine.codecs.melrvq import nearest
-from soundstorm.engine.files import read_format_json
+from soundstorm.engine.files import read_format_json, read_tensor
 from soundstorm.training.codec_fit import FrameSample, audio_clips, kmeans
 
 FORMAT_NAME = "soundstorm-semantic-tokenizer"
@@ -425,8 +425,6 @@ def load_semantic(path: Any, **options: Any) -> SemanticTokenizer:
     fitting time; random_init=True for a tokenizer fit on a small random model (tests);
     device="cuda" runs the model there.
     """
-    from safetensors import SafetensorError, safe_open
-
     if path is None:
         raise ValueError("load_semantic needs a directory written by fit_semantic "
                          "(semantic.json + centroids.safetensors)")
@@ -440,21 +438,14 @@ def load_semantic(path: Any, **options: Any) -> SemanticTokenizer:
             raise FileNotFoundError(f"semantic tokenizer directory {str(directory)!r} has no "
                                     f"{f}: {how}")
     config_file = directory / CONFIG_FILE
-    meta = read_format_json(config_file, FORMAT_NAME, FORMAT_VERSION, "semantic tokenizer")
+    meta = read_format_json(config_file, FORMAT_NAME, FORMAT_VERSION, "semantic tokenizer config")
     kind, settings = meta.get("kind"), meta.get("settings")
     if kind not in KINDS or not isinstance(settings, dict) \
             or meta.get("sample_rate") != SAMPLE_RATE:
         raise ValueError(f"{config_file} is corrupt: needs kind in {list(KINDS)}, a settings "
                          f"object and sample_rate {SAMPLE_RATE}, got kind={kind!r}, "
                          f"sample_rate={meta.get('sample_rate')!r}")
-    try:
-        with safe_open(str(directory / CENTROIDS_FILE), framework="pt") as f:
-            if "centroids" not in f.keys():
-                raise ValueError(f"{directory / CENTROIDS_FILE} has no 'centroids' tensor")
-            centroids = f.get_tensor("centroids")
-    except SafetensorError as e:
-        raise ValueError(f"{directory / CENTROIDS_FILE} is not a valid safetensors file: "
-                         f"{e}") from None
+    centroids = read_tensor(directory / CENTROIDS_FILE, "centroids")
     if centroids.ndim != 2 or centroids.shape[0] != meta.get("vocab_size"):
         raise ValueError(f"{directory / CENTROIDS_FILE} holds centroids of shape "
                          f"{tuple(centroids.shape)}, but {config_file} says vocab_size="

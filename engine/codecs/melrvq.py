@@ -24,7 +24,7 @@ import torch
 
 from soundstorm.engine.codecs.audio import require
 from soundstorm.engine.codecs.base import Codec, check_levels
-from soundstorm.engine.files import read_format_json
+from soundstorm.engine.files import read_format_json, read_tensor
 
 CONFIG_FILE = "config.json"
 CODEBOOKS_FILE = "codebooks.safetensors"
@@ -222,8 +222,6 @@ class MelRVQCodec(Codec):
              griffin_lim_iters: Optional[int] = None) -> "MelRVQCodec":
         """Load a directory written by `save`. `num_quantizers` keeps the first levels only
         (a coarser codec from the same codebooks)."""
-        from safetensors import SafetensorError, safe_open
-
         if path is None:
             raise ValueError("load_codec('melrvq') needs path=DIR, a directory written by "
                              "soundstorm.training.codec_fit.fit_melrvq (config.json + "
@@ -237,15 +235,9 @@ class MelRVQCodec(Codec):
             if not (directory / f).is_file():
                 raise FileNotFoundError(f"melrvq codec directory {str(directory)!r} has no {f}: {how}")
         meta = read_format_json(directory / CONFIG_FILE, FORMAT_NAME, FORMAT_VERSION,
-                                "melrvq codec")
+                                "melrvq codec config")
         config = MelRVQConfig.from_dict(meta["codec"])
-        try:
-            with safe_open(str(directory / CODEBOOKS_FILE), framework="pt") as f:
-                if "codebooks" not in f.keys():
-                    raise ValueError(f"{directory / CODEBOOKS_FILE} has no 'codebooks' tensor")
-                codebooks = f.get_tensor("codebooks")
-        except SafetensorError as e:
-            raise ValueError(f"{directory / CODEBOOKS_FILE} is not a valid safetensors file: {e}") from None
+        codebooks = read_tensor(directory / CODEBOOKS_FILE, "codebooks")
         q = check_levels(num_quantizers, config.num_quantizers, "melrvq")
         changes = {"num_quantizers": q}
         if griffin_lim_iters is not None:
