@@ -100,11 +100,9 @@ def run_demo(out: Any = "soundstorm-demo", assets: Any = ASSETS, utterances: int
     from soundstorm.training.speech_corpus import (VOICES, sentences, speak, require_espeak,
                                                    voice_by_name)
 
-    for name, value in (("utterances", utterances), ("seed", seed)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < (1 if name ==
-                                                                              "utterances" else 0):
-            raise ValueError(f"{name} must be an integer >= {1 if name == 'utterances' else 0}, "
-                             f"got {value!r}")
+    for name, value, least in (("utterances", utterances, 1), ("seed", seed, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
     for name, value in (("prompt_seconds", prompt_seconds), ("max_seconds", max_seconds)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or \
                 not math.isfinite(value) or value <= 0:
@@ -154,6 +152,7 @@ def run_demo(out: Any = "soundstorm-demo", assets: Any = ASSETS, utterances: int
                     seed=seed)
 
     rows: List[Dict[str, Any]] = []
+    clips: List[Dict[str, np.ndarray]] = []  # per row: the ground truth's and each schedule's audio
     (out / "utterances").mkdir(exist_ok=True)
     bar = tqdm(targets, desc="demo", unit="utt", disable=not progress)
     for j, (voice, text) in enumerate(bar):
@@ -166,6 +165,7 @@ def run_demo(out: Any = "soundstorm-demo", assets: Any = ASSETS, utterances: int
         p = prompts[voice.name]
         full_ids = torch.cat([p["ids"], ids])[None]
         truth_audio = codec.decode(truth[None])[0].numpy()
+        row_clips = {"ground_truth": truth_audio}
         row: Dict[str, Any] = {"voice": voice.name, "text": text,
                                "seconds": round(frames / float(cfg.frame_rate), 3),
                                "schedules": {}}
@@ -208,9 +208,9 @@ def run_demo(out: Any = "soundstorm-demo", assets: Any = ASSETS, utterances: int
                         ("ground truth (codec resynthesis)", truth_audio),
                         ("generated (SoundStorm)", audio)], text)
             row["schedules"][name] = result
-            row.setdefault("_audio", {})[name] = audio
-        row["_truth_audio"] = truth_audio
+            row_clips[name] = audio
         rows.append(row)
+        clips.append(row_clips)
 
     report: Dict[str, Any] = {
         "model": {"parameters": sum(p.numel() for p in engine.model.parameters()),
@@ -222,7 +222,7 @@ def run_demo(out: Any = "soundstorm-demo", assets: Any = ASSETS, utterances: int
     }
     if encoder is not None:
         refs = _speaker_references(encoder, VOICES, texts, speak, codec)
-        report["speaker_similarity"] = _similarity_report(encoder, refs, rows)
+        report["speaker_similarity"] = _similarity_report(encoder, refs, rows, clips)
     for name in schedules:
         per = [r["schedules"][name] for r in rows]
         acc = np.mean([s["token_accuracy"] for s in per], axis=0)
@@ -239,7 +239,7 @@ def run_demo(out: Any = "soundstorm-demo", assets: Any = ASSETS, utterances: int
         report["schedules"][name] = summary
     report["codec_mel_distance_db"] = round(float(np.mean([r["codec_mel_distance_db"]
                                                            for r in rows])), 3)
-    report["utterances"] = [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows]
+    report["utterances"] = rows
     (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
     log(format_report(report))
     log(f"wrote {out}/: prompt.wav, original.wav, ground_truth.wav, generated.wav, "
@@ -349,7 +349,8 @@ def _speaker_references(encoder: Any, voices: Sequence, texts, speak,
     return refs
 
 
-def _similarity_report(encoder: Any, refs: Dict[str, np.ndarray], rows: List[Dict[str, Any]]):
+def _similarity_report(encoder: Any, refs: Dict[str, np.ndarray], rows: List[Dict[str, Any]],
+                       clips: List[Dict[str, np.ndarray]]):
     names = list(refs)
     matrix = np.stack([refs[n] for n in names])
 
@@ -369,13 +370,14 @@ def _similarity_report(encoder: Any, refs: Dict[str, np.ndarray], rows: List[Dic
                 "identified": round(float(np.mean([s["identified"] for s in scores])), 4)}
 
     out = {"speakers": names, "generated": {}}
-    for name in rows[0]["_audio"]:
-        scores = [score(r["_audio"][name], r["voice"]) for r in rows]
+    for name in rows[0]["schedules"]:
+        scores = [score(c[name], r["voice"]) for r, c in zip(rows, clips)]
         out["generated"][name] = summary(scores)
         for r, sc in zip(rows, scores):  # per utterance: the similarities and the nearest voice
             r["schedules"][name].update(similarity_prompt_speaker=round(sc["same"], 4),
                                         closest_speaker=sc["closest"])
-    out["ground_truth"] = summary([score(r["_truth_audio"], r["voice"]) for r in rows])
+    out["ground_truth"] = summary([score(c["ground_truth"], r["voice"])
+                                   for r, c in zip(rows, clips)])
     return out
 
 

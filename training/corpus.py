@@ -178,6 +178,16 @@ class CorpusWriter:
         if self._frames >= self.shard_frames:
             self._flush()
 
+    @property
+    def num_utterances(self) -> int:
+        """Utterances added so far, flushed to a shard or not."""
+        return len(self._entries) + len(self._pending)
+
+    @property
+    def entries(self) -> List[Dict[str, Any]]:
+        """The manifest entries of the flushed shards (every utterance once closed)."""
+        return list(self._entries)
+
     def _flush(self) -> None:
         if not self._pending:
             return

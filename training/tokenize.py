@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from soundstorm.engine.codecs.audio import read_audio
 from soundstorm.training.audio_list import AudioItem
 from soundstorm.training.corpus import CORPUS_FILE, CorpusWriter
 
@@ -135,13 +136,13 @@ def tokenize_corpus(items: Sequence[AudioItem], codec: Any, semantic: Any, out: 
         acoustic, ids, seconds = tokens
         writer.add(item.id, acoustic, ids,
                    speakers[item.speaker if item.speaker is not None else "unknown"], seconds)
-    entries = len(writer._entries) + len(writer._pending)
+    entries = writer.num_utterances
     if entries == 0:
         raise ValueError(f"none of the {len(items)} audio files could be tokenized: "
                          + "; ".join(f"{s['path']}: {s['reason']}" for s in skipped[:5]))
     writer.close()
     (out / SPEAKERS_FILE).write_text(json.dumps(speakers, indent=1) + "\n")
-    frames = sum(e["frames"] for e in writer._entries)
+    frames = sum(e["frames"] for e in writer.entries)
     report = {
         "utterances": entries, "resumed_from": len(done), "skipped": skipped,
         "frames": frames, "hours": round(frames / float(codec.frame_rate) / 3600, 4),
@@ -155,8 +156,6 @@ def tokenize_corpus(items: Sequence[AudioItem], codec: Any, semantic: Any, out: 
 def _tokenize_one(item: AudioItem, codec: Any, semantic: Any, silence_db: float,
                   num: int, den: int):
     """(reason, None) for a file to skip, else (None, (acoustic [T, Q], ids [S], seconds))."""
-    from soundstorm.engine.codecs.audio import read_audio
-
     try:
         samples, sr = read_audio(item.path)
     except FileNotFoundError:
@@ -172,7 +171,7 @@ def _tokenize_one(item: AudioItem, codec: Any, semantic: Any, silence_db: float,
     if level < silence_db:
         return f"silent: RMS level {level:.1f} dBFS is below {silence_db:g} dBFS", None
     seconds = len(samples) / sr
-    if codec.num_frames(len(samples), sr) < 1 or seconds * float(codec.frame_rate) < 1:
+    if seconds * float(codec.frame_rate) < 1:
         return f"too short: {seconds * 1000:.1f} ms is less than one codec frame", None
     with torch.no_grad():
         acoustic = codec.encode(torch.from_numpy(samples)[None], sr)[0].cpu().numpy()
