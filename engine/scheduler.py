@@ -216,8 +216,8 @@ class StepRunner:
         eligible = (column == engine.config.mask_id) & frame_valid
         new = engine.ops.masked_resample(
             logits, column, eligible, None if mode.keep_all else buf.num_keep, buf.seeds,
-            buf.level, buf.iteration, buf.temperature, buf.noise if mode.noise else 0.0,
-            buf.sample if mode.sample else False)
+            buf.level, buf.iteration, buf.temperature, buf.noise, buf.sample,
+            any_sample=mode.sample, any_noise=mode.noise)
         buf.tokens.scatter_(2, index, new[..., None])
 
 

@@ -27,7 +27,8 @@ def masked_resample_reference(logits: torch.Tensor, tokens: torch.Tensor,
                               eligible: torch.Tensor, num_keep: Optional[torch.Tensor],
                               seeds: torch.Tensor, level: Scalar, iteration: Scalar,
                               temperature: Scalar, noise_scale: Scalar,
-                              sample: Scalar) -> torch.Tensor:
+                              sample: Scalar, any_sample: Optional[bool] = None,
+                              any_noise: Optional[bool] = None) -> torch.Tensor:
     """
     logits:      [B, T, C] any float dtype (computed in float32)
     tokens:      int64 [B, T]  the level's current ids, MASK (= C) where not yet decoded
@@ -40,12 +41,20 @@ def masked_resample_reference(logits: torch.Tensor, tokens: torch.Tensor,
     temperature: > 0 where sampling; float or float [B]
     noise_scale: multiplier of the confidence Gumbel noise (already annealed); float or [B]
     sample:      draw candidates (True) or take the argmax (False); bool or bool [B]
+    any_sample:  whether any row samples (None: a tensor `sample` counts as yes, a Python
+                 value as itself); False skips the candidate noise, whatever `sample` holds
+    any_noise:   whether any row perturbs its confidence (None: a tensor `noise_scale`
+                 counts as yes, a Python value when it is not 0)
     returns      int64 [B, T]  tokens with the kept candidates written
     """
     B, T, C = logits.shape
     scores = logits.float()
     greedy = scores.argmax(dim=-1)
-    if isinstance(sample, torch.Tensor) or sample:
+    if any_sample is None:
+        any_sample = isinstance(sample, torch.Tensor) or bool(sample)
+    if any_noise is None:
+        any_noise = isinstance(noise_scale, torch.Tensor) or noise_scale != 0.0
+    if any_sample:
         keys = rng.frame_keys(rng.step_keys(seeds, level, iteration, rng.STREAM_CANDIDATE), T)
         noise = rng.to_gumbel(rng.code_keys(keys, C))
         temp = _per_row(temperature, B, scores.device)
@@ -60,7 +69,7 @@ def masked_resample_reference(logits: torch.Tensor, tokens: torch.Tensor,
 
     log_p = scores.gather(-1, candidate[..., None]).squeeze(-1) - scores.logsumexp(dim=-1)
     confidence = log_p
-    if isinstance(noise_scale, torch.Tensor) or noise_scale != 0.0:
+    if any_noise:
         keys = rng.frame_keys(rng.step_keys(seeds, level, iteration, rng.STREAM_CONFIDENCE), T)
         scale = _per_row(noise_scale, B, scores.device)
         confidence = confidence + scale[:, None] * rng.to_gumbel(keys)

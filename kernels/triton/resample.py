@@ -144,13 +144,19 @@ def select_config(num_frames: int) -> dict:
 
 def masked_resample(logits: torch.Tensor, tokens: torch.Tensor, eligible: torch.Tensor,
                     num_keep: Optional[torch.Tensor], seeds: torch.Tensor, level, iteration,
-                    temperature, noise_scale, sample) -> torch.Tensor:
+                    temperature, noise_scale, sample, any_sample: Optional[bool] = None,
+                    any_noise: Optional[bool] = None) -> torch.Tensor:
     """Triton version of `masked_resample_reference` (same arguments, same result): each
-    per-step parameter is one value for the batch or a tensor with one value per row."""
+    per-step parameter is one value for the batch or a tensor with one value per row.
+    Inside a captured step every parameter must already be a device tensor (a Python
+    value becomes one through a host-to-device copy); `any_sample` / `any_noise` then say
+    which work the pass needs."""
     B = logits.shape[0] if logits.ndim == 3 else 0
     device = logits.device
-    sampling = isinstance(sample, torch.Tensor) or bool(sample)
-    noisy = isinstance(noise_scale, torch.Tensor) or float(noise_scale) != 0.0
+    sampling = (isinstance(sample, torch.Tensor) or bool(sample)) if any_sample is None \
+        else bool(any_sample)
+    noisy = (isinstance(noise_scale, torch.Tensor) or float(noise_scale) != 0.0) \
+        if any_noise is None else bool(any_noise)
     if not isinstance(sample, torch.Tensor) and sample and not isinstance(
             temperature, torch.Tensor) and not temperature > 0:
         raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
@@ -162,7 +168,10 @@ def masked_resample(logits: torch.Tensor, tokens: torch.Tensor, eligible: torch.
 
 
 def _rows(value, batch: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """One value per row, contiguous on `device` (a tensor is taken as it is: no sync)."""
+    """One value per row, contiguous on `device`. A tensor already there in `dtype` is
+    used as it is (no copy, no sync); a Python value is copied from the host."""
+    if isinstance(value, torch.Tensor) and value.device == device and value.dtype == dtype:
+        return value.expand(batch).contiguous()
     return torch.as_tensor(value, dtype=dtype, device=device).expand(batch).contiguous()
 
 
