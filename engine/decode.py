@@ -104,9 +104,12 @@ def reference_decode(engine, batch, on_step: Optional[OnStep] = None) -> torch.T
     against. `batch` comes from `engine.prepare(...)`; returns int64 [B, T, Q] like
     `Engine.generate`."""
     T = batch.tokens.shape[1]
-    lengths = None if min(batch.frames) == T else torch.tensor(batch.frames, device=engine.device)
-    plan = plan_decode(batch.to_decode, batch.steps_per_level, batch.decode, engine.device)
-    tokens = decode_levels(engine.model, engine.ops, batch.semantic, batch.tokens.clone(),
-                           lengths, batch.frame_valid, batch.seeds.to(engine.device), plan,
-                           batch.decode, on_step)
-    return tokens.masked_fill_(~batch.frame_valid[..., None], -1)
+    device = engine.device
+    lengths = None if min(batch.frames) == T else torch.tensor(batch.frames, device=device)
+    plan = plan_decode(batch.to_decode, batch.steps_per_level, batch.decode, device)
+    frame_valid = batch.frame_valid.to(device)
+    with engine.runner.device_guard():
+        tokens = decode_levels(engine.model, engine.ops, batch.semantic.to(device),
+                               batch.tokens.to(device, copy=True), lengths, frame_valid,
+                               batch.seeds.to(device), plan, batch.decode, on_step)
+    return tokens.masked_fill_(~frame_valid[..., None], -1)

@@ -15,7 +15,8 @@ from soundstorm.engine import longform
 from soundstorm.engine.config import DecodeConfig, ModelConfig
 from soundstorm.engine.decode import OnStep
 from soundstorm.engine.longform import StreamChunk
-from soundstorm.engine.scheduler import RequestHandle, Scheduler, StepRunner
+from soundstorm.engine.runner import ALL_MODES, StepMode, StepRunner
+from soundstorm.engine.scheduler import RequestHandle, Scheduler, batch_buckets
 from soundstorm.engine.model import SoundStorm
 from soundstorm.kernels import get_ops
 
@@ -66,12 +67,21 @@ class Engine:
                   the plain PyTorch reference every other backend is tested against.
     max_batch:    most requests the scheduler decodes in one pass (`submit`,
                   `generate_many`).
+    cuda_graphs:  replay each step as a captured CUDA graph (default: on CUDA devices);
+                  False runs every step eagerly.
+    warmup:       capture every step graph now (`Engine.warmup()`) rather than on first
+                  use.
+
+    Every pass of the engine goes through its one `runner` (static buffers per (batch,
+    length) bucket, the step graphs and one lock), so the engine may be used from several
+    threads. Several GPUs: one engine per device; each runs under its own device guard.
     """
 
     def __init__(self, model_or_dir: Union[SoundStorm, str, Path],
                  device: Union[str, torch.device, None] = None,
                  dtype: Union[str, torch.dtype, None] = None, backend: str = "auto",
-                 max_batch: int = 8):
+                 max_batch: int = 8, cuda_graphs: Optional[bool] = None,
+                 warmup: bool = False):
         dtype = resolve_dtype(dtype)
         if isinstance(model_or_dir, SoundStorm):
             model = model_or_dir
@@ -95,8 +105,10 @@ class Engine:
             raise ValueError(f"max_batch must be an int >= 1, got {max_batch!r}")
         self.max_batch = max_batch
         self._scheduler: Optional[Scheduler] = None
-        self._sync_runner = StepRunner(self)
-        self._sync_lock = threading.Lock()
+        self._scheduler_lock = threading.Lock()
+        self.runner = StepRunner(self, use_cuda_graphs=cuda_graphs)
+        if warmup:
+            self.warmup()
 
     @classmethod
     def from_preset(cls, name: str, seed: int = 0, **kwargs) -> "Engine":
@@ -137,25 +149,28 @@ class Engine:
         B, T, Q = batch.tokens.shape
         steps = [(q, i) for q, s in enumerate(batch.steps_per_level, start=1)
                  for i in range(1, s + 1)]
-        with self._sync_lock:
-            # All rows are admitted together and share one schedule, so they advance in
-            # lockstep: after scheduler step k every row has done iteration k.
-            scheduler = Scheduler(self, max_batch=B, threaded=False, runner=self._sync_runner)
-            handles = [scheduler.enqueue(batch, b) for b in range(B)]
-            for level, iteration in steps:
-                scheduler.step()
-                if on_step is not None:
-                    on_step(level, iteration, _assemble([h._request.tokens for h in handles], T, Q))
-            if scheduler.in_flight:
-                raise RuntimeError("internal error: the batch did not finish with its schedule")
-            return _assemble([h.result() for h in handles], T, Q)
+        # All rows are admitted together and share one schedule, so they advance in
+        # lockstep: after scheduler step k every row has done iteration k. Their tokens stay
+        # in the bucket's buffers from the first step to the last.
+        scheduler = Scheduler(self, max_batch=max(B, self.max_batch), threaded=False)
+        handles = [scheduler.enqueue(batch, b) for b in range(B)]
+        for level, iteration in steps:
+            scheduler.step()
+            if on_step is not None:
+                rows = [h.result() if h.done() else self.runner.row_tokens(h._request)
+                        for h in handles]
+                on_step(level, iteration, _assemble(rows, T, Q))
+        if scheduler.in_flight:
+            raise RuntimeError("internal error: the batch did not finish with its schedule")
+        return _assemble([h.result() for h in handles], T, Q)
 
     def prepare(self, semantic: torch.Tensor, semantic_lengths: Optional[torch.Tensor] = None,
                 prompt: Optional[torch.Tensor] = None,
                 prompt_lengths: Optional[torch.Tensor] = None,
                 decode: Optional[DecodeConfig] = None, seed: Seed = None) -> "PreparedBatch":
         """Check `generate`'s inputs (raising ValueError/TypeError that name the argument,
-        the value and what was expected) and build the decoder's starting state."""
+        the value and what was expected) and build the decoder's starting state, on the
+        host: nothing here touches the engine's device (the runner moves rows there)."""
         cfg = self.config
         decode = decode if decode is not None else DecodeConfig()
         if not isinstance(decode, DecodeConfig):
@@ -201,7 +216,7 @@ class Engine:
         _check_range("prompt", prompt, prompt_len, cfg.codebook_size)
         seeds = _seeds(seed, B)
 
-        device = self.device
+        device = torch.device("cpu")
         # Ids past a row's length may be anything (e.g. -1 padding); the model must still
         # be able to look them up, and they never reach a real frame.
         sem_valid = torch.arange(S)[None, :] < torch.tensor(sem_len)[:, None]
@@ -221,9 +236,10 @@ class Engine:
     def scheduler(self) -> Scheduler:
         """The engine's continuous-batching scheduler (a worker thread, created on first
         use, decoding up to `max_batch` requests per pass)."""
-        if self._scheduler is None:
-            self._scheduler = Scheduler(self, max_batch=self.max_batch, threaded=True)
-        return self._scheduler
+        with self._scheduler_lock:
+            if self._scheduler is None:
+                self._scheduler = Scheduler(self, max_batch=self.max_batch, threaded=True)
+            return self._scheduler
 
     def submit(self, semantic: torch.Tensor, prompt: Optional[torch.Tensor] = None,
                decode: Optional[DecodeConfig] = None, seed: Optional[int] = None,
@@ -254,11 +270,9 @@ class Engine:
             if unknown or "semantic" not in request:
                 raise ValueError(f"requests[{i}] has keys {sorted(request)}; expected "
                                  f"'semantic' and optionally 'prompt', 'decode', 'seed'")
-        with self._sync_lock:
-            scheduler = Scheduler(self, max_batch=self.max_batch, threaded=False,
-                                  runner=self._sync_runner)
-            handles = [scheduler.submit(**r) for r in requests]
-            scheduler.run_until_idle()
+        scheduler = Scheduler(self, max_batch=self.max_batch, threaded=False)
+        handles = [scheduler.submit(**r) for r in requests]
+        scheduler.run_until_idle()
         return [h.result() for h in handles]
 
     # -- long-form ----------------------------------------------------------------------
@@ -305,7 +319,10 @@ def _int_tensor(name: str, x, ndim: int, shape_doc: str, allow_empty: bool = Fal
     if x.numel() == 0 and not (allow_empty and x.shape[0] > 0 and x.shape[1] == 0):
         raise ValueError(f"{name} is empty (shape {tuple(x.shape)}); expected {shape_doc} "
                          "with every dimension > 0")
-    return x.to(torch.int64)
+    if x.device.type == "meta":
+        raise ValueError(f"{name} is on the meta device and holds no ids; pass a real tensor")
+    # Checks and the decoder's starting state live on the host (see `Engine.prepare`).
+    return x.to(device="cpu", dtype=torch.int64)
 
 
 def _lengths(name: str, lengths, batch: int, size: int, default: int,

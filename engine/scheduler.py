@@ -40,6 +40,7 @@ import torch
 
 from soundstorm.engine.config import DecodeConfig
 from soundstorm.engine.decode import plan_decode
+from soundstorm.engine.runner import Buffers, StepMode, StepRunner  # noqa: F401 (re-exported)
 
 if TYPE_CHECKING:
     from soundstorm.engine.engine import Engine, PreparedBatch
@@ -73,12 +74,13 @@ def smallest_fit(buckets: Tuple[int, ...], n: int) -> int:
     return next(b for b in buckets if b >= n)
 
 
-@dataclass
+@dataclass(eq=False)   # a request is itself: compared and hashed by identity
 class Request:
     """One utterance in flight: its inputs, its schedule, and where it stands."""
     id: int
-    semantic: torch.Tensor       # int64 [S] on the engine's device
-    tokens: torch.Tensor         # int64 [T, Q]: prompt, decoded so far, MASK elsewhere
+    semantic: torch.Tensor       # int64 [S] (host until first run, then the device)
+    tokens: torch.Tensor         # int64 [T, Q]: prompt, decoded so far, MASK elsewhere;
+                                 # stale while the request is resident in a bucket's rows
     seed: int
     temperature: float
     levels: List[int]            # per step of its schedule: 1-based level,
@@ -90,6 +92,8 @@ class Request:
     future: Future
     on_step: Optional[OnRequestStep] = None
     cursor: int = 0              # steps done
+    resident_in: Optional[Buffers] = field(default=None, repr=False)  # see StepRunner
+    row: int = 0
 
     @property
     def frames(self) -> int:
@@ -124,104 +128,6 @@ class RequestHandle:
 
 
 @dataclass
-class Buffers:
-    """Static inputs of one bucket's step (rewritten in place before every step)."""
-    semantic: torch.Tensor     # int64 [B, S]
-    tokens: torch.Tensor       # int64 [B, T, Q]
-    lengths: torch.Tensor      # int64 [B]
-    level: torch.Tensor        # int64 [B] 1-based
-    iteration: torch.Tensor    # int64 [B] 1-based
-    num_keep: torch.Tensor     # int64 [B]
-    seeds: torch.Tensor        # int64 [B]
-    temperature: torch.Tensor  # float32 [B]
-    noise: torch.Tensor        # float32 [B]
-    sample: torch.Tensor       # bool [B]
-    graphs: Dict["StepMode", "torch.cuda.CUDAGraph"] = field(default_factory=dict)
-    warmed: set = field(default_factory=set)
-
-
-@dataclass(frozen=True)
-class StepMode:
-    """What a step must compute, fixed per pass from the rows in it. A pass whose rows all
-    take the argmax skips the candidate noise; one whose rows all keep every candidate (last
-    iterations) skips ranking; one with no confidence noise skips that noise. On CUDA each
-    (bucket, mode) has its own graph: at most 8 per bucket, 2 or 3 in practice."""
-    sample: bool      # some row samples its candidates
-    keep_all: bool    # every row keeps all its candidates
-    noise: bool       # some row perturbs its confidence
-
-
-class StepRunner:
-    """Runs one decoding step over a bucket's static buffers: eagerly on CPU, replaying a
-    captured CUDA graph on CUDA (after one eager warm-up step per bucket)."""
-
-    def __init__(self, engine: "Engine", use_cuda_graphs: Optional[bool] = None):
-        self.engine = engine
-        self.device = engine.device
-        self.use_cuda_graphs = (self.device.type == "cuda") if use_cuda_graphs is None else use_cuda_graphs
-        if self.use_cuda_graphs and self.device.type != "cuda":
-            raise ValueError("use_cuda_graphs=True needs a CUDA device; the engine is on "
-                             f"{self.device}")
-        self.buffers: Dict[Tuple[int, int], Buffers] = {}
-
-    def buffers_for(self, batch: int, frames: int) -> Buffers:
-        key = (batch, frames)
-        if key not in self.buffers:
-            cfg, dev = self.engine.config, self.device
-            num, den = cfg.semantic_index_fraction()
-            S = ((frames - 1) * num) // den + 1
-            i64 = dict(dtype=torch.int64, device=dev)
-            self.buffers[key] = Buffers(
-                semantic=torch.zeros(batch, S, **i64),
-                tokens=torch.full((batch, frames, cfg.num_quantizers), cfg.mask_id, **i64),
-                lengths=torch.ones(batch, **i64), level=torch.ones(batch, **i64),
-                iteration=torch.ones(batch, **i64), num_keep=torch.zeros(batch, **i64),
-                seeds=torch.zeros(batch, **i64),
-                temperature=torch.ones(batch, dtype=torch.float32, device=dev),
-                noise=torch.zeros(batch, dtype=torch.float32, device=dev),
-                sample=torch.zeros(batch, dtype=torch.bool, device=dev))
-        return self.buffers[key]
-
-    def step(self, buf: Buffers, mode: StepMode) -> None:
-        """One iteration for every row of `buf`, updating `buf.tokens` in place."""
-        if not self.use_cuda_graphs:
-            self._step(buf, mode)
-        elif mode not in buf.warmed:
-            # Warm-up on a side stream (allocator, cuBLAS handles), as graph capture wants.
-            stream = torch.cuda.Stream(self.device)
-            stream.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(stream):
-                self._step(buf, mode)
-            torch.cuda.current_stream(self.device).wait_stream(stream)
-            buf.warmed.add(mode)
-        else:
-            if mode not in buf.graphs:
-                graph = torch.cuda.CUDAGraph()
-                saved = buf.tokens.clone()
-                with torch.cuda.graph(graph):
-                    self._step(buf, mode)
-                buf.tokens.copy_(saved)   # capture records but does not run; keep the state
-                buf.graphs[mode] = graph
-            buf.graphs[mode].replay()
-
-    def _step(self, buf: Buffers, mode: StepMode) -> None:
-        """The per-step function: fixed shapes, parameters read from device tensors, no
-        host synchronisation (this is what a CUDA graph captures)."""
-        engine = self.engine
-        B, T, _ = buf.tokens.shape
-        logits = engine.model(buf.semantic, buf.tokens, buf.lengths, level=buf.level)
-        index = (buf.level - 1).view(B, 1, 1).expand(B, T, 1)
-        column = buf.tokens.gather(2, index).squeeze(2)
-        frame_valid = torch.arange(T, device=buf.tokens.device)[None, :] < buf.lengths[:, None]
-        eligible = (column == engine.config.mask_id) & frame_valid
-        new = engine.ops.masked_resample(
-            logits, column, eligible, None if mode.keep_all else buf.num_keep, buf.seeds,
-            buf.level, buf.iteration, buf.temperature, buf.noise, buf.sample,
-            any_sample=mode.sample, any_noise=mode.noise)
-        buf.tokens.scatter_(2, index, new[..., None])
-
-
-@dataclass
 class SchedulerStats:
     steps: int = 0
     rows_run: int = 0        # active rows summed over steps
@@ -238,20 +144,19 @@ class Scheduler:
     threaded=True (what `Engine.submit` uses): a daemon worker thread runs steps whenever
     requests are in flight. threaded=False: the caller drives it with `step()` or
     `run_until_idle()` (deterministic arrival patterns in tests and benchmarks).
+    Every scheduler of an engine runs its passes through the engine's one `StepRunner`
+    (its buffers, graphs and lock), unless given another `runner`.
     """
 
     def __init__(self, engine: "Engine", max_batch: int = 8, threaded: bool = True,
-                 use_cuda_graphs: Optional[bool] = None, min_length_bucket: int = 64,
-                 runner: Optional[StepRunner] = None):
+                 min_length_bucket: int = 64, runner: Optional[StepRunner] = None):
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"max_batch must be an int >= 1, got {max_batch!r}")
         self.engine = engine
         self.max_batch = max_batch
         self.batch_buckets = batch_buckets(max_batch)
         self.length_buckets = length_buckets(engine.config.max_frames, min_length_bucket)
-        # A runner owns static buffers (and CUDA graphs): share one between schedulers that
-        # never step at the same time, so buckets are allocated (and captured) once.
-        self.runner = runner or StepRunner(engine, use_cuda_graphs)
+        self.runner = runner or engine.runner
         self.stats = SchedulerStats()
         self._waiting: deque[Request] = deque()
         self._active: List[Request] = []
@@ -344,12 +249,13 @@ class Scheduler:
             if request.on_step is not None:
                 try:
                     request.on_step(request.levels[request.cursor - 1],
-                                    request.iterations[request.cursor - 1], request.tokens.clone())
+                                    request.iterations[request.cursor - 1],
+                                    self.runner.row_tokens(request))
                 except Exception as error:
                     self._finish(request, error=error)
                     continue
             if request.done:
-                self._finish(request, result=request.tokens.clone())
+                self._finish(request, result=self.runner.row_tokens(request))
         self.stats.steps += 1
         return len(active)
 
@@ -357,35 +263,7 @@ class Scheduler:
         n = len(active)
         B = smallest_fit(self.batch_buckets, n)
         T = smallest_fit(self.length_buckets, max(r.frames for r in active))
-        buf = self.runner.buffers_for(B, T)
-        cfg = self.engine.config
-        buf.tokens.fill_(cfg.mask_id)
-        buf.semantic.zero_()
-        buf.lengths.fill_(1)
-        buf.num_keep.zero_()         # padding rows keep nothing
-        buf.sample.zero_()
-        buf.noise.zero_()
-        rows = {"level": [], "iteration": [], "num_keep": [], "seeds": [], "temperature": [],
-                "noise": [], "sample": [], "lengths": []}
-        for i, r in enumerate(active):
-            c = r.cursor
-            buf.tokens[i, :r.frames].copy_(r.tokens)
-            S = min(r.semantic.shape[0], buf.semantic.shape[1])
-            buf.semantic[i, :S].copy_(r.semantic[:S])
-            for key, value in (("level", r.levels[c]), ("iteration", r.iterations[c]),
-                               ("num_keep", r.num_keep[c]), ("seeds", r.seed),
-                               ("temperature", r.temperature), ("noise", r.noise[c]),
-                               ("sample", r.sample[c]), ("lengths", r.frames)):
-                rows[key].append(value)
-        for key, values in rows.items():
-            getattr(buf, key)[:n].copy_(torch.tensor(values, dtype=getattr(buf, key).dtype))
-        mode = StepMode(sample=any(rows["sample"]),
-                        keep_all=all(r.keep_all[r.cursor] for r in active),
-                        noise=any(v != 0.0 for v in rows["noise"]))
-        with torch.no_grad():
-            self.runner.step(buf, mode)
-        for i, r in enumerate(active):
-            r.tokens.copy_(buf.tokens[i, :r.frames])
+        self.runner.run(active, B, T)
         self.stats.rows_run += n
         self.stats.rows_padded += B
         self.stats.buckets[(B, T)] = self.stats.buckets.get((B, T), 0) + 1
@@ -395,6 +273,7 @@ class Scheduler:
         with self._lock:
             if request in self._active:
                 self._active.remove(request)
+        self.runner.release(request)
         if error is not None:
             self.stats.failed += 1
             request.future.set_exception(error)
