@@ -2,9 +2,12 @@
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 # One thread per process: the training tests start several processes, and on a small,
@@ -31,3 +34,48 @@ def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def launch_ranks(argv, world_size=2, timeout=120):
+    """Run `python argv...` as the `world_size` ranks of one launch, with the environment
+    torchrun gives its processes (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT).
+
+    Unlike torchrun, a rank that fails does not stop the others, so each rank's own outcome
+    shows. Returns [(returncode, stdout, stderr)] by rank. Ranks still running after
+    `timeout` seconds are killed, with their process groups, and the test fails: the
+    launch hung.
+    """
+    port = free_port()
+    procs = []
+    with tempfile.TemporaryDirectory() as logs:
+        try:
+            for rank in range(world_size):
+                env = {**ENV, "RANK": str(rank), "WORLD_SIZE": str(world_size),
+                       "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(world_size),
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+                out, err = (open(Path(logs) / f"{rank}.{n}", "w+") for n in ("out", "err"))
+                proc = subprocess.Popen([sys.executable, *map(str, argv)], env=env,
+                                        stdout=out, stderr=err, start_new_session=True)
+                procs.append((proc, out, err))
+            deadline = time.monotonic() + timeout
+            hung = False
+            for proc, _, _ in procs:
+                try:
+                    proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    hung = True
+        finally:
+            for proc, _, _ in procs:
+                if proc.poll() is None:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+        results = []
+        for proc, out, err in procs:
+            out.seek(0)
+            err.seek(0)
+            results.append((proc.returncode, out.read(), err.read()))
+            out.close()
+            err.close()
+    assert not hung, (f"the ranks were still running after {timeout} s (a hang); stderr tails:\n"
+                      + "\n".join(f"rank {r}: {e[-2000:]}" for r, (_, _, e) in enumerate(results)))
+    return results

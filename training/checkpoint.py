@@ -55,6 +55,21 @@ def latest_checkpoint(directory: Union[str, Path]) -> Optional[Path]:
     return found[-1] if found else None
 
 
+def checkpoint_step(path: Union[str, Path]) -> int:
+    """The step a checkpoint directory records in its state.json."""
+    state_path = Path(path) / STATE_FILE
+    if not state_path.is_file():
+        raise FileNotFoundError(f"not a complete training checkpoint (no {STATE_FILE}): {path}")
+    try:
+        state = json.loads(state_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{state_path}: not valid JSON ({e})") from None
+    step = state.get("step") if isinstance(state, dict) else None
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise ValueError(f"{state_path}: step = {step!r}, expected an int >= 0")
+    return step
+
+
 def remove_partial(directory: Union[str, Path]) -> None:
     """Delete leftovers of checkpoints whose writing was interrupted."""
     directory = Path(directory)

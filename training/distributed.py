@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import List
 
 import torch
 import torch.distributed as dist
@@ -76,6 +77,31 @@ def all_reduce_sum(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
     if info.distributed:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
+
+
+def broadcast_int(value: int, info: DistInfo) -> int:
+    """Rank 0's `value`, returned on every rank (the other ranks' `value` is ignored); a
+    no-op for a single process. Every rank must call this.
+
+    It travels as an int64 tensor on this rank's device: the CPU for gloo, the rank's GPU
+    for NCCL. Nothing is pickled.
+    """
+    if not info.distributed:
+        return value
+    t = torch.tensor([value if info.is_main else 0], dtype=torch.int64, device=info.device)
+    dist.broadcast(t, src=0)
+    return int(t.item())
+
+
+def failed_ranks(failed: bool, info: DistInfo) -> List[int]:
+    """The ranks that passed failed=True, known to every rank; [] or [0] for a single
+    process. Every rank must call this, so that no rank waits for one that gave up."""
+    if not info.distributed:
+        return [0] if failed else []
+    flags = torch.zeros(info.world_size, dtype=torch.int64, device=info.device)
+    flags[info.rank] = int(failed)
+    dist.all_reduce(flags, op=dist.ReduceOp.SUM)
+    return [rank for rank, flag in enumerate(flags.tolist()) if flag]
 
 
 def barrier(info: DistInfo) -> None:

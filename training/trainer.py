@@ -9,6 +9,9 @@ cross-entropy over all masked level-q tokens of the global batch, computed exact
 whatever the split (the masked-token count is summed over ranks before the backward
 pass), so a 2-process run reproduces a 1-process run with the same global batch.
 
+A run resumes from a checkpoint that rank 0 alone chooses and broadcasts (`agree_on_resume`);
+every rank loads that one, or all of them stop with an error (`load_resume_checkpoint`).
+
 The run directory (`out`) receives:
     train_config.json    the resolved settings
     metrics.jsonl        one JSON object per log interval ("loss", "acc_level", ...) and
@@ -27,7 +30,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -35,22 +38,30 @@ from torch.nn.parallel import DistributedDataParallel
 
 from soundstorm.engine.model import SoundStorm
 from soundstorm.training import distributed as dist_utils
-from soundstorm.training.checkpoint import (latest_checkpoint, list_checkpoints,
+from soundstorm.training.checkpoint import (checkpoint_name, checkpoint_step,
+                                            latest_checkpoint, list_checkpoints,
                                             load_checkpoint, remove_partial, save_checkpoint)
 from soundstorm.training.config import TrainConfig
 from soundstorm.training.corpus import TokenCorpus, open_corpus
 from soundstorm.training.data import (Batch, DataPosition, TrainStream, WindowDataset,
                                       WindowSampler, collate, split_indices)
+from soundstorm.training.distributed import DistInfo
 from soundstorm.training.masking import masked_loss, sample_mask
 from soundstorm.training.plot import plot_curves
 from soundstorm.training.schedule import WarmupExponentialDecay
 
 METRICS_FILE = "metrics.jsonl"
 VAL_SEED_OFFSET = 0x7A1  # validation windows and masks: fixed, and unlike training's
+NO_CHECKPOINT = -1       # a resume decision: start from step 0
+_UNDECIDED = -2          # rank 0 could not decide where to resume from (it raises why)
 
 
 class TrainingSetupError(ValueError):
     """Settings that cannot work together, found before any training step."""
+
+
+class ResumeError(ValueError):
+    """A rank of a launch cannot load the checkpoint that rank 0 chose to resume from."""
 
 
 def check_corpus_matches(corpus: TokenCorpus, config: TrainConfig, what: str) -> None:
@@ -133,23 +144,8 @@ class Trainer:
                                              drop_last=False)
         self.out = Path(cfg.out)
         self.ckpt_dir = self.out / "checkpoints"
-        self.resume_from = self._resume_target()
-
-    def _resume_target(self) -> Optional[Path]:
-        mode = self.config.resume
-        if mode == "never":
-            if list_checkpoints(self.ckpt_dir):
-                raise TrainingSetupError(
-                    f"{self.ckpt_dir} already holds checkpoints and resume = 'never'; choose a "
-                    "new out directory or resume ('auto')")
-            return None
-        if mode == "auto":
-            return latest_checkpoint(self.ckpt_dir)
-        path = Path(mode)
-        if not (path / "state.json").is_file():
-            raise TrainingSetupError(f"resume = {mode!r} is not a complete checkpoint directory "
-                                     "(no state.json)")
-        return path
+        resume = agree_on_resume(cfg.resume, self.ckpt_dir, d)
+        self.resume_from, self.resume_step = resume if resume is not None else (None, None)
 
     # -- the run ----------------------------------------------------------------------
     def run(self) -> Dict[str, Any]:
@@ -172,7 +168,7 @@ class Trainer:
             remove_partial(self.ckpt_dir)
             _write_json(self.out / "train_config.json", cfg.to_dict())
         if self.resume_from is not None:
-            state = load_checkpoint(self.resume_from, model, optimizer)
+            state = load_resume_checkpoint(self.resume_from, self.resume_step, model, optimizer, d)
             schedule.load_state_dict(state["scheduler"])
             position = DataPosition(**state["data"])
             step = state["step"]
@@ -285,6 +281,89 @@ class Trainer:
         dist_utils.all_reduce_sum(stats.sums, d)
         model.train()
         return stats.summary("val_")
+
+
+# -- where to resume from -------------------------------------------------------------
+def choose_resume(mode: str, ckpt_dir: Path) -> int:
+    """The step to resume from as this process sees the file system, or NO_CHECKPOINT.
+
+    mode: the `resume` setting: 'never' (and `ckpt_dir` must hold no checkpoint), 'auto'
+    (the newest complete checkpoint in `ckpt_dir`, if any) or a checkpoint directory.
+    """
+    if mode == "never":
+        if list_checkpoints(ckpt_dir):
+            raise TrainingSetupError(
+                f"{ckpt_dir} already holds checkpoints and resume = 'never'; choose a "
+                "new out directory or resume ('auto')")
+        return NO_CHECKPOINT
+    if mode == "auto":
+        latest = latest_checkpoint(ckpt_dir)
+        return NO_CHECKPOINT if latest is None else checkpoint_step(latest)
+    path = Path(mode)
+    if not (path / "state.json").is_file():
+        raise TrainingSetupError(f"resume = {mode!r} is not a complete checkpoint directory "
+                                 "(no state.json)")
+    try:
+        return checkpoint_step(path)
+    except ValueError as e:
+        raise TrainingSetupError(f"resume = {mode!r}: {e}") from None
+
+
+def agree_on_resume(mode: str, ckpt_dir: Path, info: DistInfo) -> Optional[Tuple[Path, int]]:
+    """The checkpoint (path, step) every rank resumes from, or None to start at step 0.
+
+    Rank 0 alone looks at the file system (`choose_resume`) and broadcasts the step it
+    chose, so ranks that list `ckpt_dir` at different moments, or on storage that differs
+    between nodes, cannot resume from different steps. When rank 0 cannot decide, it raises
+    the reason and every other rank a TrainingSetupError saying so. A single process
+    decides alone, as `choose_resume` does.
+    """
+    step, error = NO_CHECKPOINT, None
+    if info.is_main:
+        try:
+            step = choose_resume(mode, ckpt_dir)
+        except Exception as e:   # the other ranks must hear of it, or they would wait forever
+            step, error = _UNDECIDED, e
+    step = dist_utils.broadcast_int(step, info)
+    if error is not None:
+        raise error
+    if step == _UNDECIDED:
+        raise TrainingSetupError(f"rank {info.rank}: rank 0 could not choose a checkpoint to "
+                                 f"resume from (resume = {mode!r}); its error says why")
+    if step == NO_CHECKPOINT:
+        return None
+    path = ckpt_dir / checkpoint_name(step) if mode == "auto" else Path(mode)
+    return path, step
+
+
+def load_resume_checkpoint(path: Path, step: int, model: SoundStorm,
+                           optimizer: torch.optim.Optimizer, info: DistInfo) -> Dict[str, Any]:
+    """Load checkpoint `path` (step `step`, rank 0's choice) on every rank; returns its
+    state.json.
+
+    The ranks then agree on success: when any rank cannot read the checkpoint, or finds
+    another step in it, every rank raises ResumeError (each failing rank with its reason)
+    instead of leaving the others waiting for it. A single process raises what
+    `load_checkpoint` raises.
+    """
+    if not info.distributed:
+        return load_checkpoint(path, model, optimizer)
+    state, error = None, None
+    try:
+        state = load_checkpoint(path, model, optimizer)
+        if state["step"] != step:
+            raise ValueError(f"its state.json records step {state['step']!r}")
+    except Exception as e:   # the other ranks must hear of it, or they would wait forever
+        error = e
+    failed = dist_utils.failed_ranks(error is not None, info)
+    if error is not None:
+        raise ResumeError(f"rank {info.rank} cannot resume from checkpoint {path} (step {step}, "
+                          f"chosen by rank 0): {error}") from error
+    if failed:
+        raise ResumeError(f"rank {info.rank}: rank(s) {', '.join(map(str, failed))} cannot "
+                          f"resume from checkpoint {path} (step {step}, chosen by rank 0); "
+                          "their errors say why")
+    return state
 
 
 def train(config: TrainConfig) -> Dict[str, Any]:
