@@ -15,8 +15,8 @@ from soundstorm.engine import longform
 from soundstorm.engine.config import DecodeConfig, ModelConfig
 from soundstorm.engine.decode import OnStep
 from soundstorm.engine.longform import StreamChunk
-from soundstorm.engine.runner import ALL_MODES, StepMode, StepRunner
-from soundstorm.engine.scheduler import RequestHandle, Scheduler, batch_buckets
+from soundstorm.engine.runner import StepRunner, modes_for, step_activation_bytes
+from soundstorm.engine.scheduler import RequestHandle, Scheduler, batch_buckets, length_buckets
 from soundstorm.engine.model import SoundStorm
 from soundstorm.kernels import get_ops
 
@@ -274,6 +274,58 @@ class Engine:
         handles = [scheduler.submit(**r) for r in requests]
         scheduler.run_until_idle()
         return [h.result() for h in handles]
+
+    # -- ahead of time -------------------------------------------------------------------
+    def warmup(self, batch_sizes: Optional[Sequence[int]] = None,
+               max_frames: Optional[int] = None,
+               decodes: Optional[Sequence[DecodeConfig]] = None) -> dict:
+        """Prepare every decoding step before the first request: allocate each (batch,
+        length) bucket's buffers and, on CUDA, capture the step graph of every mode that
+        `decodes` can produce, largest bucket first, all into the runner's one memory pool.
+        Afterwards no request waits for a capture.
+
+        batch_sizes: bucket batch sizes (default: the scheduler's, powers of two up to
+                     max_batch; `generate` with B rows uses the smallest that holds B)
+        max_frames:  capture the length buckets up to the one holding this many frames
+                     (default: all, up to the model's max_frames)
+        decodes:     the DecodeConfigs requests will use (default: the paper's schedule)
+        returns      {"buckets", "modes", "graphs" (captured now), "seconds",
+                     "pool_bytes" (measured on CUDA, else None), "pool_bytes_estimate"}
+        """
+        import time
+
+        cfg = self.config
+        sizes = batch_buckets(self.max_batch) if batch_sizes is None else tuple(batch_sizes)
+        for b in sizes:
+            if isinstance(b, bool) or not isinstance(b, int) or b < 1:
+                raise ValueError(f"batch_sizes must be ints >= 1, got {list(sizes)!r}")
+        lengths = length_buckets(cfg.max_frames)
+        if max_frames is not None:
+            if isinstance(max_frames, bool) or not isinstance(max_frames, int) or not \
+                    1 <= max_frames <= cfg.max_frames:
+                raise ValueError(f"max_frames must be an int in 1..{cfg.max_frames} (the "
+                                 f"model's max_frames), got {max_frames!r}")
+            lengths = tuple(t for t in lengths if t < max_frames) + (
+                next(t for t in lengths if t >= max_frames),)
+        decodes = [DecodeConfig()] if decodes is None else list(decodes)
+        for d in decodes:
+            if not isinstance(d, DecodeConfig):
+                raise TypeError(f"decodes must be DecodeConfigs, got {type(d).__name__}")
+        modes = modes_for(decodes, cfg.num_quantizers)
+        buckets = [(b, t) for b in sizes for t in lengths]
+        cuda = self.device.type == "cuda"
+        reserved = torch.cuda.memory_reserved(self.device) if cuda else 0
+        start = time.perf_counter()
+        captured = self.runner.warmup(buckets, modes)
+        if cuda:
+            torch.cuda.synchronize(self.device)
+        return {
+            "buckets": sorted(buckets), "modes": modes, "graphs": len(captured),
+            "seconds": time.perf_counter() - start,
+            "pool_bytes": torch.cuda.memory_reserved(self.device) - reserved if cuda else None,
+            "pool_bytes_estimate": max(step_activation_bytes(cfg, b, t, self.dtype, self.backend)
+                                       for b, t in buckets),
+        }
 
     # -- long-form ----------------------------------------------------------------------
     def stream(self, semantic: torch.Tensor, prompt: Optional[torch.Tensor] = None,

@@ -339,6 +339,51 @@ class StepRunner:
         return sum(len(b.graphs) for b in self.buffers.values())
 
 
+def modes_for(decodes: Iterable, num_quantizers: int) -> List[StepMode]:
+    """Every step mode a mix of requests decoded with `decodes` (DecodeConfigs) can
+    produce: the modes of each plan's steps, and those of any set of steps in one pass
+    (some row samples, some row perturbs, every row keeps all)."""
+    from soundstorm.engine.decode import plan_decode
+
+    flags = set()
+    for decode in decodes:
+        plan = plan_decode([1], decode.resolve(num_quantizers), decode, torch.device("cpu"))
+        flags |= {(s.sample, s.keep_all, s.noise_scale != 0.0) for s in plan.steps}
+    flags = sorted(flags)
+    modes = set()
+    for chosen in range(1, 2 ** len(flags)):
+        subset = [f for i, f in enumerate(flags) if chosen >> i & 1]
+        modes.add(StepMode(sample=any(f[0] for f in subset),
+                           keep_all=all(f[1] for f in subset),
+                           noise=any(f[2] for f in subset)))
+    return sorted(modes, key=lambda m: (not m.sample, m.keep_all, not m.noise))
+
+
+def step_activation_bytes(config, batch: int, frames: int, dtype: torch.dtype,
+                          backend: str) -> int:
+    """Analytic peak of the activations live at once in one step of a (batch, frames)
+    bucket: what a CUDA graph pool must hold for it. Per frame, the largest of
+
+    - feed-forward: residual, normed input, hidden F, output D;
+    - attention: residual, normed input, QKV 3D, then the attention output and the
+      projection (the torch reference also keeps rotated q and k and their halves);
+    - convolution module: residual, normed input, the GLU pair 2E, then E-wide
+      intermediates (one fused kernel; four in the torch reference);
+    - the head: final hidden state and the C logits (the torch reference's resampling
+      also materialises float32 scores, int64 hashes and float32 noise over [T, C]).
+
+    Weights, the buffers and the rotary tables are not counted (they live outside the
+    pool). An estimate to hold the measured pool against, not a bound."""
+    a = torch.empty((), dtype=dtype).element_size()
+    D, F, E, C = config.dim, config.ff_dim, config.conv_dim, config.codebook_size
+    fused = backend != "torch"
+    ffn = (3 * D + F) * a
+    attention = (2 * D + 3 * D + 2 * D) * a if fused else (2 * D + 3 * D + 4 * D + 2 * D) * a
+    conv = (2 * D + 2 * E + E + D) * a if fused else (2 * D + 2 * E + 4 * E) * a
+    head = (2 * D + C) * a + (0 if fused else (4 + 8 + 8 + 4) * C)
+    return batch * frames * max(ffn, attention, conv, head)
+
+
 def _to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
     """A host tensor on `device`: through pinned memory and a non-blocking copy on CUDA
     (the caching host allocator keeps the pinned block until the copy is done)."""
