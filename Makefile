@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: setup run test bench clean
+.PHONY: setup run test bench gpu-check clean
 
 $(VENV)/.installed: pyproject.toml setup.py
 	@# espeak-ng speaks the demo's and the tests' speech; without it the demo stops saying
@@ -31,6 +31,11 @@ bench: setup
 	$(VENV)/bin/soundstorm bench --preset small --seconds 10
 	$(PY) bench/op_costs.py
 	$(PY) bench/bench_ops.py
+
+# On a CUDA machine that already has a CUDA build of torch (no network needed): installs this
+# checkout without dependencies into that Python and runs the GPU acceptance checks.
+gpu-check:
+	$(PYTHON) bench/gpu_check.py --out gpu-check.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info soundstorm-out soundstorm-demo .pytest_cache

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -74,6 +75,7 @@ class Buffers:
     next_staging: int = 0
     graphs: Dict[StepMode, "torch.cuda.CUDAGraph"] = field(default_factory=dict)
     warmed: set = field(default_factory=set)
+    eager: set = field(default_factory=set)   # modes whose capture failed: run eagerly
 
     @property
     def level(self) -> torch.Tensor:       # int64 [B] 1-based
@@ -256,7 +258,7 @@ class StepRunner:
     # -- the step -------------------------------------------------------------------------
     def step(self, buf: Buffers, mode: StepMode) -> None:
         """One iteration for every row of `buf`, updating `buf.tokens` in place."""
-        if not self.use_cuda_graphs:
+        if not self.use_cuda_graphs or mode in buf.eager:
             self._step(buf, mode)
             return
         if mode not in buf.graphs:
@@ -284,9 +286,21 @@ class StepRunner:
                 buf.rows = ()
             run = False
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool, stream=self._capture_stream,
-                              capture_error_mode="thread_local"):
-            self._step(buf, mode)
+        try:
+            with torch.cuda.graph(graph, pool=self._pool, stream=self._capture_stream,
+                                  capture_error_mode="thread_local"):
+                self._step(buf, mode)
+        except Exception as error:
+            # The warm-up step ran (and advanced the rows, when it was the real step):
+            # failing the pass now would run it twice. Run this mode eagerly instead,
+            # loudly, since it costs the graphs' speed.
+            warnings.warn(f"capturing the decoding step of bucket {(buf.batch, buf.frames)} "
+                          f"in mode {mode} failed ({error!r}); it runs eagerly from now on",
+                          RuntimeWarning, stacklevel=3)
+            buf.eager.add(mode)
+            if run:
+                self._step(buf, mode)
+            return
         buf.graphs[mode] = graph
         if run:
             graph.replay()
