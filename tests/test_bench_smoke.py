@@ -142,3 +142,19 @@ def test_scheduler_benchmark_at_the_tiny_preset(tmp_path):
     assert bench_scheduler.table(result).count("\n") == 3
     bench_scheduler.plot(result, tmp_path / "s.png")
     assert (tmp_path / "s.png").stat().st_size > 1000
+
+
+def test_graph_memory_table(capsys):
+    import graph_memory
+
+    graph_memory.main(["--preset", "paper", "tiny", "--max-batch", "1", "8", "--json"])
+    rows = json.loads(capsys.readouterr().out)
+    assert len(rows) == 8
+    for r in rows:
+        assert 0 < r["shared_pool_bytes"] < r["private_pools_bytes"]
+        assert r["graphs"] == 2 * r["buckets"]
+    paper8 = next(r for r in rows if r["preset"] == "paper" and r["max_batch"] == 8
+                  and r["dtype"] == "float32")
+    assert paper8["private_pools_bytes"] > 4 * 2 ** 30 > 2 ** 30 > paper8["shared_pool_bytes"]
+    with pytest.raises(SystemExit):
+        graph_memory.main(["--max-batch", "0"])
