@@ -1,6 +1,10 @@
-"""The GPU roofline prediction, checked on this machine: its totals are consistent."""
+"""The GPU roofline prediction and the three-variant GPU benchmark, checked on this machine:
+the prediction's totals are consistent, and the benchmark runs on a CPU at the tiny preset,
+reporting what cannot run here as skipped instead of failing."""
 
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -70,3 +74,47 @@ def test_prediction_command_prints_the_table(capsys):
     assert len(result["predictions"]) == 4                   # H100, H200 x batch 1, 8
     assert any(line.startswith("masked_resample") for line in out)
 
+
+def test_gpu_bench_runs_on_cpu_and_reports_what_it_skips(tmp_path):
+    """The CPU run of the benchmark: without TRITON_INTERPRET the Triton variant is
+    skipped with the reason; the eager and compiled variants are measured and compared."""
+    out = tmp_path / "gpu.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, str(BENCH / "gpu_bench.py"), "--device", "cpu",
+                        "--preset", "tiny", "--seconds", "1", "--batch", "1",
+                        "--repeats", "2", "--dtype", "float32", "--compile-mode", "default",
+                        "--quiet", "--json-out", str(out)],
+                       capture_output=True, text=True, env=env, cwd=BENCH.parent, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    report = json.loads(out.read_text())
+    line = r.stdout.strip().splitlines()[-1]
+    assert line == report["summary"] and line.startswith("tiny 1s float32 cpu | b1: ")
+    assert report["settings"]["forward_passes"] == 19 and report["settings"]["batches"] == [1]
+
+    triton = report["variants"]["triton-graphs"]["batches"]
+    assert set(triton) == {"1"}
+    assert all("TRITON_INTERPRET" in cell["skipped"] for cell in triton.values())
+    eager = report["variants"]["torch-eager"]
+    assert eager["cuda_graphs"] is False and eager["backend"] == "torch"
+    for b, cell in eager["batches"].items():
+        assert cell["skipped"] is None and cell["rounds"] == 2
+        assert 0 < cell["wall_s_min"] <= cell["wall_s"] <= cell["wall_s_max"]
+        assert cell["audio_s_per_s"] == pytest.approx(int(b) * 1.0 / cell["wall_s"])
+    compiled = report["variants"]["torch-compile"]["batches"]
+    for cell in compiled.values():
+        if cell["skipped"]:                  # no working C++ compiler: a reason, not a crash
+            assert "torch-compile" in line and cell["skipped"] in line
+            continue
+        assert cell["speedup_vs_eager"] > 0
+        assert 0.0 <= cell["greedy_agreement_vs_eager"] <= 1.0
+
+
+def test_gpu_bench_rejects_bad_settings(capsys):
+    import gpu_bench
+    for argv, message in ((["--seconds", "0"], "seconds must be > 0"),
+                          (["--preset", "tiny", "--seconds", "20"], "max_frames=256"),
+                          (["--dtype", "int8"], "dtype must be one of"),
+                          (["--batch", "0"], "batch sizes must be ints >= 1")):
+        with pytest.raises(SystemExit):
+            gpu_bench.main(argv + ["--device", "cpu", "--quiet"])
+        assert message in capsys.readouterr().err
