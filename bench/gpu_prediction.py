@@ -17,9 +17,9 @@ products go to the attention op); bytes of the fused ops are those of `op_costs.
 its input, its weight and bias and writes its output once. With CUDA graphs (the engine's
 default on CUDA) a kernel costs its roofline time plus a gap between dependent kernels;
 without them, at least the host's launch cost (the host issues kernels asynchronously, so
-a kernel shorter than its launch leaves the GPU waiting). Every pass also pays the
-scheduler's eager bookkeeping on the host (static-buffer fills and host-to-device copies,
-which wait for the previous pass). Nothing here is measured: the fractions, gap and
+a kernel shorter than its launch leaves the GPU waiting). Between passes only the step's
+parameters move (three non-blocking copies from pinned memory); the host's own work for
+a pass is hidden behind the previous pass. Nothing here is measured: the fractions, gap and
 launch cost are assumptions, printed with the result so a GPU run can be held against it.
 """
 
@@ -163,12 +163,12 @@ def pass_loads(config: ModelConfig, frames: int, batch: int, sample: bool,
         OpLoad("step_tokens", 1, bytes=rows * config.num_quantizers * INT64 + 8 * rows * INT64,
                kernels=9, notes="gather, compare, scatter"),
     ]
-    # The scheduler's eager work around each step: 6 buffer fills, 2 copies in and 1 out
-    # per row, 8 host-to-device parameter copies (from pageable memory: they wait for the
-    # previous step), and the graph launch.
-    host_launches = 6 + 3 * B + 8 + (1 if cuda_graphs else 0)
-    loads.append(OpLoad("scheduler_host", 1, kernels=0, host_s=host_launches * launch_us * 1e-6,
-                        notes=f"{host_launches} eager launches on the host"))
+    # The runner's work around each step: three small non-blocking copies of the step's
+    # parameters from pinned host memory (rows stay resident in the bucket: nothing else
+    # moves), then the graph launch. The host prepares a pass (~0.1 ms of Python) while
+    # the GPU runs the previous one, so it is hidden whenever a pass takes longer.
+    loads.append(OpLoad("runner_parameters", 1, bytes=5 * B * INT64, kernels=3,
+                        notes="3 non-blocking host-to-device copies (pinned)"))
     return loads
 
 
