@@ -5,15 +5,21 @@ batch 1 and > 1), every dtype (bf16 is loaded, then computed in float32)."""
 import _triton_setup  # noqa: F401  (must come first: picks interpreter or GPU)
 from _triton_setup import DEVICE, DTYPES, assert_close_to_reference
 
+import gc
+import importlib
+import weakref
+
 import pytest
 import torch
 
-from soundstorm.kernels.attention import rotary_attention_reference
+from soundstorm.kernels.attention import rotary_attention_reference, rotary_tables
 from soundstorm.kernels.conv_module import conv_module_reference
 from soundstorm.kernels.embedding import summed_embedding_reference
 from soundstorm.kernels.residual_norm import residual_norm_reference
-from soundstorm.kernels.triton import (conv_module, residual_norm, rotary_attention,
-                                       summed_embedding)
+from soundstorm.kernels.triton import (conv_module, prepare_rotary_tables, residual_norm,
+                                       rotary_attention, summed_embedding)
+
+attention_module = importlib.import_module("soundstorm.kernels.triton.attention")
 
 
 def ragged_mask(lengths, T):
@@ -100,6 +106,43 @@ def test_rotary_attention_ignores_padded_keys():
     k2[:, :, 25:] = 1e4
     v2[:, :, 25:] = -1e4
     assert torch.equal(a, rotary_attention(q, k2, v2, mask))
+
+
+def test_rotary_tables_handed_out_stay_alive_and_unchanged():
+    """A captured CUDA graph keeps reading the cos/sin tables it was given without holding
+    a reference to them: every table handed out must stay owned by the cache, at the
+    same address, with the same values, however many other lengths come after it."""
+    q = torch.empty(1, 1, 1, 16, device=DEVICE)
+    handed_out = []
+    for T in range(1, 700, 5):          # 140 distinct lengths, across two table growths
+        cos, sin = attention_module._tables(q, T, 16)
+        ref_cos, ref_sin = rotary_tables(T, 16, DEVICE, torch.float32)
+        torch.testing.assert_close(cos, ref_cos, atol=0, rtol=0)
+        torch.testing.assert_close(sin, ref_sin, atol=0, rtol=0)
+        for table in (cos, sin):
+            owner = table if table._base is None else table._base
+            handed_out.append((weakref.ref(owner), table.data_ptr(), table.clone()))
+        del cos, sin, table, owner      # as a graph would: no reference kept
+    gc.collect()
+    for owner_ref, address, values in handed_out:
+        owner = owner_ref()
+        assert owner is not None, f"a table of {values.shape[0]} frames was freed"
+        offset = (address - owner.data_ptr()) // owner.element_size()
+        assert 0 <= offset and offset + values.numel() <= owner.numel()
+        still = owner.flatten()[offset:offset + values.numel()].view(values.shape)
+        assert torch.equal(still, values)
+
+
+def test_prepared_rotary_tables_serve_every_shorter_length():
+    cos, sin = prepare_rotary_tables(900, 24, DEVICE)
+    assert cos.shape == sin.shape == (900, 12) and cos.dtype == torch.float32
+    q = torch.empty(1, 1, 1, 24, device=DEVICE)
+    for T in (1, 17, 512, 900):
+        c, s = attention_module._tables(q, T, 24)
+        assert c.data_ptr() == cos.data_ptr() and s.data_ptr() == sin.data_ptr()
+        assert torch.equal(c, cos[:T]) and torch.equal(s, sin[:T])
+    with pytest.raises(ValueError, match="even head_dim"):
+        prepare_rotary_tables(10, 15, DEVICE)
 
 
 # -- convolution module ---------------------------------------------------------------
