@@ -27,6 +27,11 @@ Confidences equal the reference's up to the float rounding of log-sum-exp, so on
 frames tied to the last bit could rank differently (the tests compare token for token).
 An eligible frame always ranks above a non-eligible one, so exactly k are kept even when
 a confidence is -inf.
+
+Non-finite logits, as in the reference: NaN is read as -inf and +inf as the largest
+finite float32 when the logits are loaded, so no NaN reaches a max or an argmax (whose
+NaN handling on a GPU differs from the interpreter's and from torch's). A frame whose
+logits are all -inf after that gets candidate 0 and confidence -inf.
 """
 
 from __future__ import annotations
@@ -41,6 +46,9 @@ from torch.library import triton_op, wrap_triton
 from soundstorm.kernels import rng as rng_ref
 from soundstorm.kernels.triton import rng
 from soundstorm.kernels.triton._launch import check_device, check_float, next_pow2
+
+
+FLOAT32_MAX: tl.constexpr = tl.constexpr(3.4028234663852886e38)
 
 
 @triton.jit
@@ -60,6 +68,13 @@ def _candidates_kernel(logits_ptr, tokens_ptr, eligible_ptr, seeds_ptr, out_ptr,
     lane = eligible[:, None] & (offs_c < C)[None, :]
     x = tl.load(logits_ptr + b * stride_lb + offs_t[:, None].to(tl.int64) * stride_lt
                 + offs_c[None, :], mask=lane, other=float("-inf")).to(tl.float32)
+    # NaN -> -inf, +inf -> the largest finite float32: max and argmax below never see a
+    # NaN (a GPU's max/argmax treat NaN differently from the interpreter's and torch's).
+    x = tl.where(x != x, float("-inf"), x)
+    x = tl.where(x == float("inf"), FLOAT32_MAX, x)
+    row_max = tl.max(x, axis=1)
+    # Frames with no finite logit (and frames not read) take candidate 0.
+    dead = row_max == float("-inf")
     seed = tl.load(seeds_ptr + b)
     # The row's own (level, iteration): rows of one pass may be at different steps.
     level = tl.load(level_ptr + b)
@@ -76,21 +91,23 @@ def _candidates_kernel(logits_ptr, tokens_ptr, eligible_ptr, seeds_ptr, out_ptr,
         z = tl.where(lane, tl.div_rn(x, temperature) + noise, float("-inf"))
         drawn = tl.argmax(z, axis=1, tie_break_left=True)
         cand = tl.where(tl.load(sample_ptr + b) != 0, drawn, cand)
+    cand = tl.where(dead, 0, cand)
     tokens = tl.load(tokens_ptr + b * stride_tb + offs_t * stride_tt, mask=t_ok, other=0)
     if KEEP_ALL:
         tl.store(out_ptr + b * stride_ob + offs_t * stride_ot,
                  tl.where(eligible, cand.to(tl.int64), tokens), mask=t_ok)
     else:
-        row_max = tl.max(x, axis=1)
-        safe_max = tl.where(eligible, row_max, 0.0)
+        safe_max = tl.where(dead, 0.0, row_max)
         total = tl.sum(tl.exp(x - safe_max[:, None]), axis=1)
-        lse = safe_max + tl.log(tl.where(eligible, total, 1.0))
+        lse = safe_max + tl.log(tl.where(dead, 1.0, total))
         picked = tl.sum(tl.where(offs_c[None, :] == cand[:, None], x, 0.0), axis=1)
-        conf = tl.where(eligible, picked - lse, 0.0)
+        conf = picked - lse
         if HAS_NOISE:
             tag_confidence = rng.step_tag(level, iteration, STREAM_CONFIDENCE)
             ckey = rng.mix32(rng.step_key(seed, tag_confidence) ^ rng.spread(offs_t))
             conf = conf + tl.load(noise_ptr + b) * rng.to_gumbel(ckey)
+        # No finite logit: confidence -inf, below every finite one, above non-eligible.
+        conf = tl.where(dead, float("-inf"), conf)
         # Order-preserving map float32 -> uint32 (+0.0 first, so -0.0 ties with +0.0).
         bits = (conf + 0.0).to(tl.uint32, bitcast=True)
         sign_bit = tl.full(bits.shape, 0x80000000, tl.uint32)
