@@ -196,6 +196,73 @@ def test_residual_norm_matches_reference(dtype, shape, alpha):
     assert_close_to_reference(out, ref32[1], ref_low[1])
 
 
+# -- strided inputs -------------------------------------------------------------------
+def every_other(x, dim):
+    """`x` as a strided view: every other element along `dim` of a buffer twice as long
+    whose other elements hold different values."""
+    view = torch.stack([x, x.roll(1, dims=dim)], dim=dim + 1).select(dim + 1, 0)
+    assert torch.equal(view, x) and not view.is_contiguous()
+    return view
+
+
+def test_summed_embedding_reads_strided_inputs():
+    g = torch.Generator().manual_seed(2)
+    B, T, Q, C, D = 2, 11, 3, 5, 12
+    semantic = torch.randint(0, 4, (B, 6), generator=g).to(DEVICE)
+    tokens = torch.randint(0, C + 1, (B, T, Q), generator=g).to(DEVICE)
+    st = torch.randn(4, D, generator=g).to(DEVICE)
+    at = torch.randn(Q * C + 1, D, generator=g).to(DEVICE)
+    ref = summed_embedding_reference(semantic, tokens, st, at, 1, 2)
+    for args in ((every_other(semantic, 1), tokens, st, at),
+                 (every_other(semantic, 0), every_other(tokens, 0), st, at),
+                 (semantic, every_other(tokens, 1), every_other(st, 1), every_other(at, 0)),
+                 (semantic, tokens, every_other(st, 0), every_other(at, 1))):
+        torch.testing.assert_close(summed_embedding(*args, 1, 2), ref)
+
+
+def test_conv_module_reads_strided_inputs():
+    g = torch.Generator().manual_seed(9)
+    B, T, E, K = 2, 13, 8, 5
+    h = torch.randn(B, T, 2 * E, generator=g).to(DEVICE)
+    params = [torch.randn(E, 1, K, generator=g) * 0.5, torch.randn(E, generator=g) * 0.1,
+              1 + 0.1 * torch.randn(E, generator=g), 0.1 * torch.randn(E, generator=g)]
+    params = [p.to(DEVICE) for p in params]
+    mask = ragged_mask([13, 6], T)
+    ref = conv_module_reference(h, *params, mask)
+    strided_params = [every_other(params[0], 2)] + [every_other(p, 0) for p in params[1:]]
+    for args in ((every_other(h, 1), *params, every_other(mask, 1)),
+                 (every_other(h, 2), *strided_params, every_other(mask, 0)),
+                 (every_other(h, 0), *strided_params, mask)):
+        torch.testing.assert_close(conv_module(*args), ref, atol=2e-5, rtol=1e-4)
+
+
+def test_residual_norm_reads_strided_inputs():
+    g = torch.Generator().manual_seed(10)
+    x, delta = (torch.randn(2, 7, 24, generator=g).to(DEVICE) for _ in range(2))
+    w, b = (torch.randn(24, generator=g).to(DEVICE) for _ in range(2))
+    ref = residual_norm_reference(x, delta, 0.5, w, b)
+    for args in ((every_other(x, 1), every_other(delta, 0), every_other(w, 0), b),
+                 (every_other(x, 2), delta, w, every_other(b, 0)),
+                 (x.transpose(0, 1).contiguous().transpose(0, 1), every_other(delta, 2), w, b)):
+        y, out = residual_norm(args[0], args[1], 0.5, args[2], args[3])
+        torch.testing.assert_close(y, ref[0])
+        torch.testing.assert_close(out, ref[1], atol=2e-5, rtol=1e-4)
+
+
+def test_rotary_attention_reads_a_strided_key_mask():
+    g = torch.Generator().manual_seed(12)
+    B, H, T, dh = 2, 1, 21, 16
+    q, k, v = torch.randn(3, B, H, T, dh, generator=g).to(DEVICE)
+    mask = ragged_mask([21, 9], T)
+    mask[0, 3:7] = False
+    ref = rotary_attention_reference(q, k, v, mask)
+    for m in (every_other(mask, 0), every_other(mask, 1)):
+        torch.testing.assert_close(rotary_attention(q, k, v, m), ref, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(rotary_attention(every_other(q, 3), every_other(k, 2),
+                                                every_other(v, 0), mask),
+                               ref, atol=2e-5, rtol=1e-4)
+
+
 # -- errors ---------------------------------------------------------------------------
 def test_bad_arguments_raise_clear_errors():
     x = torch.randn(1, 2, 5, 16).to(DEVICE)

@@ -192,6 +192,36 @@ def _rows(value, batch: int, device: torch.device, dtype: torch.dtype) -> torch.
     return torch.as_tensor(value, dtype=dtype, device=device).expand(batch).contiguous()
 
 
+_DTYPE_KINDS = {
+    "int64": lambda dtype: dtype == torch.int64,
+    "integer": lambda dtype: not dtype.is_floating_point and not dtype.is_complex
+    and dtype != torch.bool,
+    "float32": lambda dtype: dtype == torch.float32,
+    "bool": lambda dtype: dtype == torch.bool,
+}
+
+
+def _check_same_device(name: str, t: torch.Tensor, device: torch.device) -> None:
+    if t.device != device:
+        raise ValueError(f"{name} must be on the logits' device {device}, got {t.device}")
+
+
+def _per_row(name: str, t: torch.Tensor, batch: int, device: torch.device,
+             kind: str) -> torch.Tensor:
+    """Check that `t` holds one value of `kind` (a key of `_DTYPE_KINDS`) per row on
+    `device`; return it contiguous (a copy on the device if it is a strided view)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a {kind} tensor [B] = [{batch}], got "
+                        f"{type(t).__name__}")
+    if not _DTYPE_KINDS[kind](t.dtype):
+        raise TypeError(f"{name} must be {kind} [B] = [{batch}], got {t.dtype}")
+    if t.shape != (batch,):
+        raise ValueError(f"{name} must be {kind} [B] = [{batch}] (one value per row), got "
+                         f"{t.dtype} {tuple(t.shape)}")
+    _check_same_device(name, t, device)
+    return t.contiguous()
+
+
 @triton_op("soundstorm::masked_resample", mutates_args=())
 def masked_resample_rows(logits: torch.Tensor, tokens: torch.Tensor, eligible: torch.Tensor,
                          num_keep: Optional[torch.Tensor], seeds: torch.Tensor,
@@ -212,17 +242,18 @@ def masked_resample_rows(logits: torch.Tensor, tokens: torch.Tensor, eligible: t
     if eligible.shape != (B, T) or eligible.dtype != torch.bool:
         raise ValueError(f"eligible must be bool [B, T] = [{B}, {T}], got {eligible.dtype} "
                          f"{tuple(eligible.shape)}")
-    if seeds.shape != (B,) or seeds.dtype != torch.int64:
-        raise ValueError(f"seeds must be int64 [B] = [{B}], got {seeds.dtype} "
-                         f"{tuple(seeds.shape)}")
-    if num_keep is not None and (num_keep.shape != (B,) or num_keep.is_floating_point()):
-        raise ValueError(f"num_keep must be integer [B] = [{B}] or None, got "
-                         f"{num_keep.dtype} {tuple(num_keep.shape)}")
-    for name, t in (("level", level), ("iteration", iteration), ("temperature", temperature),
-                    ("noise_scale", noise_scale), ("sample", sample)):
-        if t.shape != (B,):
-            raise ValueError(f"{name} must have one value per row [B] = [{B}], got "
-                             f"{tuple(t.shape)}")
+    for name, t in (("tokens", tokens), ("eligible", eligible)):
+        _check_same_device(name, t, logits.device)
+    # The kernels read one value per row at ptr + b: every [B] tensor is made contiguous
+    # here (a strided or expanded view is copied on the device, nothing on the host).
+    seeds = _per_row("seeds", seeds, B, logits.device, "int64")
+    if num_keep is not None:
+        num_keep = _per_row("num_keep", num_keep, B, logits.device, "integer")
+    level = _per_row("level", level, B, logits.device, "integer")
+    iteration = _per_row("iteration", iteration, B, logits.device, "integer")
+    temperature = _per_row("temperature", temperature, B, logits.device, "float32")
+    noise_scale = _per_row("noise_scale", noise_scale, B, logits.device, "float32")
+    sample = _per_row("sample", sample, B, logits.device, "bool")
     if logits.stride(2) != 1:
         logits = logits.contiguous()
     eligible = eligible.contiguous()
