@@ -13,9 +13,11 @@ Two kernels per decoding iteration:
    count breaks ties toward the earlier frame, exactly as the reference's stable sort -
    instead of sorting the row.
 
-Shapes: logits [B, T, C] fp32/fp16/bf16 (last dim contiguous), tokens int64 [B, T],
-eligible bool [B, T], num_keep int64 [B] or None, seeds int64 [B] (on the device: a
-CUDA graph replays with whatever seeds the buffer holds). Returns int64 [B, T].
+Shapes: logits [B, T, C] fp32/fp16/bf16 (a strided last dim is copied), tokens int64
+[B, T], eligible bool [B, T], num_keep integer [B] or None, seeds int64 [B] (on the
+device: a CUDA graph replays with whatever seeds the buffer holds), any strides; the
+registered op takes level / iteration as integer [B], temperature / noise_scale as
+float32 [B], sample as bool [B]. Returns int64 [B, T].
 
 Memory traffic (paper preset, 30 s = 1500 frames, B = 1, bf16 logits, C = 1024;
 `bench/op_costs.py`): the kernels read the logits once, 3.1 MB, plus O(T) bytes. A
