@@ -3,7 +3,7 @@ convolution module. Awkward shapes (T = 1, primes, non-powers of two, ragged pad
 batch 1 and > 1), every dtype (bf16 is loaded, then computed in float32)."""
 
 import _triton_setup  # noqa: F401  (must come first: picks interpreter or GPU)
-from _triton_setup import DEVICE, DTYPES, assert_close_to_reference
+from _triton_setup import ATOL, DEVICE, DTYPES, assert_close_to_reference
 
 import gc
 import importlib
@@ -11,8 +11,10 @@ import weakref
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from soundstorm.kernels.attention import rotary_attention_reference, rotary_tables
+from soundstorm.kernels.attention import (apply_rotary, rotary_attention_reference,
+                                          rotary_tables, rotate)
 from soundstorm.kernels.conv_module import conv_module_reference
 from soundstorm.kernels.embedding import summed_embedding_reference
 from soundstorm.kernels.residual_norm import residual_norm_reference
@@ -79,6 +81,45 @@ def test_rotary_attention_matches_reference(dtype, B, H, T, dh, lengths):
     ref32 = rotary_attention_reference(q.float(), k.float(), v.float(), mask)
     ref_low = rotary_attention_reference(q, k, v, mask)
     assert_close_to_reference(out, ref32, ref_low)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_reference_rotates_in_float32_and_rounds_once(dtype):
+    """The reference rotates low-precision q and k as the kernel does: float32 tables,
+    float32 products, one rounding to the input dtype at the end."""
+    g = torch.Generator().manual_seed(13)
+    B, H, T, dh = 2, 3, 45, 32
+    q, k, v = (torch.randn(3, B, H, T, dh, generator=g) * 3).to(dtype).to(DEVICE)
+    cos, sin = rotary_tables(T, dh, DEVICE, torch.float32)
+    q_rot = apply_rotary(q.float(), cos, sin).to(dtype)
+    k_rot = apply_rotary(k.float(), cos, sin).to(dtype)
+    assert torch.equal(rotate(q), q_rot) and torch.equal(rotate(k), k_rot)
+    mask = ragged_mask([45, 30], T)
+    assert torch.equal(rotary_attention_reference(q, k, v, mask),
+                       F.scaled_dot_product_attention(q_rot, k_rot, v,
+                                                      attn_mask=mask[:, None, None, :]))
+    # float32 and float64 inputs rotate in their own precision
+    q64 = q.double()
+    assert rotate(q64).dtype == torch.float64
+    torch.testing.assert_close(rotate(q64), apply_rotary(q64, cos.double(), sin.double()),
+                               atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_rotary_attention_is_close_to_the_low_precision_reference(dtype):
+    """Kernel and reference both rotate in float32: the kernel's low-precision output is
+    within the op tolerance of the reference's in the same dtype."""
+    g = torch.Generator().manual_seed(14)
+    B, H, T, dh = 2, 2, 70, 32
+    qkv = (torch.randn(B, T, 3, H, dh, generator=g) * 2).to(dtype).to(DEVICE)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4)
+    mask = ragged_mask([70, 41], T)
+    out = rotary_attention(q, k, v, mask)
+    ref_low = rotary_attention_reference(q, k, v, mask)
+    ref32 = rotary_attention_reference(q.float(), k.float(), v.float(), mask)
+    torch_err = (ref_low.float() - ref32).abs().max().item()
+    err = (out.float() - ref_low.float()).abs().max().item()
+    assert err <= 2 * torch_err + ATOL[dtype], (err, torch_err)
 
 
 def test_rotary_attention_with_holes_in_the_key_mask():
