@@ -32,6 +32,7 @@ the masked [B, H, T, T] scores (72 MB per layer for one bf16 copy).
 from __future__ import annotations
 
 import math
+import threading
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -138,6 +139,7 @@ def _rotary_attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, cos_ptr, sin_ptr, mask_
 # handed out is never freed: a captured CUDA graph keeps reading the addresses it saw.
 _TABLES: Dict[tuple, Tuple[torch.Tensor, torch.Tensor]] = {}
 _RETIRED: List[Tuple[torch.Tensor, torch.Tensor]] = []
+_TABLES_LOCK = threading.Lock()
 # Tables grow to a power of two of at least this many frames, so a run of growing
 # lengths builds few of them (the retired ones hold less than the live one in all).
 MIN_TABLE_FRAMES = 256
@@ -159,7 +161,8 @@ def prepare_rotary_tables(max_frames: int, head_dim: int,
     Call it before capturing CUDA graphs, with the longest sequence the graphs will see:
     `rotary_attention` then only takes views of the cached tables during capture. A
     table that is first needed during capture is built in the graph's memory pool and
-    not cached (correct, but built anew in every capture).
+    not cached (correct, but built anew in every capture). On CUDA it waits for the
+    tables to be written, so that any stream may read them when it returns.
     """
     if max_frames < 1 or head_dim < 2 or head_dim % 2:
         raise ValueError(f"need max_frames >= 1 and an even head_dim >= 2, got "
@@ -168,19 +171,23 @@ def prepare_rotary_tables(max_frames: int, head_dim: int,
     if key[1].type == "cuda" and torch.cuda.is_current_stream_capturing():
         raise RuntimeError("prepare_rotary_tables was called during CUDA graph capture; "
                            "call it before capturing")
-    return _cached_tables(key, max_frames)
+    tables = _cached_tables(key, max_frames)
+    if key[1].type == "cuda":
+        torch.cuda.current_stream(key[1]).synchronize()
+    return tables
 
 
 def _cached_tables(key: tuple, num_frames: int) -> Tuple[torch.Tensor, torch.Tensor]:
     head_dim, device = key
-    tables = _TABLES.get(key)
-    if tables is None or tables[0].shape[0] < num_frames:
-        capacity = next_pow2(max(num_frames, MIN_TABLE_FRAMES))
-        if tables is not None:
-            _RETIRED.append(tables)
-        # Row t of a longer table holds the same values as row t of a shorter one.
-        tables = rotary_tables(capacity, head_dim, device, torch.float32)
-        _TABLES[key] = tables
+    with _TABLES_LOCK:     # decoding threads may share the cache
+        tables = _TABLES.get(key)
+        if tables is None or tables[0].shape[0] < num_frames:
+            capacity = next_pow2(max(num_frames, MIN_TABLE_FRAMES))
+            if tables is not None:
+                _RETIRED.append(tables)
+            # Row t of a longer table holds the same values as row t of a shorter one.
+            tables = rotary_tables(capacity, head_dim, device, torch.float32)
+            _TABLES[key] = tables
     cos, sin = tables
     return cos[:num_frames], sin[:num_frames]
 
