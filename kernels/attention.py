@@ -1,5 +1,6 @@
 """Bidirectional multi-head attention with rotary position embeddings (Su et al., 2021)
-and per-row key lengths."""
+and per-row key lengths. Positions are rotated in float32 whatever the activations'
+dtype (bfloat16 under autocast in training), as the Triton kernel rotates them."""
 
 from __future__ import annotations
 
@@ -26,15 +27,27 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
+def rotate(x: torch.Tensor) -> torch.Tensor:
+    """x: [B, H, T, dh] (positions 0..T-1 along T) -> x rotated, in x's dtype.
+
+    The rotation runs in float32 with float32 tables (float64 for float64 inputs), and
+    its result is rounded to x's dtype once: a bfloat16 or float16 input is rotated as
+    the Triton kernel rotates it, not with tables and products rounded to 8 or 11 bits.
+    """
+    compute = torch.promote_types(x.dtype, torch.float32)
+    cos, sin = rotary_tables(x.shape[2], x.shape[3], x.device, compute)
+    return apply_rotary(x.to(compute), cos, sin).to(x.dtype)
+
+
 def rotary_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                key_mask: Optional[torch.Tensor]) -> torch.Tensor:
     """
     q, k, v:  [B, H, T, dh]  (positions 0..T-1 along T)
     key_mask: bool [B, T] (True = a real frame) or None when no row is padded
     returns   [B, H, T, dh]
-    Every row has at least one real frame, so no query's softmax is empty.
+    Every row has at least one real frame, so no query's softmax is empty. q and k are
+    rotated in float32 (`rotate`), then attend in their own dtype.
     """
-    cos, sin = rotary_tables(q.shape[2], q.shape[3], q.device, q.dtype)
-    q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+    q, k = rotate(q), rotate(k)
     mask = None if key_mask is None else key_mask[:, None, None, :]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)

@@ -10,6 +10,13 @@ temperature, as MaskGIT does) plus `noise_scale` times a Gumbel sample; keep exa
 Every per-step parameter (level, iteration, temperature, noise scale, sample) is either
 one value for the whole batch or a tensor with one value per row: the scheduler packs rows
 at different levels and iterations of their own decodes into one pass.
+
+Non-finite logits have one defined outcome, the same in every backend: on load, NaN
+becomes -inf and +inf becomes the largest finite float32 (-inf stays). A frame whose
+logits are then all -inf (all NaN, all -inf, or a mix) gets candidate 0 and confidence
+-inf, noise or not: it ranks below every frame with a finite confidence and above every
+non-eligible frame, so exactly `num_keep[b]` frames are still kept (ties between such
+frames go to the earlier one, as all ties do).
 """
 
 from __future__ import annotations
@@ -30,7 +37,8 @@ def masked_resample_reference(logits: torch.Tensor, tokens: torch.Tensor,
                               sample: Scalar, any_sample: Optional[bool] = None,
                               any_noise: Optional[bool] = None) -> torch.Tensor:
     """
-    logits:      [B, T, C] any float dtype (computed in float32)
+    logits:      [B, T, C] any float dtype (computed in float32; NaN counts as -inf and
+                 +inf as the largest finite float32, see the module docstring)
     tokens:      int64 [B, T]  the level's current ids, MASK (= C) where not yet decoded
     eligible:    bool [B, T]   positions that may be written (MASK, real frame, not prompt)
     num_keep:    int64 [B]     how many candidates to keep per row (a value >= the row's
@@ -48,7 +56,9 @@ def masked_resample_reference(logits: torch.Tensor, tokens: torch.Tensor,
     returns      int64 [B, T]  tokens with the kept candidates written
     """
     B, T, C = logits.shape
-    scores = logits.float()
+    scores = sanitize_logits(logits)
+    # frames with no finite logit: candidate 0, confidence -inf (see the module docstring)
+    dead = scores.amax(dim=-1) == float("-inf")
     greedy = scores.argmax(dim=-1)
     if any_sample is None:
         any_sample = isinstance(sample, torch.Tensor) or bool(sample)
@@ -64,6 +74,7 @@ def masked_resample_reference(logits: torch.Tensor, tokens: torch.Tensor,
         candidate = torch.where(_per_row(sample, B, scores.device, torch.bool)[:, None], drawn, greedy)
     else:
         candidate = greedy
+    candidate = candidate.masked_fill(dead, 0)
     if num_keep is None:
         return torch.where(eligible, candidate, tokens)
 
@@ -73,14 +84,27 @@ def masked_resample_reference(logits: torch.Tensor, tokens: torch.Tensor,
         keys = rng.frame_keys(rng.step_keys(seeds, level, iteration, rng.STREAM_CONFIDENCE), T)
         scale = _per_row(noise_scale, B, scores.device)
         confidence = confidence + scale[:, None] * rng.to_gumbel(keys)
-    confidence = confidence.masked_fill(~eligible, float("-inf"))
-    # Rank by confidence (stable, so ties go to the earlier frame) and keep ranks < k:
-    # exactly k per row, since the k best are all eligible whenever k <= eligible count.
+    confidence = confidence.masked_fill(dead, float("-inf"))
+    # Rank eligible frames first, each group by confidence (both sorts stable, so ties go
+    # to the earlier frame), and keep ranks < k: exactly k per row whenever k <= the
+    # row's eligible count, even when some eligible confidences are -inf.
     order = confidence.argsort(dim=1, descending=True, stable=True)
+    order = order.gather(1, eligible.gather(1, order).to(torch.uint8).argsort(
+        dim=1, descending=True, stable=True))
     rank = torch.empty_like(order).scatter_(
         1, order, torch.arange(T, device=order.device).expand(B, T))
     keep = (rank < num_keep[:, None]) & eligible
     return torch.where(keep, candidate, tokens)
+
+
+FLOAT32_MAX = torch.finfo(torch.float32).max
+
+
+def sanitize_logits(logits: torch.Tensor) -> torch.Tensor:
+    """logits (any float dtype) -> float32 with NaN as -inf and +inf as the largest finite
+    float32 (-inf is kept): the only non-finite value left is -inf."""
+    return logits.float().nan_to_num(nan=float("-inf"), posinf=FLOAT32_MAX,
+                                     neginf=float("-inf"))
 
 
 def _per_row(value: Scalar, batch: int, device: torch.device,

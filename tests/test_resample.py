@@ -147,3 +147,40 @@ def test_per_row_parameters_equal_one_call_per_row():
             float(noise[b]), bool(sample[b]))
         assert torch.equal(out[b:b + 1], alone), b
     assert torch.equal(out[2][eligible[2]], logits[2].argmax(-1)[eligible[2]])
+
+
+def test_non_finite_logits_have_one_defined_outcome():
+    """NaN reads as -inf and +inf as the largest float32; a frame with no finite logit
+    takes code 0 with confidence -inf: below every finite confidence, above non-eligible
+    frames, so exactly k are kept."""
+    inf, nan = float("inf"), float("nan")
+    C = 4
+    logits = torch.tensor([[
+        [nan, 1.0, 2.0, nan],          # NaN never wins: code 2
+        [0.0, inf, nan, inf],          # +inf ties with +inf: the first, code 1
+        [-inf, -inf, -inf, -inf],      # no finite logit
+        [nan, nan, nan, nan],          # no finite logit
+        [0.5, 0.1, -inf, 0.2],         # not eligible
+        [nan, -inf, nan, -inf],        # no finite logit
+    ]])
+    eligible = torch.tensor([[True, True, True, True, False, True]])
+    tokens = torch.where(eligible, C, 3)
+    seeds = torch.tensor([9])
+    for noise in (0.0, 0.7):
+        full = masked_resample_reference(logits, tokens, eligible, None, seeds, 1, 1, 1.0,
+                                         noise, sample=False)
+        assert full.tolist() == [[2, 1, 0, 0, 3, 0]]
+        for k in range(0, 6):
+            out = masked_resample_reference(logits, tokens, eligible, torch.tensor([k]),
+                                            seeds, 1, 1, 1.0, noise, sample=False)
+            kept = (out != C) & eligible
+            assert kept.sum().item() == min(k, 5), (k, out)
+            if k >= 2:   # the two finite frames, then those without a finite logit in order
+                assert kept[0, [0, 1, 2, 3, 5][:k]].all(), (k, out)
+    # sampling: a NaN or -inf logit is never drawn while a finite one exists
+    out = masked_resample_reference(logits.expand(50, -1, -1), tokens.expand(50, -1),
+                                    eligible.expand(50, -1), None, torch.arange(50), 1, 1,
+                                    2.0, 0.0, sample=True)
+    assert set(out[:, 0].tolist()) <= {1, 2}
+    assert set(out[:, 1].tolist()) == {1}    # +inf / 2 overflows back to +inf: first tie
+    assert (out[:, [2, 3, 5]] == 0).all()

@@ -3,17 +3,25 @@ convolution module. Awkward shapes (T = 1, primes, non-powers of two, ragged pad
 batch 1 and > 1), every dtype (bf16 is loaded, then computed in float32)."""
 
 import _triton_setup  # noqa: F401  (must come first: picks interpreter or GPU)
-from _triton_setup import DEVICE, DTYPES, assert_close_to_reference
+from _triton_setup import ATOL, DEVICE, DTYPES, assert_close_to_reference
+
+import gc
+import importlib
+import weakref
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from soundstorm.kernels.attention import rotary_attention_reference
+from soundstorm.kernels.attention import (apply_rotary, rotary_attention_reference,
+                                          rotary_tables, rotate)
 from soundstorm.kernels.conv_module import conv_module_reference
 from soundstorm.kernels.embedding import summed_embedding_reference
 from soundstorm.kernels.residual_norm import residual_norm_reference
-from soundstorm.kernels.triton import (conv_module, residual_norm, rotary_attention,
-                                       summed_embedding)
+from soundstorm.kernels.triton import (conv_module, prepare_rotary_tables, residual_norm,
+                                       rotary_attention, summed_embedding)
+
+attention_module = importlib.import_module("soundstorm.kernels.triton.attention")
 
 
 def ragged_mask(lengths, T):
@@ -75,6 +83,45 @@ def test_rotary_attention_matches_reference(dtype, B, H, T, dh, lengths):
     assert_close_to_reference(out, ref32, ref_low)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_reference_rotates_in_float32_and_rounds_once(dtype):
+    """The reference rotates low-precision q and k as the kernel does: float32 tables,
+    float32 products, one rounding to the input dtype at the end."""
+    g = torch.Generator().manual_seed(13)
+    B, H, T, dh = 2, 3, 45, 32
+    q, k, v = (torch.randn(3, B, H, T, dh, generator=g) * 3).to(dtype).to(DEVICE)
+    cos, sin = rotary_tables(T, dh, DEVICE, torch.float32)
+    q_rot = apply_rotary(q.float(), cos, sin).to(dtype)
+    k_rot = apply_rotary(k.float(), cos, sin).to(dtype)
+    assert torch.equal(rotate(q), q_rot) and torch.equal(rotate(k), k_rot)
+    mask = ragged_mask([45, 30], T)
+    assert torch.equal(rotary_attention_reference(q, k, v, mask),
+                       F.scaled_dot_product_attention(q_rot, k_rot, v,
+                                                      attn_mask=mask[:, None, None, :]))
+    # float32 and float64 inputs rotate in their own precision
+    q64 = q.double()
+    assert rotate(q64).dtype == torch.float64
+    torch.testing.assert_close(rotate(q64), apply_rotary(q64, cos.double(), sin.double()),
+                               atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_rotary_attention_is_close_to_the_low_precision_reference(dtype):
+    """Kernel and reference both rotate in float32: the kernel's low-precision output is
+    within the op tolerance of the reference's in the same dtype."""
+    g = torch.Generator().manual_seed(14)
+    B, H, T, dh = 2, 2, 70, 32
+    qkv = (torch.randn(B, T, 3, H, dh, generator=g) * 2).to(dtype).to(DEVICE)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4)
+    mask = ragged_mask([70, 41], T)
+    out = rotary_attention(q, k, v, mask)
+    ref_low = rotary_attention_reference(q, k, v, mask)
+    ref32 = rotary_attention_reference(q.float(), k.float(), v.float(), mask)
+    torch_err = (ref_low.float() - ref32).abs().max().item()
+    err = (out.float() - ref_low.float()).abs().max().item()
+    assert err <= 2 * torch_err + ATOL[dtype], (err, torch_err)
+
+
 def test_rotary_attention_with_holes_in_the_key_mask():
     """Any key mask works, not only a prefix: here blocks of 64 keys that are wholly
     masked (the online softmax must not turn them into NaN)."""
@@ -100,6 +147,43 @@ def test_rotary_attention_ignores_padded_keys():
     k2[:, :, 25:] = 1e4
     v2[:, :, 25:] = -1e4
     assert torch.equal(a, rotary_attention(q, k2, v2, mask))
+
+
+def test_rotary_tables_handed_out_stay_alive_and_unchanged():
+    """A captured CUDA graph keeps reading the cos/sin tables it was given without holding
+    a reference to them: every table handed out must stay owned by the cache, at the
+    same address, with the same values, however many other lengths come after it."""
+    q = torch.empty(1, 1, 1, 16, device=DEVICE)
+    handed_out = []
+    for T in range(1, 700, 5):          # 140 distinct lengths, across two table growths
+        cos, sin = attention_module._tables(q, T, 16)
+        ref_cos, ref_sin = rotary_tables(T, 16, DEVICE, torch.float32)
+        torch.testing.assert_close(cos, ref_cos, atol=0, rtol=0)
+        torch.testing.assert_close(sin, ref_sin, atol=0, rtol=0)
+        for table in (cos, sin):
+            owner = table if table._base is None else table._base
+            handed_out.append((weakref.ref(owner), table.data_ptr(), table.clone()))
+        del cos, sin, table, owner      # as a graph would: no reference kept
+    gc.collect()
+    for owner_ref, address, values in handed_out:
+        owner = owner_ref()
+        assert owner is not None, f"a table of {values.shape[0]} frames was freed"
+        offset = (address - owner.data_ptr()) // owner.element_size()
+        assert 0 <= offset and offset + values.numel() <= owner.numel()
+        still = owner.flatten()[offset:offset + values.numel()].view(values.shape)
+        assert torch.equal(still, values)
+
+
+def test_prepared_rotary_tables_serve_every_shorter_length():
+    cos, sin = prepare_rotary_tables(900, 24, DEVICE)
+    assert cos.shape == sin.shape == (900, 12) and cos.dtype == torch.float32
+    q = torch.empty(1, 1, 1, 24, device=DEVICE)
+    for T in (1, 17, 512, 900):
+        c, s = attention_module._tables(q, T, 24)
+        assert c.data_ptr() == cos.data_ptr() and s.data_ptr() == sin.data_ptr()
+        assert torch.equal(c, cos[:T]) and torch.equal(s, sin[:T])
+    with pytest.raises(ValueError, match="even head_dim"):
+        prepare_rotary_tables(10, 15, DEVICE)
 
 
 # -- convolution module ---------------------------------------------------------------
@@ -151,6 +235,73 @@ def test_residual_norm_matches_reference(dtype, shape, alpha):
     ref_low = residual_norm_reference(x, delta, alpha, w, b)
     assert_close_to_reference(y, ref32[0], ref_low[0])
     assert_close_to_reference(out, ref32[1], ref_low[1])
+
+
+# -- strided inputs -------------------------------------------------------------------
+def every_other(x, dim):
+    """`x` as a strided view: every other element along `dim` of a buffer twice as long
+    whose other elements hold different values."""
+    view = torch.stack([x, x.roll(1, dims=dim)], dim=dim + 1).select(dim + 1, 0)
+    assert torch.equal(view, x) and not view.is_contiguous()
+    return view
+
+
+def test_summed_embedding_reads_strided_inputs():
+    g = torch.Generator().manual_seed(2)
+    B, T, Q, C, D = 2, 11, 3, 5, 12
+    semantic = torch.randint(0, 4, (B, 6), generator=g).to(DEVICE)
+    tokens = torch.randint(0, C + 1, (B, T, Q), generator=g).to(DEVICE)
+    st = torch.randn(4, D, generator=g).to(DEVICE)
+    at = torch.randn(Q * C + 1, D, generator=g).to(DEVICE)
+    ref = summed_embedding_reference(semantic, tokens, st, at, 1, 2)
+    for args in ((every_other(semantic, 1), tokens, st, at),
+                 (every_other(semantic, 0), every_other(tokens, 0), st, at),
+                 (semantic, every_other(tokens, 1), every_other(st, 1), every_other(at, 0)),
+                 (semantic, tokens, every_other(st, 0), every_other(at, 1))):
+        torch.testing.assert_close(summed_embedding(*args, 1, 2), ref)
+
+
+def test_conv_module_reads_strided_inputs():
+    g = torch.Generator().manual_seed(9)
+    B, T, E, K = 2, 13, 8, 5
+    h = torch.randn(B, T, 2 * E, generator=g).to(DEVICE)
+    params = [torch.randn(E, 1, K, generator=g) * 0.5, torch.randn(E, generator=g) * 0.1,
+              1 + 0.1 * torch.randn(E, generator=g), 0.1 * torch.randn(E, generator=g)]
+    params = [p.to(DEVICE) for p in params]
+    mask = ragged_mask([13, 6], T)
+    ref = conv_module_reference(h, *params, mask)
+    strided_params = [every_other(params[0], 2)] + [every_other(p, 0) for p in params[1:]]
+    for args in ((every_other(h, 1), *params, every_other(mask, 1)),
+                 (every_other(h, 2), *strided_params, every_other(mask, 0)),
+                 (every_other(h, 0), *strided_params, mask)):
+        torch.testing.assert_close(conv_module(*args), ref, atol=2e-5, rtol=1e-4)
+
+
+def test_residual_norm_reads_strided_inputs():
+    g = torch.Generator().manual_seed(10)
+    x, delta = (torch.randn(2, 7, 24, generator=g).to(DEVICE) for _ in range(2))
+    w, b = (torch.randn(24, generator=g).to(DEVICE) for _ in range(2))
+    ref = residual_norm_reference(x, delta, 0.5, w, b)
+    for args in ((every_other(x, 1), every_other(delta, 0), every_other(w, 0), b),
+                 (every_other(x, 2), delta, w, every_other(b, 0)),
+                 (x.transpose(0, 1).contiguous().transpose(0, 1), every_other(delta, 2), w, b)):
+        y, out = residual_norm(args[0], args[1], 0.5, args[2], args[3])
+        torch.testing.assert_close(y, ref[0])
+        torch.testing.assert_close(out, ref[1], atol=2e-5, rtol=1e-4)
+
+
+def test_rotary_attention_reads_a_strided_key_mask():
+    g = torch.Generator().manual_seed(12)
+    B, H, T, dh = 2, 1, 21, 16
+    q, k, v = torch.randn(3, B, H, T, dh, generator=g).to(DEVICE)
+    mask = ragged_mask([21, 9], T)
+    mask[0, 3:7] = False
+    ref = rotary_attention_reference(q, k, v, mask)
+    for m in (every_other(mask, 0), every_other(mask, 1)):
+        torch.testing.assert_close(rotary_attention(q, k, v, m), ref, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(rotary_attention(every_other(q, 3), every_other(k, 2),
+                                                every_other(v, 0), mask),
+                               ref, atol=2e-5, rtol=1e-4)
 
 
 # -- errors ---------------------------------------------------------------------------

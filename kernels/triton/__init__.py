@@ -8,6 +8,10 @@ opaque call.
 Where they run: on CUDA tensors, compiled; on CPU tensors only in Triton's interpreter,
 which is chosen when this package is imported with `TRITON_INTERPRET=1` in the
 environment (that is how the test suite runs them on a machine without a GPU).
+
+Before capturing CUDA graphs, call `prepare_rotary_tables(max_frames, head_dim, device)`
+once: attention then reads cached position tables during capture instead of building
+them in the graph's memory pool.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ except ImportError as e:  # pragma: no cover - exercised where triton is absent
 
 from soundstorm.kernels.dispatch import Ops
 from soundstorm.kernels.triton._launch import INTERPRET, check_device
-from soundstorm.kernels.triton.attention import rotary_attention
+from soundstorm.kernels.triton.attention import prepare_rotary_tables, rotary_attention
 from soundstorm.kernels.triton.conv_module import conv_module
 from soundstorm.kernels.triton.embedding import summed_embedding
 from soundstorm.kernels.triton.resample import masked_resample
@@ -49,5 +53,5 @@ def ops_for(device: Optional[torch.device]) -> Ops:
     return TRITON_OPS
 
 
-__all__ = ["INTERPRET", "TRITON_OPS", "ops_for", "rotary_attention", "conv_module",
-           "summed_embedding", "masked_resample", "residual_norm"]
+__all__ = ["INTERPRET", "TRITON_OPS", "ops_for", "prepare_rotary_tables", "rotary_attention",
+           "conv_module", "summed_embedding", "masked_resample", "residual_norm"]

@@ -16,6 +16,10 @@ about float32 accuracy on tensor cores; plain IEEE float32 products spill regist
 Returns [B, H, T, dh] laid out as [B, T, H, dh], so the model's
 `y.transpose(1, 2).reshape(B, T, D)` is free.
 
+CUDA graphs: the cos/sin tables are cached per (head_dim, device) and never freed once
+handed out, so a captured graph may keep reading them; call `prepare_rotary_tables` with
+the longest sequence before capturing, so that capture only takes views of them.
+
 Memory traffic (paper preset, 30 s, B = 1, bf16; `bench/op_costs.py`): the kernel
 reads q, k, v from the QKV output and writes the output once: 12.3 MB per layer; the
 scores never leave the chip. The reference rotates q and k through half-size
@@ -28,7 +32,8 @@ the masked [B, H, T, T] scores (72 MB per layer for one bf16 copy).
 from __future__ import annotations
 
 import math
-from typing import Dict, Optional, Tuple
+import threading
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import triton
@@ -129,24 +134,77 @@ def _rotary_attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, cos_ptr, sin_ptr, mask_
     tl.store(out, acc.to(o_ptr.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
 
 
+# One float32 cos/sin pair per (head_dim, device), covering frames 0..capacity-1: every
+# call takes views [:T] of it. A longer sequence builds a longer table, but a table once
+# handed out is never freed: a captured CUDA graph keeps reading the addresses it saw.
 _TABLES: Dict[tuple, Tuple[torch.Tensor, torch.Tensor]] = {}
+_RETIRED: List[Tuple[torch.Tensor, torch.Tensor]] = []
+_TABLES_LOCK = threading.Lock()
+# Tables grow to a power of two of at least this many frames, so a run of growing
+# lengths builds few of them (the retired ones hold less than the live one in all).
+MIN_TABLE_FRAMES = 256
+
+
+def _table_key(head_dim: int, device: torch.device) -> tuple:
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return head_dim, device
+
+
+def prepare_rotary_tables(max_frames: int, head_dim: int,
+                          device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Build (or find) the cached float32 cos/sin tables for sequences of up to
+    `max_frames` frames with heads of `head_dim` on `device`; returns them as
+    [max_frames, head_dim // 2] views.
+
+    Call it before capturing CUDA graphs, with the longest sequence the graphs will see:
+    `rotary_attention` then only takes views of the cached tables during capture. A
+    table that is first needed during capture is built in the graph's memory pool and
+    not cached (correct, but built anew in every capture). On CUDA it waits for the
+    tables to be written, so that any stream may read them when it returns.
+    """
+    if max_frames < 1 or head_dim < 2 or head_dim % 2:
+        raise ValueError(f"need max_frames >= 1 and an even head_dim >= 2, got "
+                         f"max_frames={max_frames}, head_dim={head_dim}")
+    key = _table_key(head_dim, device)
+    if key[1].type == "cuda" and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError("prepare_rotary_tables was called during CUDA graph capture; "
+                           "call it before capturing")
+    tables = _cached_tables(key, max_frames)
+    if key[1].type == "cuda":
+        torch.cuda.current_stream(key[1]).synchronize()
+    return tables
+
+
+def _cached_tables(key: tuple, num_frames: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    head_dim, device = key
+    with _TABLES_LOCK:     # decoding threads may share the cache
+        tables = _TABLES.get(key)
+        if tables is None or tables[0].shape[0] < num_frames:
+            capacity = next_pow2(max(num_frames, MIN_TABLE_FRAMES))
+            if tables is not None:
+                _RETIRED.append(tables)
+            # Row t of a longer table holds the same values as row t of a shorter one.
+            tables = rotary_tables(capacity, head_dim, device, torch.float32)
+            _TABLES[key] = tables
+    cos, sin = tables
+    return cos[:num_frames], sin[:num_frames]
 
 
 def _tables(q: torch.Tensor, T: int, dh: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The reference's float32 cos/sin tables, kept per (T, dh, device): every layer of
-    every pass reuses them instead of recomputing them (five small launches each)."""
+    """The reference's float32 cos/sin tables for T frames, [T, dh/2] views of the cached
+    ones: every layer of every pass reuses them instead of recomputing them (five small
+    launches each)."""
     if is_fake(q):
         return rotary_tables(T, dh, q.device, torch.float32)
-    key = (T, dh, q.device)
-    if key not in _TABLES:
-        tables = rotary_tables(T, dh, q.device, torch.float32)
-        # Tensors made during CUDA graph capture belong to the graph's memory pool.
-        if q.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return tables
-        if len(_TABLES) >= 64:
-            _TABLES.clear()
-        _TABLES[key] = tables
-    return _TABLES[key]
+    key = _table_key(dh, q.device)
+    tables = _TABLES.get(key)
+    if q.device.type == "cuda" and torch.cuda.is_current_stream_capturing() and (
+            tables is None or tables[0].shape[0] < T):
+        # Tensors made during capture belong to the graph's memory pool: not cached.
+        return rotary_tables(T, dh, q.device, torch.float32)
+    return _cached_tables(key, T)
 
 
 def attention_config(num_frames: int, head_dim: int, fp32: bool = False) -> dict:

@@ -13,9 +13,11 @@ Two kernels per decoding iteration:
    count breaks ties toward the earlier frame, exactly as the reference's stable sort -
    instead of sorting the row.
 
-Shapes: logits [B, T, C] fp32/fp16/bf16 (last dim contiguous), tokens int64 [B, T],
-eligible bool [B, T], num_keep int64 [B] or None, seeds int64 [B] (on the device: a
-CUDA graph replays with whatever seeds the buffer holds). Returns int64 [B, T].
+Shapes: logits [B, T, C] fp32/fp16/bf16 (a strided last dim is copied), tokens int64
+[B, T], eligible bool [B, T], num_keep integer [B] or None, seeds int64 [B] (on the
+device: a CUDA graph replays with whatever seeds the buffer holds), any strides; the
+registered op takes level / iteration as integer [B], temperature / noise_scale as
+float32 [B], sample as bool [B]. Returns int64 [B, T].
 
 Memory traffic (paper preset, 30 s = 1500 frames, B = 1, bf16 logits, C = 1024;
 `bench/op_costs.py`): the kernels read the logits once, 3.1 MB, plus O(T) bytes. A
@@ -27,6 +29,11 @@ Confidences equal the reference's up to the float rounding of log-sum-exp, so on
 frames tied to the last bit could rank differently (the tests compare token for token).
 An eligible frame always ranks above a non-eligible one, so exactly k are kept even when
 a confidence is -inf.
+
+Non-finite logits, as in the reference: NaN is read as -inf and +inf as the largest
+finite float32 when the logits are loaded, so no NaN reaches a max or an argmax (whose
+NaN handling on a GPU differs from the interpreter's and from torch's). A frame whose
+logits are all -inf after that gets candidate 0 and confidence -inf.
 """
 
 from __future__ import annotations
@@ -41,6 +48,9 @@ from torch.library import triton_op, wrap_triton
 from soundstorm.kernels import rng as rng_ref
 from soundstorm.kernels.triton import rng
 from soundstorm.kernels.triton._launch import check_device, check_float, next_pow2
+
+
+FLOAT32_MAX: tl.constexpr = tl.constexpr(3.4028234663852886e38)
 
 
 @triton.jit
@@ -60,6 +70,13 @@ def _candidates_kernel(logits_ptr, tokens_ptr, eligible_ptr, seeds_ptr, out_ptr,
     lane = eligible[:, None] & (offs_c < C)[None, :]
     x = tl.load(logits_ptr + b * stride_lb + offs_t[:, None].to(tl.int64) * stride_lt
                 + offs_c[None, :], mask=lane, other=float("-inf")).to(tl.float32)
+    # NaN -> -inf, +inf -> the largest finite float32: max and argmax below never see a
+    # NaN (a GPU's max/argmax treat NaN differently from the interpreter's and torch's).
+    x = tl.where(x != x, float("-inf"), x)
+    x = tl.where(x == float("inf"), FLOAT32_MAX, x)
+    row_max = tl.max(x, axis=1)
+    # Frames with no finite logit (and frames not read) take candidate 0.
+    dead = row_max == float("-inf")
     seed = tl.load(seeds_ptr + b)
     # The row's own (level, iteration): rows of one pass may be at different steps.
     level = tl.load(level_ptr + b)
@@ -76,21 +93,23 @@ def _candidates_kernel(logits_ptr, tokens_ptr, eligible_ptr, seeds_ptr, out_ptr,
         z = tl.where(lane, tl.div_rn(x, temperature) + noise, float("-inf"))
         drawn = tl.argmax(z, axis=1, tie_break_left=True)
         cand = tl.where(tl.load(sample_ptr + b) != 0, drawn, cand)
+    cand = tl.where(dead, 0, cand)
     tokens = tl.load(tokens_ptr + b * stride_tb + offs_t * stride_tt, mask=t_ok, other=0)
     if KEEP_ALL:
         tl.store(out_ptr + b * stride_ob + offs_t * stride_ot,
                  tl.where(eligible, cand.to(tl.int64), tokens), mask=t_ok)
     else:
-        row_max = tl.max(x, axis=1)
-        safe_max = tl.where(eligible, row_max, 0.0)
+        safe_max = tl.where(dead, 0.0, row_max)
         total = tl.sum(tl.exp(x - safe_max[:, None]), axis=1)
-        lse = safe_max + tl.log(tl.where(eligible, total, 1.0))
+        lse = safe_max + tl.log(tl.where(dead, 1.0, total))
         picked = tl.sum(tl.where(offs_c[None, :] == cand[:, None], x, 0.0), axis=1)
-        conf = tl.where(eligible, picked - lse, 0.0)
+        conf = picked - lse
         if HAS_NOISE:
             tag_confidence = rng.step_tag(level, iteration, STREAM_CONFIDENCE)
             ckey = rng.mix32(rng.step_key(seed, tag_confidence) ^ rng.spread(offs_t))
             conf = conf + tl.load(noise_ptr + b) * rng.to_gumbel(ckey)
+        # No finite logit: confidence -inf, below every finite one, above non-eligible.
+        conf = tl.where(dead, float("-inf"), conf)
         # Order-preserving map float32 -> uint32 (+0.0 first, so -0.0 ties with +0.0).
         bits = (conf + 0.0).to(tl.uint32, bitcast=True)
         sign_bit = tl.full(bits.shape, 0x80000000, tl.uint32)
@@ -175,6 +194,36 @@ def _rows(value, batch: int, device: torch.device, dtype: torch.dtype) -> torch.
     return torch.as_tensor(value, dtype=dtype, device=device).expand(batch).contiguous()
 
 
+_DTYPE_KINDS = {
+    "int64": lambda dtype: dtype == torch.int64,
+    "integer": lambda dtype: not dtype.is_floating_point and not dtype.is_complex
+    and dtype != torch.bool,
+    "float32": lambda dtype: dtype == torch.float32,
+    "bool": lambda dtype: dtype == torch.bool,
+}
+
+
+def _check_same_device(name: str, t: torch.Tensor, device: torch.device) -> None:
+    if t.device != device:
+        raise ValueError(f"{name} must be on the logits' device {device}, got {t.device}")
+
+
+def _per_row(name: str, t: torch.Tensor, batch: int, device: torch.device,
+             kind: str) -> torch.Tensor:
+    """Check that `t` holds one value of `kind` (a key of `_DTYPE_KINDS`) per row on
+    `device`; return it contiguous (a copy on the device if it is a strided view)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a {kind} tensor [B] = [{batch}], got "
+                        f"{type(t).__name__}")
+    if not _DTYPE_KINDS[kind](t.dtype):
+        raise TypeError(f"{name} must be {kind} [B] = [{batch}], got {t.dtype}")
+    if t.shape != (batch,):
+        raise ValueError(f"{name} must be {kind} [B] = [{batch}] (one value per row), got "
+                         f"{t.dtype} {tuple(t.shape)}")
+    _check_same_device(name, t, device)
+    return t.contiguous()
+
+
 @triton_op("soundstorm::masked_resample", mutates_args=())
 def masked_resample_rows(logits: torch.Tensor, tokens: torch.Tensor, eligible: torch.Tensor,
                          num_keep: Optional[torch.Tensor], seeds: torch.Tensor,
@@ -195,17 +244,18 @@ def masked_resample_rows(logits: torch.Tensor, tokens: torch.Tensor, eligible: t
     if eligible.shape != (B, T) or eligible.dtype != torch.bool:
         raise ValueError(f"eligible must be bool [B, T] = [{B}, {T}], got {eligible.dtype} "
                          f"{tuple(eligible.shape)}")
-    if seeds.shape != (B,) or seeds.dtype != torch.int64:
-        raise ValueError(f"seeds must be int64 [B] = [{B}], got {seeds.dtype} "
-                         f"{tuple(seeds.shape)}")
-    if num_keep is not None and (num_keep.shape != (B,) or num_keep.is_floating_point()):
-        raise ValueError(f"num_keep must be integer [B] = [{B}] or None, got "
-                         f"{num_keep.dtype} {tuple(num_keep.shape)}")
-    for name, t in (("level", level), ("iteration", iteration), ("temperature", temperature),
-                    ("noise_scale", noise_scale), ("sample", sample)):
-        if t.shape != (B,):
-            raise ValueError(f"{name} must have one value per row [B] = [{B}], got "
-                             f"{tuple(t.shape)}")
+    for name, t in (("tokens", tokens), ("eligible", eligible)):
+        _check_same_device(name, t, logits.device)
+    # The kernels read one value per row at ptr + b: every [B] tensor is made contiguous
+    # here (a strided or expanded view is copied on the device, nothing on the host).
+    seeds = _per_row("seeds", seeds, B, logits.device, "int64")
+    if num_keep is not None:
+        num_keep = _per_row("num_keep", num_keep, B, logits.device, "integer")
+    level = _per_row("level", level, B, logits.device, "integer")
+    iteration = _per_row("iteration", iteration, B, logits.device, "integer")
+    temperature = _per_row("temperature", temperature, B, logits.device, "float32")
+    noise_scale = _per_row("noise_scale", noise_scale, B, logits.device, "float32")
+    sample = _per_row("sample", sample, B, logits.device, "bool")
     if logits.stride(2) != 1:
         logits = logits.contiguous()
     eligible = eligible.contiguous()
