@@ -272,6 +272,9 @@ class StepRunner:
         With `run`, the warm-up step is the real step; otherwise it ran on scratch values
         and the bucket holds no request afterwards."""
         if self._pool is None:
+            cfg = self.engine.config
+            # Tables the ops keep (rotary angles) exist before any graph reads them.
+            self.engine.ops.prepare_capture(cfg.max_frames, cfg.head_dim, self.device)
             self._pool = torch.cuda.graph_pool_handle()
             self._capture_stream = torch.cuda.Stream(self.device)
         current = torch.cuda.current_stream(self.device)

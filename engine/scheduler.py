@@ -20,11 +20,11 @@ a request's tokens do not depend on its batch companions, its bucket or when it 
 
 Bucket policy: batch sizes are powers of two up to `max_batch`; lengths are 64 frames
 doubled up to 256, then every 256 frames up to `max_frames` (for 1500: 64, 128, 256, 512,
-768, 1024, 1280, 1500). A batch pads to its longest row, rounded up to the next length. On CUDA every bucket holds static buffers and, after a warm-up
-step, a CUDA graph of its step; the memory a bucket costs is its buffers (tokens
-B x T x Q int64, semantic ids, per-row parameters) plus the graph's pool, dominated by the
-forward pass's activations and the logits, B x T x C float32 (B = 8, T = 1500, C = 1024:
-49 MB). On CPU the same runner runs the step eagerly over the same static buffers.
+768, 1024, 1280, 1500). A batch pads to its longest row, rounded up to the next length.
+The buckets' static buffers, their CUDA graphs (one memory pool for all of an engine's
+graphs) and the step itself belong to the engine's one `StepRunner`
+(`soundstorm.engine.runner`), which every scheduler of the engine shares; rows stay
+resident in a bucket while the requests in it do not change.
 """
 
 from __future__ import annotations

@@ -23,15 +23,24 @@ KNOWN_BACKENDS = ("torch", "triton")
 PLANNED_BACKENDS = ("cpp", "pallas")
 
 
+def _nothing_to_prepare(max_frames: int, head_dim: int, device: torch.device) -> None:
+    return None
+
+
 @dataclass(frozen=True)
 class Ops:
-    """The fused ops of one backend (signatures: see each `*_reference`)."""
+    """The fused ops of one backend (signatures: see each `*_reference`).
+
+    `prepare_capture(max_frames, head_dim, device)` builds whatever the ops keep between
+    calls (e.g. rotary tables) for sequences up to `max_frames`, before CUDA graphs are
+    captured: inside a graph the ops then only read it."""
     name: str
     summed_embedding: Callable[..., torch.Tensor]
     rotary_attention: Callable[..., torch.Tensor]
     conv_module: Callable[..., torch.Tensor]
     masked_resample: Callable[..., torch.Tensor]
     residual_norm: Callable[..., tuple] = residual_norm_reference
+    prepare_capture: Callable[[int, int, torch.device], object] = _nothing_to_prepare
 
 
 TORCH_OPS = Ops(

@@ -157,6 +157,14 @@ def test_the_guard_catches_python_values_in_the_step(model):
             check_step_modes(runner, buf, [mode])
 
 
+def test_the_triton_ops_prepare_their_tables_before_capture():
+    from soundstorm.kernels import get_ops
+    from soundstorm.kernels.triton import prepare_rotary_tables
+
+    assert get_ops("triton", DEVICE).prepare_capture is prepare_rotary_tables
+    assert get_ops("torch").prepare_capture(1500, 64, DEVICE) is None
+
+
 def test_the_guard_catches_syncs_and_copies():
     x = torch.arange(6.0)
     for bad, match in ((lambda: x.sum().item(), "_local_scalar_dense"),

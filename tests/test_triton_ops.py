@@ -18,8 +18,8 @@ from soundstorm.kernels.attention import (apply_rotary, rotary_attention_referen
 from soundstorm.kernels.conv_module import conv_module_reference
 from soundstorm.kernels.embedding import summed_embedding_reference
 from soundstorm.kernels.residual_norm import residual_norm_reference
-from soundstorm.kernels.triton import (conv_module, prepare_rotary_tables, residual_norm,
-                                       rotary_attention, summed_embedding)
+from soundstorm.kernels.triton import (conv_module, masked_resample, prepare_rotary_tables,
+                                       residual_norm, rotary_attention, summed_embedding)
 
 attention_module = importlib.import_module("soundstorm.kernels.triton.attention")
 
@@ -318,3 +318,52 @@ def test_bad_arguments_raise_clear_errors():
         summed_embedding(torch.zeros(1, 3, dtype=torch.long, device=DEVICE),
                          torch.zeros(1, 5, 2, dtype=torch.long, device=DEVICE),
                          torch.randn(3, 4).to(DEVICE), torch.randn(6, 4).to(DEVICE), 1, 2)
+
+
+def test_every_launch_runs_under_its_tensors_device(monkeypatch):
+    """Each launcher enters `launch_device(out)` around its kernels: on CUDA that is
+    `torch.cuda.device(out.device)`, so a tensor on cuda:1 launches on cuda:1."""
+    import importlib
+
+    from soundstorm.kernels.triton import _launch
+
+    entered = []
+    real = _launch.launch_device
+
+    def spy(x):
+        entered.append(x.device)
+        return real(x)
+
+    modules = [importlib.import_module(f"soundstorm.kernels.triton.{name}") for name in
+               ("attention", "conv_module", "embedding", "resample", "residual_norm")]
+    for module in modules:
+        monkeypatch.setattr(module, "launch_device", spy)
+    B, T, D, H = 2, 5, 8, 2
+    x = torch.randn(B, T, D, device=DEVICE)
+    w, b = torch.ones(D, device=DEVICE), torch.zeros(D, device=DEVICE)
+    residual_norm(x, x, 1.0, w, b, 1e-5)
+    q = torch.randn(B, H, T, D // H, device=DEVICE)
+    rotary_attention(q, q, q, None)
+    conv_module(torch.randn(B, T, 2 * D, device=DEVICE), torch.randn(D, 1, 3, device=DEVICE), b, w, b,
+                None, 1e-5)
+    summed_embedding(torch.zeros(B, 3, dtype=torch.long, device=DEVICE),
+                     torch.zeros(B, T, 2, dtype=torch.long, device=DEVICE),
+                     torch.randn(4, D, device=DEVICE), torch.randn(2 * 4 + 1, D, device=DEVICE), 1, 2)
+    logits = torch.randn(B, T, 4, device=DEVICE)
+    tokens = torch.full((B, T), 4, device=DEVICE)
+    seeds = torch.zeros(B, dtype=torch.long, device=DEVICE)
+    masked_resample(logits, tokens, tokens == 4, seeds + 2, seeds, 1, 1, 1.0, 0.5, True)
+    assert len(entered) == 6 and {d.type for d in entered} == {DEVICE.type}
+
+
+def test_launch_device_on_cuda_is_a_device_guard():
+    import contextlib
+
+    from soundstorm.kernels.triton._launch import launch_device
+
+    assert isinstance(launch_device(torch.empty(1, device="meta")), contextlib.nullcontext)
+    if DEVICE.type == "cpu":
+        assert isinstance(launch_device(torch.empty(1)), contextlib.nullcontext)
+    else:
+        guard = launch_device(torch.empty(1, device=DEVICE))
+        assert isinstance(guard, torch.cuda.device)

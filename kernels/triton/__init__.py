@@ -42,6 +42,7 @@ TRITON_OPS = Ops(
     conv_module=conv_module,
     masked_resample=masked_resample,
     residual_norm=residual_norm,
+    prepare_capture=prepare_rotary_tables,
 )
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 
@@ -57,6 +59,17 @@ def check_device(x, what: str) -> None:
             "in Triton's interpreter, set TRITON_INTERPRET=1 in the environment before "
             "soundstorm.kernels.triton is imported (slow: for tests)")
     raise RuntimeError(f"{what} runs on CUDA (or CPU under TRITON_INTERPRET=1), got {device}")
+
+
+def launch_device(x: torch.Tensor):
+    """Where a kernel writing `x` must launch: Triton launches on the current device and
+    its current stream, so a real CUDA tensor's launch runs under
+    `torch.cuda.device(x.device)` (an engine on cuda:1 works whatever the calling thread's
+    current device). Nothing to do on CPU (the interpreter) or for fake and meta tensors
+    (tracing records the launch without running it)."""
+    if x.device.type == "cuda" and not is_fake(x):
+        return torch.cuda.device(x.device)
+    return contextlib.nullcontext()
 
 
 def check_float(name: str, x: torch.Tensor) -> None:

@@ -42,7 +42,7 @@ from torch.library import triton_op, wrap_triton
 
 from soundstorm.kernels.attention import rotary_tables
 from soundstorm.kernels.triton._launch import (check_device, check_float, dot_in_input_dtype,
-                                               is_fake, next_pow2)
+                                               is_fake, launch_device, next_pow2)
 
 
 @triton.jit
@@ -247,14 +247,15 @@ def rotary_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         mask = lengths = torch.empty((1,), dtype=torch.int32, device=q.device)
     cfg = attention_config(T, dh, fp32=q.dtype == torch.float32)
     grid = (triton.cdiv(T, cfg["BLOCK_M"]), B * H)
-    wrap_triton(_rotary_attention_kernel)[grid](
-        q, k, v, out, cos, sin, mask, lengths,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        mask.stride(0) if key_mask is not None else 0, H, T,
-        math.log2(math.e) / math.sqrt(dh),
-        HEAD_DIM=dh, BLOCK_D=cfg["BLOCK_D"], BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-        HAS_MASK=key_mask is not None, LOW_PRECISION_DOT=q.dtype != torch.float32
-        and dot_in_input_dtype(q.dtype), FP32_INPUTS=q.dtype == torch.float32,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    with launch_device(out):
+        wrap_triton(_rotary_attention_kernel)[grid](
+            q, k, v, out, cos, sin, mask, lengths,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+            mask.stride(0) if key_mask is not None else 0, H, T,
+            math.log2(math.e) / math.sqrt(dh),
+            HEAD_DIM=dh, BLOCK_D=cfg["BLOCK_D"], BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+            HAS_MASK=key_mask is not None, LOW_PRECISION_DOT=q.dtype != torch.float32
+            and dot_in_input_dtype(q.dtype), FP32_INPUTS=q.dtype == torch.float32,
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out

@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from soundstorm.kernels.triton._launch import check_device, check_float, next_pow2
+from soundstorm.kernels.triton._launch import check_device, check_float, launch_device, next_pow2
 
 
 @triton.jit
@@ -104,10 +104,11 @@ def conv_module(h: torch.Tensor, dw_weight: torch.Tensor, dw_bias: torch.Tensor,
     out = torch.empty((B, T, E), dtype=h.dtype, device=h.device)
     cfg = conv_config(E, T)
     grid = (triton.cdiv(T, cfg["BLOCK_T"]), B)
-    wrap_triton(_conv_module_kernel)[grid](
-        h, dw_weight, dw_bias, norm_weight, norm_bias, mask, out,
-        T, E, h.stride(0), h.stride(1), dw_weight.stride(0), dw_weight.stride(2),
-        mask.stride(0) if frame_mask is not None else 0, out.stride(0), out.stride(1),
-        float(eps), K=dw_weight.shape[2], HAS_MASK=frame_mask is not None,
-        BLOCK_T=cfg["BLOCK_T"], BLOCK_E=cfg["BLOCK_E"], num_warps=cfg["num_warps"])
+    with launch_device(out):
+        wrap_triton(_conv_module_kernel)[grid](
+            h, dw_weight, dw_bias, norm_weight, norm_bias, mask, out,
+            T, E, h.stride(0), h.stride(1), dw_weight.stride(0), dw_weight.stride(2),
+            mask.stride(0) if frame_mask is not None else 0, out.stride(0), out.stride(1),
+            float(eps), K=dw_weight.shape[2], HAS_MASK=frame_mask is not None,
+            BLOCK_T=cfg["BLOCK_T"], BLOCK_E=cfg["BLOCK_E"], num_warps=cfg["num_warps"])
     return out

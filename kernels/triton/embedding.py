@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from soundstorm.kernels.triton._launch import check_device, check_float, next_pow2
+from soundstorm.kernels.triton._launch import check_device, check_float, launch_device, next_pow2
 
 
 @triton.jit
@@ -91,11 +91,12 @@ def summed_embedding(semantic: torch.Tensor, tokens: torch.Tensor,
     out = torch.empty((B, T, D), dtype=semantic_table.dtype, device=tokens.device)
     cfg = embedding_config(D)
     grid = (triton.cdiv(T, cfg["BLOCK_F"]), B, triton.cdiv(D, cfg["BLOCK_D"]))
-    wrap_triton(_summed_embedding_kernel)[grid](
-        semantic, tokens, semantic_table, acoustic_table, out,
-        T, semantic.shape[1], V, D, C, Q, rate_num, rate_den,
-        semantic.stride(0), semantic.stride(1),
-        tokens.stride(0), tokens.stride(1), tokens.stride(2),
-        semantic_table.stride(0), acoustic_table.stride(0),
-        BLOCK_F=cfg["BLOCK_F"], BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"])
+    with launch_device(out):
+        wrap_triton(_summed_embedding_kernel)[grid](
+            semantic, tokens, semantic_table, acoustic_table, out,
+            T, semantic.shape[1], V, D, C, Q, rate_num, rate_den,
+            semantic.stride(0), semantic.stride(1),
+            tokens.stride(0), tokens.stride(1), tokens.stride(2),
+            semantic_table.stride(0), acoustic_table.stride(0),
+            BLOCK_F=cfg["BLOCK_F"], BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"])
     return out

@@ -47,7 +47,7 @@ from torch.library import triton_op, wrap_triton
 
 from soundstorm.kernels import rng as rng_ref
 from soundstorm.kernels.triton import rng
-from soundstorm.kernels.triton._launch import check_device, check_float, next_pow2
+from soundstorm.kernels.triton._launch import check_device, check_float, launch_device, next_pow2
 
 
 FLOAT32_MAX: tl.constexpr = tl.constexpr(3.4028234663852886e38)
@@ -269,17 +269,19 @@ def masked_resample_rows(logits: torch.Tensor, tokens: torch.Tensor, eligible: t
         key = torch.empty((B, T), dtype=torch.int32, device=logits.device)
     cfg = candidates_config(C)
     grid = (triton.cdiv(T, cfg["BLOCK_F"]), B)
-    wrap_triton(_candidates_kernel)[grid](
-        logits, tokens, eligible, seeds, out, cand, key, level, iteration, temperature,
-        noise_scale, sample, T, C, logits.stride(0), logits.stride(1), tokens.stride(0),
-        tokens.stride(1), eligible.stride(0), out.stride(0), out.stride(1),
-        STREAM_CANDIDATE=rng_ref.STREAM_CANDIDATE, STREAM_CONFIDENCE=rng_ref.STREAM_CONFIDENCE,
-        SAMPLE=any_sample, KEEP_ALL=keep_all, HAS_NOISE=any_noise,
-        BLOCK_F=cfg["BLOCK_F"], BLOCK_C=cfg["BLOCK_C"], num_warps=cfg["num_warps"])
+    with launch_device(out):
+        wrap_triton(_candidates_kernel)[grid](
+            logits, tokens, eligible, seeds, out, cand, key, level, iteration, temperature,
+            noise_scale, sample, T, C, logits.stride(0), logits.stride(1), tokens.stride(0),
+            tokens.stride(1), eligible.stride(0), out.stride(0), out.stride(1),
+            STREAM_CANDIDATE=rng_ref.STREAM_CANDIDATE, STREAM_CONFIDENCE=rng_ref.STREAM_CONFIDENCE,
+            SAMPLE=any_sample, KEEP_ALL=keep_all, HAS_NOISE=any_noise,
+            BLOCK_F=cfg["BLOCK_F"], BLOCK_C=cfg["BLOCK_C"], num_warps=cfg["num_warps"])
     if keep_all:
         return out
     sel = select_config(T)
-    wrap_triton(_select_kernel)[(B,)](
-        cand, key, tokens, num_keep, out, T, tokens.stride(0), tokens.stride(1),
-        out.stride(0), out.stride(1), BLOCK_T=sel["BLOCK_T"], num_warps=sel["num_warps"])
+    with launch_device(out):
+        wrap_triton(_select_kernel)[(B,)](
+            cand, key, tokens, num_keep, out, T, tokens.stride(0), tokens.stride(1),
+            out.stride(0), out.stride(1), BLOCK_T=sel["BLOCK_T"], num_warps=sel["num_warps"])
     return out

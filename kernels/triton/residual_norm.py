@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from soundstorm.kernels.triton._launch import check_device, check_float, next_pow2
+from soundstorm.kernels.triton._launch import check_device, check_float, launch_device, next_pow2
 
 
 @triton.jit
@@ -80,7 +80,8 @@ def residual_norm(x: torch.Tensor, delta: torch.Tensor, alpha: float, weight: to
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     rows = x2.shape[0]
     cfg = residual_norm_config(D)
-    wrap_triton(_residual_norm_kernel)[(triton.cdiv(rows, cfg["BLOCK_R"]),)](
-        x2, d2, weight, bias, y, out, rows, D, x2.stride(0), d2.stride(0), float(alpha),
-        float(eps), BLOCK_R=cfg["BLOCK_R"], BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"])
+    with launch_device(out):
+        wrap_triton(_residual_norm_kernel)[(triton.cdiv(rows, cfg["BLOCK_R"]),)](
+            x2, d2, weight, bias, y, out, rows, D, x2.stride(0), d2.stride(0), float(alpha),
+            float(eps), BLOCK_R=cfg["BLOCK_R"], BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"])
     return y, out
