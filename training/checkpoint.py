@@ -22,7 +22,7 @@ import random
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -55,15 +55,20 @@ def latest_checkpoint(directory: Union[str, Path]) -> Optional[Path]:
     return found[-1] if found else None
 
 
-def checkpoint_step(path: Union[str, Path]) -> int:
-    """The step a checkpoint directory records in its state.json."""
+def _read_state(path: Union[str, Path]) -> Tuple[Path, Any]:
+    """A checkpoint directory's state.json: (its path, its parsed content)."""
     state_path = Path(path) / STATE_FILE
     if not state_path.is_file():
         raise FileNotFoundError(f"not a complete training checkpoint (no {STATE_FILE}): {path}")
     try:
-        state = json.loads(state_path.read_text())
+        return state_path, json.loads(state_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{state_path}: not valid JSON ({e})") from None
+
+
+def checkpoint_step(path: Union[str, Path]) -> int:
+    """The step a checkpoint directory records in its state.json."""
+    state_path, state = _read_state(path)
     step = state.get("step") if isinstance(state, dict) else None
     if not isinstance(step, int) or isinstance(step, bool) or step < 0:
         raise ValueError(f"{state_path}: step = {step!r}, expected an int >= 0")
@@ -194,15 +199,10 @@ def load_checkpoint(path: Union[str, Path], model: SoundStorm,
     The checkpoint's model config must equal `model.config`; a mismatch raises ValueError.
     """
     path = Path(path)
-    state_path = path / STATE_FILE
-    if not state_path.is_file():
-        raise FileNotFoundError(f"not a complete training checkpoint (no {STATE_FILE}): {path}")
-    try:
-        state = json.loads(state_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{state_path}: not valid JSON ({e})") from None
-    if state.get("format_version") != STATE_VERSION:
-        raise ValueError(f"{state_path}: format_version {state.get('format_version')!r} is not "
+    state_path, state = _read_state(path)
+    version = state.get("format_version") if isinstance(state, dict) else None
+    if version != STATE_VERSION:
+        raise ValueError(f"{state_path}: format_version {version!r} is not "
                          f"supported (this version reads {STATE_VERSION})")
     config = load_config(path)
     if config != model.config:
