@@ -30,7 +30,6 @@ compilation) is reported as skipped with the reason.
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import math
 import statistics
@@ -51,7 +50,6 @@ from soundstorm.engine.benchmark import (bench_inputs, machine_info, source_comm
                                          synchronize)
 from soundstorm.engine.engine import resolve_dtype  # noqa: E402
 from soundstorm.engine.flops import forward_flops  # noqa: E402
-from soundstorm.engine.scheduler import StepRunner  # noqa: E402
 
 BASELINE = "torch-eager"
 VARIANTS = ("triton-graphs", BASELINE, "torch-compile")
@@ -74,32 +72,36 @@ def build_variant(name: str, preset: str, device: torch.device, dtype: torch.dty
                   max_batch: int, compile_mode: str) -> Engine:
     """The engine of one variant; raises when it cannot run here."""
     if name == "triton-graphs":
-        # The engine's default runner replays each step as a CUDA graph on CUDA.
+        # The engine's default on CUDA: each step replayed from a CUDA graph.
         return Engine.from_preset(preset, device=device, dtype=dtype, backend="triton",
                                   max_batch=max_batch)
+    if name not in (BASELINE, "torch-compile"):
+        raise ValueError(f"unknown variant {name!r}; choose from {list(VARIANTS)}")
+    # The eager baseline (and the compiled model's step): no CUDA graph around the step,
+    # every kernel is launched from the host.
     engine = Engine.from_preset(preset, device=device, dtype=dtype, backend="torch",
-                                max_batch=max_batch)
+                                max_batch=max_batch, cuda_graphs=False)
     if name == "torch-compile":
         # One compiled graph per batch size (no dynamic shapes); on CUDA, max-autotune
         # captures CUDA graphs itself, so the steps around it stay eager.
         engine.model = torch.compile(engine.model, mode=compile_mode, dynamic=False)
-    elif name != BASELINE:
-        raise ValueError(f"unknown variant {name!r}; choose from {list(VARIANTS)}")
-    # The eager baseline (and the compiled model's step): no CUDA graph around the step,
-    # every kernel is launched from the host.
-    engine._sync_runner = StepRunner(engine, use_cuda_graphs=False)
     return engine
 
 
-def warm_up(engine: Engine) -> None:
-    """The engine's own warm-up, where it has one that needs no arguments."""
-    warmup = getattr(engine, "warmup", None)
-    if not callable(warmup):
-        return
-    params = inspect.signature(warmup).parameters.values()
-    if all(p.default is not p.empty or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
-           for p in params):
-        warmup()
+def warm_up(engine: Engine, batches: List[int], frames: int) -> dict:
+    """The engine's own warm-up for what the benchmark decodes: the batch buckets of
+    `batches`, lengths up to `frames`, the default and the greedy schedule (on CUDA with
+    graphs: every step graph captured before timing)."""
+    return engine.warmup(batch_sizes=sorted(set(batches)), max_frames=frames,
+                         decodes=[DecodeConfig(), GREEDY])
+
+
+def _warmup_summary(report: Optional[dict]) -> Optional[dict]:
+    if report is None:
+        return None
+    return {"graphs": report["graphs"], "seconds": round(report["seconds"], 3),
+            "pool_bytes": report["pool_bytes"],
+            "pool_bytes_estimate": report["pool_bytes_estimate"]}
 
 
 def timed(engine: Engine, semantic: torch.Tensor, seed: int,
@@ -180,9 +182,10 @@ def run(preset: str = "paper", seconds: float = 30.0, batches: List[int] = (1, 8
 
     # Warm-up and the greedy decode (both untimed).
     greedy: Dict[str, Dict[int, torch.Tensor]] = {v: {} for v in variants}
+    warmups: Dict[str, dict] = {}
     for name in engines:
         try:
-            warm_up(engines[name])
+            warmups[name] = warm_up(engines[name], batches, frames)
         except Exception as error:
             skipped[name] = {b: f"warmup() failed: {reason(error)}" for b in batches}
             continue
@@ -223,7 +226,8 @@ def run(preset: str = "paper", seconds: float = 30.0, batches: List[int] = (1, 8
         engine = engines.get(name)
         entry = {"description": DESCRIPTIONS[name],
                  "backend": engine.backend if engine else None,
-                 "cuda_graphs": engine._sync_runner.use_cuda_graphs if engine else None,
+                 "cuda_graphs": engine.runner.use_cuda_graphs if engine else None,
+                 "warmup": _warmup_summary(warmups.get(name)),
                  "batches": {}}
         for b in batches:
             if b in skipped[name]:

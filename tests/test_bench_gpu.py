@@ -96,6 +96,7 @@ def test_gpu_bench_runs_on_cpu_and_reports_what_it_skips(tmp_path):
     assert all("TRITON_INTERPRET" in cell["skipped"] for cell in triton.values())
     eager = report["variants"]["torch-eager"]
     assert eager["cuda_graphs"] is False and eager["backend"] == "torch"
+    assert eager["warmup"]["graphs"] == 0 and eager["warmup"]["pool_bytes_estimate"] > 0
     for b, cell in eager["batches"].items():
         assert cell["skipped"] is None and cell["rounds"] == 2
         assert 0 < cell["wall_s_min"] <= cell["wall_s"] <= cell["wall_s_max"]
