@@ -41,11 +41,36 @@ def _rate(name: str, value: Any) -> Fraction:
     return Fraction(str(value)) if isinstance(value, float) else Fraction(value)
 
 
-def _positive_int(name: str, value: Any) -> None:
+def _positive_int(name: str, value: Any, limit: Optional[int] = None) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
     if value < 1:
         raise ValueError(f"{name} must be >= 1, got {value}")
+    if limit is not None and value > limit:
+        raise ValueError(f"{name} = {value} is above its limit {limit} (see "
+                         "ModelConfig.LIMITS)")
+
+
+# Largest value of each size field (inclusive). Far above any useful SoundStorm (the paper's
+# model is dim 1024, depth 12, 1500 frames), small enough that an analytic size, a bucket
+# table or a loop over a field stays cheap. Whether the parameters fit in memory is checked
+# separately, against the machine, when a model is built or loaded.
+LIMITS: dict[str, int] = {
+    "num_quantizers": 64,
+    "codebook_size": 2 ** 20,
+    "semantic_vocab_size": 2 ** 20,
+    "dim": 2 ** 16,
+    "depth": 256,
+    "heads": 1024,
+    "ff_dim": 2 ** 18,
+    "conv_kernel": 255,
+    "conv_expansion": 16,
+    "max_frames": 2 ** 16,
+}
+# Rates in Hz: at most MAX_RATE, and semantic_rate / frame_rate must reduce to a fraction
+# whose terms are at most MAX_RATE_TERM (frame t reads semantic index t * num // den).
+MAX_RATE = 10 ** 6
+MAX_RATE_TERM = 2 ** 20
 
 
 @dataclass(frozen=True)
@@ -58,7 +83,13 @@ class ModelConfig:
     width `ff_dim`, and a convolution module whose inner width is `conv_expansion * dim`
     with a depthwise kernel of `conv_kernel` frames. `max_frames` is the longest sequence
     a single forward pass accepts.
+
+    Every size field must lie in 1..`LIMITS[field]` (`ModelConfig.LIMITS`: e.g. depth <= 256,
+    dim <= 65536, max_frames <= 65536); rates must be positive, at most 10**6 Hz, and
+    semantic_rate / frame_rate must reduce to a fraction whose terms are at most 2**20.
     """
+
+    LIMITS = LIMITS
 
     num_quantizers: int = 12
     codebook_size: int = 1024
@@ -74,12 +105,20 @@ class ModelConfig:
     max_frames: int = 1500
 
     def __post_init__(self) -> None:
-        for name in ("num_quantizers", "codebook_size", "semantic_vocab_size", "dim",
-                     "depth", "heads", "ff_dim", "conv_kernel", "conv_expansion",
-                     "max_frames"):
-            _positive_int(name, getattr(self, name))
-        _rate("semantic_rate", self.semantic_rate)
-        _rate("frame_rate", self.frame_rate)
+        for name, limit in LIMITS.items():
+            _positive_int(name, getattr(self, name), limit)
+        semantic_rate = _rate("semantic_rate", self.semantic_rate)
+        frame_rate = _rate("frame_rate", self.frame_rate)
+        for name, rate in (("semantic_rate", semantic_rate), ("frame_rate", frame_rate)):
+            if rate > MAX_RATE:
+                raise ValueError(f"{name} = {getattr(self, name)!r} Hz is above the limit "
+                                 f"{MAX_RATE} Hz")
+        ratio = semantic_rate / frame_rate
+        if max(ratio.numerator, ratio.denominator) > MAX_RATE_TERM:
+            raise ValueError(
+                f"semantic_rate / frame_rate = {self.semantic_rate!r} / {self.frame_rate!r} "
+                f"reduces to {ratio.numerator}/{ratio.denominator}; both terms must be at "
+                f"most {MAX_RATE_TERM} (give rates with few decimal places)")
         if self.dim % self.heads:
             raise ValueError(f"dim ({self.dim}) must be divisible by heads ({self.heads})")
         if (self.dim // self.heads) % 2:
@@ -115,6 +154,12 @@ class ModelConfig:
         i.e. floor(t * semantic_rate / frame_rate), exactly."""
         r = _rate("semantic_rate", self.semantic_rate) / _rate("frame_rate", self.frame_rate)
         return r.numerator, r.denominator
+
+    def min_semantic_len(self) -> int:
+        """The fewest semantic ids that make one codec frame: ceil(semantic_rate /
+        frame_rate)."""
+        num, den = self.semantic_index_fraction()
+        return -(-num // den)
 
     def num_parameters(self) -> int:
         """Exact parameter count of `SoundStorm(self)` (no model is built)."""
@@ -154,16 +199,26 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
 
+MIN_TEMPERATURE = 1e-4
+MAX_TEMPERATURE = 1e6
+MAX_GUMBEL_SCALE = 1e6
+MAX_STEPS_PER_LEVEL = 1024
+
+
 @dataclass(frozen=True)
 class DecodeConfig:
     """Level-wise MaskGIT decoding schedule (paper §3.3).
 
-    steps_per_level: iterations for each RVQ level, coarse to fine. None means the
-        paper's schedule (16, 1, 1, ..., 1) for the model's number of levels.
+    steps_per_level: iterations for each RVQ level, coarse to fine, each 1..1024. None
+        means the paper's schedule (16, 1, 1, ..., 1) for the model's number of levels.
     temperature: candidates are sampled from softmax(logits / temperature); 0 means
-        argmax everywhere.
+        argmax everywhere. Otherwise it must lie in [MIN_TEMPERATURE, MAX_TEMPERATURE] =
+        [1e-4, 1e6]: a smaller one pushes logits / temperature out of float32's range
+        (to inf, or to 0 once the temperature itself is stored in float32), so it is
+        refused rather than silently decoded as something else; use 0 for greedy.
     gumbel_scale: weight of the Gumbel noise added to the log-probability confidence,
-        annealed linearly to 0 within each level: g * (1 - i / s) at iteration i of s.
+        annealed linearly to 0 within each level: g * (1 - i / s) at iteration i of s;
+        0..1e6.
     greedy_last: the last iteration of every level takes the argmax (so a level with one
         step is fully greedy), as the paper does.
     """
@@ -189,13 +244,27 @@ class DecodeConfig:
                 if s < 1:
                     raise ValueError(
                         f"steps_per_level[{q - 1}] (level {q}) must be >= 1, got {s}")
+                if s > MAX_STEPS_PER_LEVEL:
+                    raise ValueError(
+                        f"steps_per_level[{q - 1}] (level {q}) = {s} is above the limit "
+                        f"{MAX_STEPS_PER_LEVEL} (each step is one forward pass)")
             object.__setattr__(self, "steps_per_level", steps)
-        for name in ("temperature", "gumbel_scale"):
+        for name, upper in (("temperature", MAX_TEMPERATURE), ("gumbel_scale", MAX_GUMBEL_SCALE)):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise TypeError(f"{name} must be a finite number (int or float), got "
+                                f"{type(v).__name__} {v!r}")
+            if not math.isfinite(v):
                 raise ValueError(f"{name} must be a finite number, got {v!r}")
             if v < 0:
                 raise ValueError(f"{name} must be >= 0, got {v}")
+            if v > upper:
+                raise ValueError(f"{name} = {v!r} is above the limit {upper:g}")
+        if 0 < self.temperature < MIN_TEMPERATURE:
+            raise ValueError(
+                f"temperature = {self.temperature!r} is below the smallest sampling "
+                f"temperature {MIN_TEMPERATURE:g}: logits / temperature would leave float32's "
+                "range; use temperature=0 for greedy (argmax) decoding")
         if not isinstance(self.greedy_last, bool):
             raise TypeError(f"greedy_last must be a bool, got {self.greedy_last!r}")
 

@@ -99,3 +99,64 @@ def test_decode_config_must_match_the_number_of_levels():
 def test_configs_are_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         ModelConfig.preset("tiny").dim = 3
+
+
+@pytest.mark.parametrize("field,value", [
+    ("max_frames", 10 ** 12), ("depth", 10 ** 6), ("dim", 10 ** 9), ("heads", 2048),
+    ("ff_dim", 2 ** 30), ("codebook_size", 2 ** 40), ("semantic_vocab_size", 2 ** 21),
+    ("num_quantizers", 65), ("conv_kernel", 1001), ("conv_expansion", 17),
+])
+def test_sizes_above_their_limits_are_refused(field, value):
+    limit = ModelConfig.LIMITS[field]
+    with pytest.raises(ValueError, match=rf"{field} = {value} is above its limit {limit}"):
+        ModelConfig.preset("tiny", **{field: value})
+    ModelConfig.preset("tiny", **{field: limit} if field not in ("dim", "heads", "conv_kernel")
+                       else {})   # the limit itself is allowed
+
+
+def test_the_largest_sizes_are_allowed():
+    cfg = ModelConfig(num_quantizers=64, codebook_size=2 ** 20, semantic_vocab_size=2 ** 20,
+                      dim=2 ** 16, depth=256, heads=1024, ff_dim=2 ** 18, conv_kernel=255,
+                      conv_expansion=16, max_frames=2 ** 16)
+    assert cfg.num_parameters() > 10 ** 13     # analytic: nothing is built
+
+
+@pytest.mark.parametrize("rates,match", [
+    ((25, 2e6), "frame_rate = 2000000.0 Hz is above the limit"),
+    ((1 / 3, 50), r"reduces to .*; both terms must be at most 1048576"),
+    ((25, 1e-9), "reduces to"),
+])
+def test_rates_must_be_small_fractions(rates, match):
+    with pytest.raises(ValueError, match=match):
+        ModelConfig.preset("tiny", semantic_rate=rates[0], frame_rate=rates[1])
+
+
+@pytest.mark.parametrize("rates,fewest", [((25, 50), 1), ((50, 12.5), 4), ((25, 75), 1),
+                                          ((50, 37.5), 2)])
+def test_fewest_semantic_ids_for_one_frame(rates, fewest):
+    cfg = ModelConfig.preset("tiny", semantic_rate=rates[0], frame_rate=rates[1])
+    assert cfg.min_semantic_len() == fewest
+    assert cfg.frames_for(fewest) >= 1 and cfg.frames_for(fewest - 1) < 1
+
+
+@pytest.mark.parametrize("kwargs,exc,match", [
+    (dict(temperature=1e-300), ValueError, "below the smallest sampling temperature 0.0001.*temperature=0"),
+    (dict(temperature=1e-45), ValueError, "below the smallest sampling temperature"),
+    (dict(temperature=5e-5), ValueError, "below the smallest sampling temperature"),
+    (dict(temperature=1e300), ValueError, "temperature = 1e[+]300 is above the limit"),
+    (dict(temperature=float("nan")), ValueError, "temperature must be a finite number"),
+    (dict(temperature="1"), TypeError, "temperature must be a finite number .*str"),
+    (dict(gumbel_scale=float("nan")), ValueError, "gumbel_scale must be a finite number"),
+    (dict(gumbel_scale=float("-inf")), ValueError, "gumbel_scale must be a finite number"),
+    (dict(gumbel_scale=1e300), ValueError, "gumbel_scale = 1e[+]300 is above the limit"),
+    (dict(steps_per_level=(10 ** 9, 1)), ValueError, r"steps_per_level\[0\] \(level 1\) = 1000000000 is above the limit 1024"),
+])
+def test_decode_values_outside_float32_sense_are_refused(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        DecodeConfig(**kwargs)
+
+
+def test_smallest_temperatures_that_are_allowed():
+    assert DecodeConfig(temperature=0).temperature == 0
+    assert DecodeConfig(temperature=1e-4).temperature == 1e-4
+    assert DecodeConfig(temperature=1e6, gumbel_scale=1e6).gumbel_scale == 1e6
