@@ -4,9 +4,12 @@ Conformer, one output head per RVQ level. Plain PyTorch; the fused ops are calle
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
+import os
 from pathlib import Path
-from typing import Optional, Union
+from typing import Dict, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -20,6 +23,12 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 FORMAT_NAME = "soundstorm"
 FORMAT_VERSION = 1
+# safetensors metadata key of the weights' checksums: a JSON object {tensor name: sha256
+# of the tensor's bytes as stored}, written by `save_pretrained`, verified on load.
+CHECKSUM_KEY = "tensor_sha256"
+# The tensor dtypes a weights file may hold, by their safetensors names.
+WEIGHT_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32,
+                 "F64": torch.float64}
 
 Level = Union[int, torch.Tensor, None]
 
@@ -121,6 +130,10 @@ class SoundStorm(nn.Module):
         super().__init__()
         if not isinstance(config, ModelConfig):
             raise TypeError(f"config must be a ModelConfig, got {type(config).__name__}")
+        # Before allocating: a config too large for this machine fails here, not in torch.
+        dtype, count = torch.get_default_dtype(), config.num_parameters()
+        check_memory(count * _element_size(dtype), torch.get_default_device(),
+                     f"a SoundStorm model of {count:,} parameters in {dtype}")
         self.config = config
         self.ops = ops or get_ops("torch")
         Q, C, D = config.num_quantizers, config.codebook_size, config.dim
@@ -209,7 +222,8 @@ class SoundStorm(nn.Module):
 
     # -- weights I/O --------------------------------------------------------------------
     def save_pretrained(self, directory: Union[str, Path]) -> Path:
-        """Write `config.json` and `model.safetensors` (float weights as they are)."""
+        """Write `config.json` and `model.safetensors` (float weights as they are, with the
+        sha256 of every tensor in the file's metadata, checked by `from_pretrained`)."""
         from safetensors.torch import save_file
 
         directory = Path(directory)
@@ -217,9 +231,11 @@ class SoundStorm(nn.Module):
         config = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION,
                   "model": self.config.to_dict()}
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        checksums = {k: tensor_sha256(v) for k, v in state.items()}
+        metadata = {"format": FORMAT_NAME, CHECKSUM_KEY: json.dumps(checksums, sort_keys=True)}
         # Write to temporary names, then rename: a crash never leaves a half-written model.
         tmp_w, tmp_c = directory / (WEIGHTS_FILE + ".tmp"), directory / (CONFIG_FILE + ".tmp")
-        save_file(state, str(tmp_w), metadata={"format": FORMAT_NAME})
+        save_file(state, str(tmp_w), metadata=metadata)
         tmp_c.write_text(json.dumps(config, indent=2) + "\n")
         tmp_w.replace(directory / WEIGHTS_FILE)
         tmp_c.replace(directory / CONFIG_FILE)
@@ -228,45 +244,220 @@ class SoundStorm(nn.Module):
     @classmethod
     def from_pretrained(cls, directory: Union[str, Path], device: Union[str, torch.device, None] = None,
                         dtype: Optional[torch.dtype] = None) -> "SoundStorm":
-        """Load a directory written by `save_pretrained`. Every key and shape is checked;
-        the first mismatch raises `ValueError` naming it. Nothing is unpickled."""
-        from safetensors import SafetensorError, safe_open
-
+        """Load a directory written by `save_pretrained` onto `device` (default CPU), in
+        `dtype` (default: as stored). Every check of `read_weights` runs first (names,
+        shapes, dtypes, room in memory, checksums, finite values); the first problem
+        raises `ValueError` naming the file and the tensor. Nothing is unpickled."""
         directory = Path(directory)
         config = load_config(directory)
-        weights = directory / WEIGHTS_FILE
-        if not weights.is_file():
-            raise FileNotFoundError(f"model weights not found: {weights}")
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        state = read_weights(directory, config, device, dtype)
         with torch.device("meta"):
             model = cls(config)
-        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-        device = torch.device(device) if device is not None else torch.device("cpu")
-        state = {}
-        try:
-            with safe_open(str(weights), framework="pt", device="cpu") as f:
-                found = set(f.keys())
-                for key, shape in expected.items():
-                    if key not in found:
-                        raise ValueError(f"{weights}: missing tensor {key!r} (shape {shape}) "
-                                         f"expected by config {directory / CONFIG_FILE}")
-                    got = tuple(f.get_slice(key).get_shape())
-                    if got != shape:
-                        raise ValueError(f"{weights}: tensor {key!r} has shape {got}, "
-                                         f"the config expects {shape}")
-                unexpected = sorted(found - set(expected))
-                if unexpected:
-                    raise ValueError(f"{weights}: unexpected tensor {unexpected[0]!r} "
-                                     f"({len(unexpected)} unexpected in all)")
-                for key in expected:
-                    t = f.get_tensor(key)
-                    if not t.is_floating_point():
-                        raise ValueError(f"{weights}: tensor {key!r} has dtype {t.dtype}, "
-                                         "expected a floating-point dtype")
-                    state[key] = t.to(device=device, dtype=dtype or t.dtype)
-        except SafetensorError as e:
-            raise ValueError(f"{weights}: not a readable safetensors file ({e})") from e
         model.load_state_dict(state, assign=True)
         return model.eval()
+
+
+def expected_shapes(config: ModelConfig) -> Dict[str, Tuple[int, ...]]:
+    """{state_dict key: shape} of `SoundStorm(config)`, in state_dict order, without
+    building its `depth` blocks (one block is built on the meta device and repeated)."""
+    with torch.device("meta"):
+        one = SoundStorm(dataclasses.replace(config, depth=1)).state_dict()
+    block = {k[len("blocks.0."):]: tuple(v.shape) for k, v in one.items()
+             if k.startswith("blocks.0.")}
+    shapes: Dict[str, Tuple[int, ...]] = {}
+    for key, value in one.items():
+        if not key.startswith("blocks.0."):
+            shapes[key] = tuple(value.shape)
+        elif "blocks.0." + next(iter(block)) == key:        # the first block key: every block
+            for i in range(config.depth):
+                shapes.update((f"blocks.{i}.{k}", shape) for k, shape in block.items())
+    return shapes
+
+
+def tensor_sha256(tensor: torch.Tensor) -> str:
+    """sha256 (hex) of a CPU tensor's bytes as safetensors stores them (C order)."""
+    data = tensor.contiguous().reshape(-1).view(torch.uint8).numpy()
+    return hashlib.sha256(data).hexdigest()
+
+
+def read_weights(directory: Union[str, Path], config: ModelConfig,
+                 device: Union[str, torch.device, None] = None,
+                 dtype: Optional[torch.dtype] = None,
+                 keep: bool = True) -> Dict[str, torch.Tensor]:
+    """Read and check `directory/model.safetensors` against `config`, one tensor at a time.
+
+    Checks, in order, each failure a ValueError naming the file (and the tensor): every
+    tensor `config` expects is there with its shape and nothing else is; every dtype is
+    float16, bfloat16, float32 or float64; the parameters fit in the memory available on
+    `device` (with `keep`); every tensor's bytes match the sha256 recorded by
+    `save_pretrained` (files without checksums, such as older exports, skip this); every
+    value is finite, also after conversion to `dtype`.
+
+    keep:    True: returns {key: tensor on `device` in `dtype` (None: as stored)}.
+             False: checks only, never holding more than one tensor; returns {}.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    directory = Path(directory)
+    weights = directory / WEIGHTS_FILE
+    if not weights.is_file():
+        raise FileNotFoundError(f"model weights not found: {weights}")
+    expected = expected_shapes(config)
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    state: Dict[str, torch.Tensor] = {}
+    try:
+        with safe_open(str(weights), framework="pt", device="cpu") as f:
+            found = set(f.keys())
+            stored: Dict[str, torch.dtype] = {}
+            for key, shape in expected.items():
+                if key not in found:
+                    raise ValueError(f"{weights}: missing tensor {key!r} (shape {shape}) "
+                                     f"expected by config {directory / CONFIG_FILE}")
+                info = f.get_slice(key)
+                got = tuple(info.get_shape())
+                if got != shape:
+                    raise ValueError(f"{weights}: tensor {key!r} has shape {got}, "
+                                     f"the config expects {shape}")
+                name = info.get_dtype()
+                if name not in WEIGHT_DTYPES:
+                    raise ValueError(f"{weights}: tensor {key!r} has dtype "
+                                     f"{_SAFETENSORS_NAMES.get(name, name)}, expected a "
+                                     "floating-point dtype (float16, bfloat16, float32 or "
+                                     "float64)")
+                stored[key] = WEIGHT_DTYPES[name]
+            unexpected = sorted(found - set(expected))
+            if unexpected:
+                raise ValueError(f"{weights}: unexpected tensor {unexpected[0]!r} "
+                                 f"({len(unexpected)} unexpected in all)")
+            checksums = _recorded_checksums(f.metadata() or {}, weights, expected)
+            if keep:
+                needed = sum(_numel(shape) * _element_size(dtype or stored[key])
+                             for key, shape in expected.items())
+                check_memory(needed, device, f"loading {weights}")
+            for key in expected:
+                t = f.get_tensor(key)
+                if checksums is not None and tensor_sha256(t) != checksums[key]:
+                    raise ValueError(f"{weights}: tensor {key!r} does not match the sha256 "
+                                     "checksum recorded when the file was saved: the file "
+                                     "is corrupt")
+                _check_finite(t, f"{weights}: tensor {key!r}")
+                if keep:
+                    converted = t.to(device=device, dtype=dtype or t.dtype)
+                    if converted.dtype != t.dtype:
+                        _check_finite(converted, f"{weights}: tensor {key!r} converted to "
+                                                 f"{converted.dtype}")
+                    state[key] = converted
+    except SafetensorError as e:
+        raise ValueError(f"{weights}: not a readable safetensors file ({e})") from e
+    return state
+
+
+def check_pretrained(directory: Union[str, Path]) -> Tuple[ModelConfig, bool]:
+    """Every check `SoundStorm.from_pretrained` makes on a model directory (config, names,
+    shapes, dtypes, checksums, finite values) except the room in memory, without building
+    the model or holding more than one tensor. Returns (config, whether checksums were
+    recorded, and so verified); raises what `from_pretrained` would."""
+    config = load_config(directory)
+    read_weights(directory, config, keep=False)
+    return config, _has_checksums(Path(directory) / WEIGHTS_FILE)
+
+
+def _has_checksums(weights: Path) -> bool:
+    from safetensors import safe_open
+
+    with safe_open(str(weights), framework="pt", device="cpu") as f:
+        return CHECKSUM_KEY in (f.metadata() or {})
+
+
+def _recorded_checksums(metadata: Dict[str, str], weights: Path,
+                        expected: Dict[str, Tuple[int, ...]]) -> Optional[Dict[str, str]]:
+    """The {tensor: sha256} recorded in the file's metadata, or None if none was."""
+    if CHECKSUM_KEY not in metadata:
+        return None
+    try:
+        checksums = json.loads(metadata[CHECKSUM_KEY])
+    except json.JSONDecodeError:
+        checksums = None
+    if not isinstance(checksums, dict):
+        raise ValueError(f"{weights}: the {CHECKSUM_KEY!r} metadata is not a JSON object of "
+                         "checksums: the file is corrupt")
+    for key in expected:
+        if not isinstance(checksums.get(key), str):
+            raise ValueError(f"{weights}: no sha256 checksum recorded for tensor {key!r}: the "
+                             "file is corrupt")
+    return checksums
+
+
+def _check_finite(t: torch.Tensor, what: str) -> None:
+    finite = torch.isfinite(t)
+    if not bool(finite.all()):
+        bad = int((~finite).sum())
+        raise ValueError(f"{what} holds {bad} non-finite value(s) (NaN or inf) out of "
+                         f"{t.numel()}; a model with them generates nothing meaningful")
+
+
+_SAFETENSORS_NAMES = {"I64": "torch.int64", "I32": "torch.int32", "I16": "torch.int16",
+                      "I8": "torch.int8", "U8": "torch.uint8", "BOOL": "torch.bool"}
+
+
+def _numel(shape: Tuple[int, ...]) -> int:
+    n = 1
+    for size in shape:
+        n *= size
+    return n
+
+
+def _element_size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+# -- memory ---------------------------------------------------------------------------
+class InsufficientMemoryError(MemoryError, ValueError):
+    """A model whose parameters would not fit in the memory available (raised before
+    anything is allocated). A ValueError too: the command line reports it in one line."""
+
+
+def available_memory(device: Union[str, torch.device]) -> Optional[int]:
+    """Bytes that can still be allocated on `device`, or None where it cannot be told
+    (meta, or an unknown device type). CPU: the smaller of the kernel's MemAvailable and
+    what the process's cgroup (v2) still allows; CUDA: the device's free memory."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type != "cpu":
+        return None
+    limits = []
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                limits.append(int(line.split()[1]) * 1024)
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        cgroup = Path("/sys/fs/cgroup")
+        limit = (cgroup / "memory.max").read_text().strip()
+        if limit != "max":
+            limits.append(int(limit) - int((cgroup / "memory.current").read_text()))
+    except (OSError, ValueError):
+        pass
+    if not limits:
+        try:
+            limits.append(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+        except (OSError, ValueError, AttributeError):
+            return None
+    return max(0, min(limits))
+
+
+def check_memory(needed: int, device: Union[str, torch.device], what: str) -> None:
+    """Raise `InsufficientMemoryError` if `needed` bytes of parameters would not fit in
+    the memory available on `device` (see `available_memory`)."""
+    available = available_memory(device)
+    if available is not None and needed > available:
+        raise InsufficientMemoryError(
+            f"{what}: the parameters need {needed:,} bytes ({needed / 2**30:.2f} GiB) on "
+            f"{device}, more than the {available:,} bytes ({available / 2**30:.2f} GiB) "
+            "available")
 
 
 def load_config(directory: Union[str, Path]) -> ModelConfig:

@@ -198,3 +198,136 @@ def test_conv_module_matches_a_plain_depthwise_conv1d(T):
     want = F.silu(F.layer_norm(want, (E,), nw, nb))
     got = conv_module_reference(h, w, b, nw, nb, mask)
     torch.testing.assert_close(got, want)
+
+
+# -- sizes, memory, checksums, finite weights --------------------------------------------
+import hashlib                                                    # noqa: E402
+import struct                                                     # noqa: E402
+from pathlib import Path                                          # noqa: E402
+
+from soundstorm.engine import Engine                              # noqa: E402
+from soundstorm.engine import model as model_module               # noqa: E402
+from soundstorm.engine.model import (CHECKSUM_KEY, InsufficientMemoryError,  # noqa: E402
+                                     check_pretrained, expected_shapes)
+
+DEMO_MODEL = Path(__file__).resolve().parents[1] / "demo" / "model"
+
+
+def test_a_model_too_large_for_memory_is_refused_before_allocating():
+    huge = ModelConfig(dim=2 ** 16, depth=256, heads=1024, ff_dim=2 ** 18)   # within the limits
+    with pytest.raises(InsufficientMemoryError,
+                       match=r"parameters need [\d,]+ bytes .* on cpu, more than the [\d,]+ bytes .* available"):
+        SoundStorm(huge)
+    with torch.device("meta"):                     # nothing is allocated on meta: no check
+        assert SoundStorm(ModelConfig.preset("paper")).num_parameters > 0
+
+
+def test_loading_checks_the_room_in_memory_first(tmp_path, model64, monkeypatch):
+    model64.save_pretrained(tmp_path)
+    needed = 4 * model64.config.num_parameters()
+    monkeypatch.setattr(model_module, "available_memory", lambda device: needed - 1)
+    read = []
+    monkeypatch.setattr(model_module, "tensor_sha256", lambda t: read.append(t) or "")
+    with pytest.raises(InsufficientMemoryError,
+                       match=rf"model.safetensors: the parameters need {needed:,} bytes .* "
+                             rf"more than the {needed - 1:,} bytes"):
+        SoundStorm.from_pretrained(tmp_path, dtype=torch.float32)
+    assert read == []                               # refused before reading any tensor
+    with pytest.raises(ValueError, match="the parameters need"):
+        Engine(tmp_path)                            # the engine loads in float32
+    monkeypatch.undo()
+    assert SoundStorm.from_pretrained(tmp_path, dtype=torch.float32).head_weight.dtype == torch.float32
+
+
+def test_expected_shapes_match_the_model_without_building_it(tiny_config):
+    import dataclasses
+    cfg = dataclasses.replace(tiny_config, depth=5)
+    with torch.device("meta"):
+        built = {k: tuple(v.shape) for k, v in SoundStorm(cfg).state_dict().items()}
+    shapes = expected_shapes(cfg)
+    assert list(shapes.items()) == list(built.items())
+
+
+def _poison(name, value):
+    def edit(state):
+        state[name] = state[name].clone()
+        state[name].view(-1)[3] = value
+    return edit
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_weights_are_refused_naming_the_tensor(tmp_path, model64, value):
+    model64.save_pretrained(tmp_path)
+    _edit_weights(tmp_path / "model.safetensors", _poison("blocks.1.ff2.up.weight", value))
+    with pytest.raises(ValueError, match=r"model.safetensors: tensor 'blocks.1.ff2.up.weight' "
+                                         r"holds 1 non-finite value\(s\) \(NaN or inf\)"):
+        SoundStorm.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="non-finite"):
+        check_pretrained(tmp_path)
+
+
+def test_weights_that_overflow_the_requested_dtype_are_refused(tmp_path, model64):
+    model64.save_pretrained(tmp_path)
+    _edit_weights(tmp_path / "model.safetensors", _poison("head_bias", 1e6))
+    assert SoundStorm.from_pretrained(tmp_path).head_bias.view(-1)[3] == 1e6
+    with pytest.raises(ValueError, match=r"tensor 'head_bias' converted to torch.float16 holds 1 non-finite"):
+        SoundStorm.from_pretrained(tmp_path, dtype=torch.float16)
+
+
+def _data_start(path):
+    header = path.read_bytes()[:8]
+    return 8 + struct.unpack("<Q", header)[0]
+
+
+def test_save_records_a_checksum_of_every_tensor(tmp_path, model64):
+    from safetensors import safe_open
+    model64.save_pretrained(tmp_path)
+    with safe_open(str(tmp_path / "model.safetensors"), framework="pt") as f:
+        checksums = json.loads(f.metadata()[CHECKSUM_KEY])
+        assert set(checksums) == set(f.keys())
+        t = f.get_tensor("head_bias")
+    assert checksums["head_bias"] == hashlib.sha256(t.numpy().tobytes()).hexdigest()
+    assert check_pretrained(tmp_path) == (model64.config, True)
+
+
+def test_a_flipped_bit_in_the_tensor_data_is_reported(tmp_path, model64):
+    model64.save_pretrained(tmp_path)
+    path = tmp_path / "model.safetensors"
+    data = bytearray(path.read_bytes())
+    start = _data_start(path)
+    spot = start + (len(data) - start) // 2 // 8 * 8    # the lowest mantissa byte of a float64
+    data[spot] ^= 0x01                                   # still a finite number
+    path.write_bytes(bytes(data))
+    match = r"model.safetensors: tensor '.*' does not match the sha256 checksum .* corrupt"
+    with pytest.raises(ValueError, match=match):
+        SoundStorm.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=match):
+        check_pretrained(tmp_path)
+
+
+def test_unreadable_checksum_metadata_is_reported(tmp_path, model64):
+    model64.save_pretrained(tmp_path)
+    path = tmp_path / "model.safetensors"
+    state = load_file(str(path))
+    save_file(state, str(path), metadata={"format": "soundstorm", CHECKSUM_KEY: "[1, 2]"})
+    with pytest.raises(ValueError, match="'tensor_sha256' metadata is not a JSON object"):
+        SoundStorm.from_pretrained(tmp_path)
+    save_file(state, str(path), metadata={"format": "soundstorm", CHECKSUM_KEY: "{}"})
+    with pytest.raises(ValueError, match="no sha256 checksum recorded for tensor"):
+        SoundStorm.from_pretrained(tmp_path)
+
+
+def test_files_without_checksums_still_load(tmp_path, model64):
+    model64.save_pretrained(tmp_path)
+    path = tmp_path / "model.safetensors"
+    save_file(load_file(str(path)), str(path), metadata={"format": "soundstorm"})
+    assert check_pretrained(tmp_path) == (model64.config, False)
+    loaded = SoundStorm.from_pretrained(tmp_path)
+    assert torch.equal(loaded.head_weight, model64.head_weight)
+
+
+def test_the_shipped_demo_model_loads_as_stored():
+    config, verified = check_pretrained(DEMO_MODEL)
+    assert not verified                               # exported before checksums existed
+    model = SoundStorm.from_pretrained(DEMO_MODEL)
+    assert model.config == config and model.head_weight.dtype == torch.float16
