@@ -29,12 +29,13 @@ resident in a bucket while the requests in it do not change.
 
 from __future__ import annotations
 
+import logging
 import threading
 import warnings
 from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
@@ -47,8 +48,11 @@ if TYPE_CHECKING:
 
 OnRequestStep = Callable[[int, int, torch.Tensor], None]
 
+_LOG = logging.getLogger(__name__)
+
 
 def batch_buckets(max_batch: int) -> Tuple[int, ...]:
+    """Powers of two below `max_batch`, then `max_batch` (log2(max_batch) + 1 sizes)."""
     sizes, b = [], 1
     while b < max_batch:
         sizes.append(b)
@@ -56,21 +60,82 @@ def batch_buckets(max_batch: int) -> Tuple[int, ...]:
     return tuple(sizes + [max_batch])
 
 
-def length_buckets(max_frames: int, smallest: int = 64, step: int = 256) -> Tuple[int, ...]:
-    """`smallest` doubled up to `step`, then every `step` frames, then `max_frames`: short
-    requests pad to less than twice their length, long ones by less than `step` frames."""
-    sizes, t = [], smallest
-    while t < min(step, max_frames):
-        sizes.append(t)
-        t *= 2
-    t = step
-    while t < max_frames:
-        sizes.append(t)
-        t += step
-    return tuple(sorted(set(sizes))) + (max_frames,)
+@dataclass(frozen=True)
+class LengthBuckets:
+    """The padded lengths of a scheduler's buckets: `smallest` doubled up to `step`, then
+    every `step` frames, then `max_frames`, so short requests pad to less than twice their
+    length and long ones by less than `step` frames. Nothing is stored per bucket: `fit`
+    (the bucket of a length), `len` and `in` are arithmetic, whatever `max_frames`;
+    iteration yields the buckets one by one, and `up_to` lists them only up to a length."""
+    max_frames: int
+    smallest: int = 64
+    step: int = 256
+
+    def __post_init__(self) -> None:
+        for name in ("max_frames", "smallest", "step"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+
+    def fit(self, frames: int) -> int:
+        """The smallest bucket that holds `frames` (1..max_frames) frames."""
+        if not 1 <= frames <= self.max_frames:
+            raise ValueError(f"frames must be in 1..max_frames={self.max_frames}, got {frames}")
+        t = self.smallest
+        while t < min(frames, self.step):
+            t *= 2
+        if t >= self.step:                      # past the doubling: multiples of `step`
+            t = -(-frames // self.step) * self.step
+        return min(t, self.max_frames)
+
+    def _doubled(self) -> int:
+        """How many doubled sizes (smallest, 2 * smallest, ...) lie below min(step,
+        max_frames)."""
+        n, t = 0, self.smallest
+        while t < min(self.step, self.max_frames):
+            n, t = n + 1, t * 2
+        return n
+
+    def __iter__(self) -> Iterator[int]:
+        t = self.smallest
+        for _ in range(self._doubled()):
+            yield t
+            t *= 2
+        t = self.step
+        while t < self.max_frames:
+            yield t
+            t += self.step
+        yield self.max_frames
+
+    def __len__(self) -> int:
+        return self._doubled() + (self.max_frames - 1) // self.step + 1
+
+    def __contains__(self, frames: object) -> bool:
+        return (isinstance(frames, int) and 1 <= frames <= self.max_frames
+                and self.fit(frames) == frames)
+
+    def up_to(self, frames: int) -> Tuple[int, ...]:
+        """The buckets up to and including the one that holds `frames` frames."""
+        last = self.fit(frames)
+        out = []
+        for t in self:
+            out.append(t)
+            if t >= last:
+                return tuple(out)
+        return tuple(out)
 
 
-def smallest_fit(buckets: Tuple[int, ...], n: int) -> int:
+def length_buckets(max_frames: int, smallest: int = 64, step: int = 256) -> LengthBuckets:
+    """The length buckets of a model with `max_frames` (see `LengthBuckets`): for 1500,
+    64, 128, 256, 512, 768, 1024, 1280, 1500."""
+    return LengthBuckets(max_frames, smallest, step)
+
+
+def smallest_fit(buckets, n: int) -> int:
+    """The smallest of `buckets` (a `LengthBuckets` or an ascending sequence) that holds
+    `n`."""
+    if isinstance(buckets, LengthBuckets):
+        return buckets.fit(n)
     return next(b for b in buckets if b >= n)
 
 
@@ -120,7 +185,16 @@ class RequestHandle:
         return self.future.done()
 
     def add_done_callback(self, fn: Callable[["RequestHandle"], None]) -> None:
-        self.future.add_done_callback(lambda _: fn(self))
+        """Call fn(handle) once the request is done (at once if it already is). Whatever
+        fn raises, even SystemExit or KeyboardInterrupt, is logged and goes no further:
+        it runs in the thread that finished the request, the scheduler's worker."""
+        def call(_: Future) -> None:
+            try:
+                fn(self)
+            except BaseException:
+                _LOG.exception("done-callback %r of %r raised", fn, self)
+
+        self.future.add_done_callback(call)
 
     def __repr__(self) -> str:
         state = "done" if self.done() else "pending"
@@ -221,7 +295,13 @@ class Scheduler:
     # -- stepping -----------------------------------------------------------------------
     def step(self) -> int:
         """Admit waiting requests, run one pass over the active ones, deliver the finished.
-        Returns the number of requests that took part (0 when idle)."""
+        Returns the number of requests that took part (0 when idle).
+
+        A failure reaches only the requests it belongs to, through their futures: a pass
+        that raises an Exception is rerun one request at a time; an on_step callback that
+        raises anything fails its own request. A pass interrupted by a BaseException that
+        is not an Exception (KeyboardInterrupt, SystemExit) fails every request in it and
+        is raised again."""
         with self._lock:
             while self._waiting and len(self._active) < self.max_batch:
                 self._active.append(self._waiting.popleft())
@@ -229,35 +309,42 @@ class Scheduler:
         if not active:
             return 0
         try:
+            self._pass(active)
+        except BaseException as error:
+            for request in active:
+                self._finish(request, error=error)
+            raise
+        for request in active:
+            if request.future.done():
+                continue
+            request.cursor += 1
+            try:
+                if request.on_step is not None:
+                    request.on_step(request.levels[request.cursor - 1],
+                                    request.iterations[request.cursor - 1],
+                                    self.runner.row_tokens(request))
+                if request.done:
+                    self._finish(request, result=self.runner.row_tokens(request))
+            except BaseException as error:
+                self._finish(request, error=error)
+        self.stats.steps += 1
+        return len(active)
+
+    def _pass(self, active: List[Request]) -> None:
+        """One batched pass over `active`; if it fails, each request alone, failing only
+        those that fail on their own."""
+        try:
             self._run(active)
         except Exception as error:
-            # The pass failed: run each request alone so only the ones that fail on their
-            # own are failed; the others go on. Loudly: a pass that keeps failing would
-            # otherwise only show as a slow engine.
+            # Loudly: a pass that keeps failing would otherwise only show as a slow engine.
             self.stats.fallbacks += 1
             warnings.warn(f"a batched decoding pass failed ({error!r}); running its "
-                          f"{len(active)} requests one by one", RuntimeWarning, stacklevel=2)
+                          f"{len(active)} requests one by one", RuntimeWarning, stacklevel=3)
             for request in active:
                 try:
                     self._run([request])
                 except Exception as error:
                     self._finish(request, error=error)
-        for request in active:
-            if request.future.done():
-                continue
-            request.cursor += 1
-            if request.on_step is not None:
-                try:
-                    request.on_step(request.levels[request.cursor - 1],
-                                    request.iterations[request.cursor - 1],
-                                    self.runner.row_tokens(request))
-                except Exception as error:
-                    self._finish(request, error=error)
-                    continue
-            if request.done:
-                self._finish(request, result=self.runner.row_tokens(request))
-        self.stats.steps += 1
-        return len(active)
 
     def _run(self, active: List[Request]) -> None:
         n = len(active)
@@ -270,16 +357,27 @@ class Scheduler:
 
     def _finish(self, request: Request, result: Optional[torch.Tensor] = None,
                 error: Optional[BaseException] = None) -> None:
+        """Complete `request` with its tokens or its error (once: a request already done
+        is only removed)."""
         with self._lock:
             if request in self._active:
                 self._active.remove(request)
         self.runner.release(request)
+        if request.future.done():
+            return
         if error is not None:
             self.stats.failed += 1
-            request.future.set_exception(error)
         else:
             self.stats.completed += 1
-            request.future.set_result(result)
+        try:
+            if error is not None:
+                request.future.set_exception(error)
+            else:
+                request.future.set_result(result)
+        except BaseException:
+            # The future is complete; a done-callback added to it directly raised what
+            # concurrent.futures does not catch (SystemExit, KeyboardInterrupt).
+            _LOG.exception("a done-callback of request %d raised", request.id)
 
     def run_until_idle(self) -> None:
         """Step until no request is waiting or active (for threaded=False)."""
@@ -294,21 +392,57 @@ class Scheduler:
             self._worker.start()
 
     def _work(self) -> None:
-        while True:
-            with self._lock:
-                while not (self._waiting or self._active or self._closed):
-                    self._lock.wait()
-                if self._closed and not (self._waiting or self._active):
-                    return
-            self.step()
+        """The worker thread: steps while requests are in flight, until closed and idle.
+        Nothing a step raises stops it (the step has already failed its requests)."""
+        error: Optional[BaseException] = None
+        try:
+            while self._wait_for_work():
+                try:
+                    self.step()
+                except BaseException as e:
+                    self._fail_active(e)
+        except BaseException as e:
+            error = e
+        finally:
+            self._worker_stopped(error)
+
+    def _wait_for_work(self) -> bool:
+        """Block until a request is in flight (True) or the scheduler is closed and idle
+        (False)."""
+        with self._lock:
+            while not (self._waiting or self._active or self._closed):
+                self._lock.wait()
+            return bool(self._waiting or self._active)
+
+    def _fail_active(self, error: BaseException) -> None:
+        with self._lock:
+            active = [r for r in self._active if not r.future.done()]
+        for request in active:
+            self._finish(request, error=error)
+
+    def _worker_stopped(self, error: Optional[BaseException]) -> None:
+        """The worker is exiting. After `close` nothing is in flight; if it died, every
+        request still waiting or active fails with a RuntimeError that says so (none is
+        left to hang), and the next `submit` starts a new worker."""
+        with self._lock:
+            if self._worker is threading.current_thread():
+                self._worker = None
+            stranded = list(self._waiting) + list(self._active)
+            self._waiting.clear()
+        if stranded:
+            cause = RuntimeError(f"the scheduler's worker thread stopped unexpectedly "
+                                 f"({error!r}) before this request was decoded")
+            for request in stranded:
+                self._finish(request, error=cause)
 
     def close(self) -> None:
         """Finish what is in flight, then stop the worker."""
         with self._lock:
             self._closed = True
             self._lock.notify_all()
-        if self._worker is not None:
-            self._worker.join()
+        worker = self._worker
+        if worker is not None:
+            worker.join()
 
 
 def _one(name: str, x, ndim: int) -> torch.Tensor:

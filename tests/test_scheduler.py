@@ -46,9 +46,26 @@ def alone(engine, r):
 def test_buckets():
     assert batch_buckets(8) == (1, 2, 4, 8) and batch_buckets(6) == (1, 2, 4, 6)
     assert batch_buckets(1) == (1,)
-    assert length_buckets(1500) == (64, 128, 256, 512, 768, 1024, 1280, 1500)
-    assert length_buckets(256) == (64, 128, 256) and length_buckets(50) == (50,)
-    assert length_buckets(300) == (64, 128, 256, 300)
+    assert tuple(length_buckets(1500)) == (64, 128, 256, 512, 768, 1024, 1280, 1500)
+    assert tuple(length_buckets(256)) == (64, 128, 256) and tuple(length_buckets(50)) == (50,)
+    assert tuple(length_buckets(300)) == (64, 128, 256, 300)
+    every = length_buckets(1500)
+    assert len(every) == 8 and 768 in every and 700 not in every and 0 not in every
+    assert [every.fit(n) for n in (1, 64, 65, 256, 257, 1281, 1500)] == [64, 64, 128, 256, 512, 1500, 1500]
+    assert all(every.fit(n) == min(t for t in every if t >= n) for n in range(1, 1501))
+    assert every.up_to(600) == (64, 128, 256, 512, 768) and every.up_to(1) == (64,)
+
+
+def test_length_buckets_are_computed_not_listed():
+    """The bucket of a length is arithmetic: nothing is built per bucket, so the cost does
+    not grow with max_frames."""
+    huge = length_buckets(10 ** 9)
+    assert huge.fit(300) == 512 and huge.fit(10 ** 9 - 1) == 10 ** 9
+    assert len(huge) == 2 + (10 ** 9 - 1) // 256 + 1      # 64, 128; 256, 512, ...; 10**9
+    assert 10 ** 9 in huge and 512 * 10 ** 5 in huge and 10 ** 9 - 1 not in huge
+    assert huge.up_to(700) == (64, 128, 256, 512, 768)
+    with pytest.raises(ValueError, match="frames must be in 1..max_frames=1000000000"):
+        huge.fit(10 ** 9 + 1)
 
 
 def test_generate_equals_the_reference_decoder_on_ragged_batches(engine, tiny_config):
@@ -244,3 +261,115 @@ def test_soak_hundreds_of_requests_with_random_arrivals(tiny_config):
     growth = _rss_bytes() - before
     assert growth < 32 * 2 ** 20, f"memory grew by {growth / 2**20:.1f} MiB"
     assert scheduler.stats.completed == 300 and scheduler.stats.failed == 0
+
+
+# -- nothing stops the worker, nothing hangs ---------------------------------------------
+TIMEOUT = 60
+
+
+def _request(tiny_config, i):
+    return dict(semantic=random_semantic(tiny_config, 1, 6 + i, seed=100 + i)[0], seed=i,
+                decode=FAST)
+
+
+@pytest.mark.parametrize("raised", [SystemExit, KeyboardInterrupt])
+def test_on_step_raising_a_base_exception_fails_only_its_request(engine, tiny_config, raised):
+    scheduler = Scheduler(engine, max_batch=4, threaded=True)
+    try:
+        def callback(level, iteration, tokens):
+            raise raised("from on_step")
+
+        bad = scheduler.submit(**_request(tiny_config, 0), on_step=callback)
+        good = scheduler.submit(**_request(tiny_config, 1))
+        with pytest.raises(raised, match="from on_step"):
+            bad.result(timeout=TIMEOUT)
+        assert torch.equal(good.result(timeout=TIMEOUT), alone(engine, _request(tiny_config, 1)))
+        later = scheduler.submit(**_request(tiny_config, 2))
+        assert torch.equal(later.result(timeout=TIMEOUT), alone(engine, _request(tiny_config, 2)))
+    finally:
+        scheduler.close()
+
+
+@pytest.mark.parametrize("how", ["handle", "future"])
+def test_a_done_callback_raising_a_base_exception_does_not_stop_the_worker(engine, tiny_config, how):
+    scheduler = Scheduler(engine, max_batch=4, threaded=True)
+    try:
+        gate = threading.Event()
+        first = scheduler.submit(**_request(tiny_config, 3), on_step=lambda *a: gate.wait(TIMEOUT))
+        seen = []
+
+        def interrupt(_):
+            raise KeyboardInterrupt("from a done-callback")
+
+        if how == "handle":
+            first.add_done_callback(interrupt)
+            first.add_done_callback(lambda h: seen.append(h.id))
+        else:
+            first.future.add_done_callback(interrupt)
+        gate.set()                        # the callbacks were added before the request ends
+        assert torch.equal(first.result(timeout=TIMEOUT), alone(engine, _request(tiny_config, 3)))
+        later = scheduler.submit(**_request(tiny_config, 4))
+        assert torch.equal(later.result(timeout=TIMEOUT), alone(engine, _request(tiny_config, 4)))
+        if how == "handle":
+            assert seen == [first.id]     # a failing callback does not skip the next one
+    finally:
+        scheduler.close()
+
+
+def test_a_pass_interrupted_by_a_base_exception_fails_its_requests(tiny_config, monkeypatch):
+    engine = Engine(make_model(tiny_config, seed=5, sharpen=20.0), dtype=torch.float64)
+    real_step = engine.runner._step
+    interrupts = [SystemExit("device gone")]
+
+    def step(buf, mode):
+        if interrupts:
+            raise interrupts.pop()
+        real_step(buf, mode)
+
+    monkeypatch.setattr(engine.runner, "_step", step)
+    scheduler = Scheduler(engine, max_batch=4, threaded=True)
+    try:
+        handles = [scheduler.submit(**_request(tiny_config, i)) for i in range(2)]
+        for h in handles:   # the pass both were in: failed (both, or only the first one
+            try:            # if the second was queued after the pass began)
+                h.result(timeout=TIMEOUT)
+            except SystemExit as e:
+                assert "device gone" in str(e)
+        assert handles[0].future.exception(timeout=0) is not None
+        later = scheduler.submit(**_request(tiny_config, 5))
+        assert torch.equal(later.result(timeout=TIMEOUT), alone(engine, _request(tiny_config, 5)))
+    finally:
+        scheduler.close()
+
+    # Driven by the caller: the interruption reaches it, and its requests are failed.
+    interrupts.append(KeyboardInterrupt())
+    scheduler = Scheduler(engine, max_batch=4, threaded=False)
+    handle = scheduler.submit(**_request(tiny_config, 6))
+    with pytest.raises(KeyboardInterrupt):
+        scheduler.step()
+    assert handle.done() and scheduler.in_flight == 0
+    with pytest.raises(KeyboardInterrupt):
+        handle.result(timeout=0)
+
+
+def test_a_dead_worker_fails_what_was_in_flight_and_is_replaced(engine, tiny_config, monkeypatch):
+    scheduler = Scheduler(engine, max_batch=4, threaded=True)
+    real_wait = scheduler._wait_for_work
+    calls = []
+
+    def wait_then_die():
+        calls.append(1)
+        if len(calls) == 2:          # after one step: the thread dies outside any step
+            raise SystemExit("killed")
+        return real_wait()
+
+    monkeypatch.setattr(scheduler, "_wait_for_work", wait_then_die)
+    try:
+        stranded = scheduler.submit(**_request(tiny_config, 7))
+        with pytest.raises(RuntimeError, match="worker thread stopped unexpectedly .*killed"):
+            stranded.result(timeout=TIMEOUT)
+        monkeypatch.setattr(scheduler, "_wait_for_work", real_wait)
+        later = scheduler.submit(**_request(tiny_config, 8))     # a new worker takes it
+        assert torch.equal(later.result(timeout=TIMEOUT), alone(engine, _request(tiny_config, 8)))
+    finally:
+        scheduler.close()
