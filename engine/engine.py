@@ -3,6 +3,7 @@ its inputs, plans the schedule and runs the level-wise decoder."""
 
 from __future__ import annotations
 
+import reprlib
 import secrets
 import threading
 from pathlib import Path
@@ -17,7 +18,7 @@ from soundstorm.engine.decode import OnStep
 from soundstorm.engine.longform import StreamChunk
 from soundstorm.engine.runner import StepRunner, modes_for, step_activation_bytes
 from soundstorm.engine.scheduler import RequestHandle, Scheduler, batch_buckets, length_buckets
-from soundstorm.engine.model import SoundStorm
+from soundstorm.engine.model import SoundStorm, check_memory
 from soundstorm.kernels import get_ops
 
 DTYPES = {
@@ -27,6 +28,12 @@ DTYPES = {
     "float16": torch.float16, "fp16": torch.float16,
 }
 SEED_LIMIT = 2 ** 63
+# `generate` decodes at most max(max_batch, MAX_GENERATE_ROWS) rows per pass; a larger
+# batch is decoded in consecutive chunks of that many rows (rows are independent, so the
+# tokens are the same as in one pass).
+MAX_GENERATE_ROWS = 64
+# `warmup` prepares at most this many (batch, length) buckets at once.
+MAX_WARMUP_BUCKETS = 256
 
 Seed = Union[int, Sequence[int], torch.Tensor, None]
 
@@ -66,7 +73,8 @@ class Engine:
     backend:      "auto" (fastest available on the device) or a backend name; "torch" is
                   the plain PyTorch reference every other backend is tested against.
     max_batch:    most requests the scheduler decodes in one pass (`submit`,
-                  `generate_many`).
+                  `generate_many`); `generate` decodes up to max(max_batch, 64) rows per
+                  pass (`max_generate_rows`) and larger batches in chunks of that many.
     cuda_graphs:  replay each step as a captured CUDA graph (default: on CUDA devices);
                   False runs every step eagerly.
     warmup:       capture every step graph now (`Engine.warmup()`) rather than on first
@@ -86,7 +94,8 @@ class Engine:
         if isinstance(model_or_dir, SoundStorm):
             model = model_or_dir
         elif isinstance(model_or_dir, (str, Path)):
-            model = SoundStorm.from_pretrained(model_or_dir, device=device, dtype=dtype)
+            model = SoundStorm.from_pretrained(model_or_dir, device=device,
+                                               dtype=dtype or torch.float32)
         else:
             raise TypeError("model_or_dir must be a SoundStorm model or a model directory, "
                             f"got {type(model_or_dir).__name__}")
@@ -99,11 +108,18 @@ class Engine:
         self.dtype = dtype or torch.float32
         self.ops = get_ops(backend, self.device, self.dtype)
         self.backend = self.ops.name
+        if any(p.device != self.device or p.dtype != self.dtype for p in model.parameters()):
+            # The weights are copied: check there is room before torch tries.
+            count = model.config.num_parameters()
+            check_memory(count * torch.empty((), dtype=self.dtype).element_size(),
+                         self.device, f"moving a model of {count:,} parameters to "
+                         f"{self.device} in {self.dtype}")
         self.model = model.to(device=self.device, dtype=self.dtype).eval()
         self.model.ops = self.ops
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"max_batch must be an int >= 1, got {max_batch!r}")
         self.max_batch = max_batch
+        self.max_generate_rows = max(max_batch, MAX_GENERATE_ROWS)
         self._scheduler: Optional[Scheduler] = None
         self._scheduler_lock = threading.Lock()
         self.runner = StepRunner(self, use_cuda_graphs=cuda_graphs)
@@ -142,6 +158,9 @@ class Engine:
                           iteration (1-based); MASK = codebook_size, padding = -1
         returns           int64 [B, T, Q], T = floor(S * frame_rate / semantic_rate);
                           frames past a row's length are -1
+        A batch of more than `max_generate_rows` rows is decoded in chunks of that many
+        rows: the tokens are the same as in one pass (rows are independent), the memory of
+        a pass stays bounded.
         """
         if on_step is not None and not callable(on_step):
             raise TypeError(f"on_step must be callable, got {on_step!r}")
@@ -149,18 +168,30 @@ class Engine:
         B, T, Q = batch.tokens.shape
         steps = [(q, i) for q, s in enumerate(batch.steps_per_level, start=1)
                  for i in range(1, s + 1)]
-        # All rows are admitted together and share one schedule, so they advance in
-        # lockstep: after scheduler step k every row has done iteration k. Their tokens stay
-        # in the bucket's buffers from the first step to the last.
-        scheduler = Scheduler(self, max_batch=max(B, self.max_batch), threaded=False)
-        handles = [scheduler.enqueue(batch, b) for b in range(B)]
-        for level, iteration in steps:
-            scheduler.step()
-            if on_step is not None:
+        # Rows are decoded in chunks of at most `max_generate_rows`, one scheduler each. A
+        # chunk's rows are admitted together and share one schedule, so they advance in
+        # lockstep: after its step k every row has done iteration k, and their tokens stay
+        # in the bucket's buffers from the first step to the last. With on_step the chunks
+        # take turns step by step, so that every call sees the whole batch at one iteration.
+        chunk = self.max_generate_rows
+        schedulers, handles = [], []
+        for start in range(0, B, chunk):
+            rows = range(start, min(start + chunk, B))
+            scheduler = Scheduler(self, max_batch=max(len(rows), self.max_batch), threaded=False)
+            schedulers.append(scheduler)
+            handles += [scheduler.enqueue(batch, b) for b in rows]
+        if on_step is None:
+            for scheduler in schedulers:
+                for _ in steps:
+                    scheduler.step()
+        else:
+            for level, iteration in steps:
+                for scheduler in schedulers:
+                    scheduler.step()
                 rows = [h.result() if h.done() else self.runner.row_tokens(h._request)
                         for h in handles]
                 on_step(level, iteration, _assemble(rows, T, Q))
-        if scheduler.in_flight:
+        if any(scheduler.in_flight for scheduler in schedulers):
             raise RuntimeError("internal error: the batch did not finish with its schedule")
         return _assemble([h.result() for h in handles], T, Q)
 
@@ -177,6 +208,7 @@ class Engine:
             raise TypeError(f"decode must be a DecodeConfig, got {type(decode).__name__}")
         steps_per_level = decode.resolve(cfg.num_quantizers)
 
+        semantic_dtype = getattr(semantic, "dtype", None)
         semantic = _int_tensor("semantic", semantic, ndim=2, shape_doc="[B, S]")
         B, S = semantic.shape
         sem_len = _lengths("semantic_lengths", semantic_lengths, B, S, default=S)
@@ -187,19 +219,20 @@ class Engine:
                 raise ValueError(
                     f"semantic row {b} has {s} ids, which make no codec frame at "
                     f"{cfg.semantic_rate} Hz -> {cfg.frame_rate} Hz; give at least "
-                    f"{_min_semantic(cfg)} ids")
+                    f"{cfg.min_semantic_len()} ids")
         if T > cfg.max_frames:
             raise ValueError(
                 f"semantic of length {S} asks for {T} frames, more than the model's "
                 f"max_frames={cfg.max_frames} ({cfg.max_frames / cfg.frame_rate:g} s); for "
                 "longer audio use Engine.generate_long or Engine.stream (slide-and-prompt "
                 "windows)")
-        _check_range("semantic", semantic, sem_len, cfg.semantic_vocab_size)
+        _check_range("semantic", semantic, sem_len, cfg.semantic_vocab_size, semantic_dtype)
 
         if prompt is None:
             if prompt_lengths is not None:
                 raise ValueError("prompt_lengths was given without a prompt")
             prompt = torch.empty(B, 0, cfg.num_quantizers, dtype=torch.int64)
+        prompt_dtype = getattr(prompt, "dtype", None)
         prompt = _int_tensor("prompt", prompt, ndim=3, shape_doc="[B, P, Q]", allow_empty=True)
         if prompt.shape[0] != B:
             raise ValueError(f"prompt has batch size {prompt.shape[0]}, semantic has {B}")
@@ -213,7 +246,7 @@ class Engine:
                 raise ValueError(f"prompt row {b} has {p} frames, longer than the {t} frames "
                                  "its semantic ids make; the prompt must be the first frames "
                                  "of the target")
-        _check_range("prompt", prompt, prompt_len, cfg.codebook_size)
+        _check_range("prompt", prompt, prompt_len, cfg.codebook_size, prompt_dtype)
         seeds = _seeds(seed, B)
 
         device = torch.device("cpu")
@@ -258,7 +291,8 @@ class Engine:
         """Decode many utterances of any lengths together. Each request is a dict of one
         utterance's `submit` arguments (`semantic`, and optionally `prompt`, `decode`,
         `seed`); returns their int64 [T_i, Q] tokens (no padding) in request order. Every
-        request is checked before any is queued."""
+        request is checked before any is queued; an error names the request
+        ("requests[3]: ...")."""
         if isinstance(requests, dict) or not isinstance(requests, Sequence):
             raise TypeError("requests must be a list of dicts of submit() arguments, got "
                             f"{type(requests).__name__}")
@@ -271,7 +305,13 @@ class Engine:
                 raise ValueError(f"requests[{i}] has keys {sorted(request)}; expected "
                                  f"'semantic' and optionally 'prompt', 'decode', 'seed'")
         scheduler = Scheduler(self, max_batch=self.max_batch, threaded=False)
-        handles = [scheduler.submit(**r) for r in requests]
+        handles = []
+        for i, request in enumerate(requests):
+            try:
+                handles.append(scheduler.submit(**request))
+            except (TypeError, ValueError) as error:
+                kind = TypeError if isinstance(error, TypeError) else ValueError
+                raise kind(f"requests[{i}]: {error}") from error
         scheduler.run_until_idle()
         return [h.result() for h in handles]
 
@@ -284,10 +324,13 @@ class Engine:
         `decodes` can produce, largest bucket first, all into the runner's one memory pool.
         Afterwards no request waits for a capture.
 
-        batch_sizes: bucket batch sizes (default: the scheduler's, powers of two up to
-                     max_batch; `generate` with B rows uses the smallest that holds B)
+        batch_sizes: bucket batch sizes, each at most `max_generate_rows` (default: the
+                     scheduler's, powers of two up to max_batch; `generate` with B rows
+                     uses the smallest that holds B)
         max_frames:  capture the length buckets up to the one holding this many frames
                      (default: all, up to the model's max_frames)
+        At most MAX_WARMUP_BUCKETS (256) (batch, length) buckets are prepared at once;
+        narrow batch_sizes or max_frames for more.
         decodes:     the DecodeConfigs requests will use (default: the paper's schedule)
         returns      {"buckets", "modes", "graphs" (captured now), "seconds",
                      "pool_bytes" (measured on CUDA, else None), "pool_bytes_estimate"}
@@ -299,14 +342,24 @@ class Engine:
         for b in sizes:
             if isinstance(b, bool) or not isinstance(b, int) or b < 1:
                 raise ValueError(f"batch_sizes must be ints >= 1, got {list(sizes)!r}")
-        lengths = length_buckets(cfg.max_frames)
+            if b > self.max_generate_rows:
+                raise ValueError(f"batch size {b} in batch_sizes is larger than any pass of "
+                                 f"this engine (max_generate_rows={self.max_generate_rows})")
+        buckets_of = length_buckets(cfg.max_frames)
         if max_frames is not None:
             if isinstance(max_frames, bool) or not isinstance(max_frames, int) or not \
                     1 <= max_frames <= cfg.max_frames:
                 raise ValueError(f"max_frames must be an int in 1..{cfg.max_frames} (the "
                                  f"model's max_frames), got {max_frames!r}")
-            lengths = tuple(t for t in lengths if t < max_frames) + (
-                next(t for t in lengths if t >= max_frames),)
+            lengths = buckets_of.up_to(max_frames)
+        else:
+            lengths = tuple(buckets_of)
+        if len(set(sizes)) * len(lengths) > MAX_WARMUP_BUCKETS:
+            raise ValueError(
+                f"warmup would prepare {len(set(sizes)) * len(lengths)} buckets "
+                f"({len(set(sizes))} batch sizes x {len(lengths)} lengths up to "
+                f"{lengths[-1]} frames), more than MAX_WARMUP_BUCKETS={MAX_WARMUP_BUCKETS}; "
+                "pass max_frames= (the longest request you serve) or fewer batch_sizes=")
         decodes = [DecodeConfig()] if decodes is None else list(decodes)
         for d in decodes:
             if not isinstance(d, DecodeConfig):
@@ -339,6 +392,8 @@ class Engine:
 
         semantic: int [S] or [1, S]; prompt: int [P, Q] or [1, P, Q]; window, overlap:
         frames (default max_frames and 3 s); seed: int (None = fresh).
+        Every argument is checked here, at the call (the windows are decoded lazily, as
+        the iterator is consumed).
         """
         return longform.stream(self, semantic, prompt, decode, seed, window, overlap, codec)
 
@@ -361,9 +416,12 @@ def _assemble(rows: List[torch.Tensor], T: int, Q: int) -> torch.Tensor:
 
 # -- input checks (host side, before the loop) ------------------------------------------
 def _int_tensor(name: str, x, ndim: int, shape_doc: str, allow_empty: bool = False) -> torch.Tensor:
+    """`x` checked to be a real (not meta) integer tensor of `ndim` dims, as int64 on the
+    host. uint64 ids of 2**63 or more wrap to negative ids here; `_check_range` rejects
+    them and, given the original dtype, shows their true value."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of integer ids {shape_doc}, "
-                        f"got {type(x).__name__}")
+                        f"got {type(x).__name__} {reprlib.repr(x)}")
     if x.is_floating_point() or x.is_complex() or x.dtype == torch.bool:
         raise TypeError(f"{name} must hold integer ids, got dtype {x.dtype}")
     if x.ndim != ndim:
@@ -386,6 +444,9 @@ def _lengths(name: str, lengths, batch: int, size: int, default: int,
             raise TypeError(f"{name} must be integers, got dtype {lengths.dtype}")
         if lengths.ndim != 1:
             raise ValueError(f"{name} must be 1-D [B={batch}], got shape {tuple(lengths.shape)}")
+        if lengths.device.type == "meta":
+            raise ValueError(f"{name} is on the meta device and holds no values; pass a "
+                             "real tensor")
         values = lengths.tolist()
     elif isinstance(lengths, (list, tuple)):
         values = list(lengths)
@@ -401,8 +462,11 @@ def _lengths(name: str, lengths, batch: int, size: int, default: int,
     return values
 
 
-def _check_range(name: str, x: torch.Tensor, lengths: list[int], upper: int) -> None:
-    """Every id within each row's length must lie in [0, upper)."""
+def _check_range(name: str, x: torch.Tensor, lengths: list[int], upper: int,
+                 source_dtype: Optional[torch.dtype] = None) -> None:
+    """Every id of the int64 ids `x` [B, L, ...] within each row's length must lie in
+    [0, upper). `source_dtype`: the caller's dtype, so an id shown in the error is the
+    caller's value (a uint64 id >= 2**63 is negative in int64)."""
     if x.shape[1] == 0:
         return
     valid = torch.arange(x.shape[1], device=x.device)[None, :] < torch.tensor(
@@ -412,7 +476,10 @@ def _check_range(name: str, x: torch.Tensor, lengths: list[int], upper: int) -> 
     bad = valid & ((x < 0) | (x >= upper))
     if bool(bad.any()):
         where = tuple(int(i) for i in bad.nonzero()[0])
-        raise ValueError(f"{name}{list(where)} = {int(x[where])} is out of range; expected "
+        value = int(x[where])
+        if source_dtype == torch.uint64 and value < 0:
+            value += 2 ** 64
+        raise ValueError(f"{name}{list(where)} = {value} is out of range; expected "
                          f"ids in 0..{upper - 1}")
 
 
@@ -423,6 +490,9 @@ def _seeds(seed: Seed, batch: int) -> torch.Tensor:
         if seed.is_floating_point() or seed.dtype == torch.bool or seed.ndim > 1:
             raise TypeError(f"seed as a tensor must be integer [B], got {seed.dtype} "
                             f"{tuple(seed.shape)}")
+        if seed.device.type == "meta":
+            raise ValueError("seed is on the meta device and holds no values; pass a real "
+                             "tensor")
         seed = seed.tolist()
     values = [seed] * batch if isinstance(seed, int) and not isinstance(seed, bool) else seed
     if not isinstance(values, (list, tuple)):
@@ -434,9 +504,3 @@ def _seeds(seed: Seed, batch: int) -> torch.Tensor:
             raise ValueError(f"seed[{b}] = {v!r}; seeds must be ints in 0..2**63-1")
     return torch.tensor(values, dtype=torch.int64)
 
-
-def _min_semantic(cfg: ModelConfig) -> int:
-    s = 1
-    while cfg.frames_for(s) < 1:
-        s += 1
-    return s

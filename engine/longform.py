@@ -15,6 +15,7 @@ remainder), so the window's semantic slice lines up with its frames.
 from __future__ import annotations
 
 import math
+import reprlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterator, List, Optional
 
@@ -109,8 +110,13 @@ def stream(engine: "Engine", semantic: torch.Tensor, prompt: Optional[torch.Tens
            window: Optional[int] = None, overlap: Optional[int] = None,
            codec: Any = None) -> Iterator[StreamChunk]:
     """Generate one utterance window by window, yielding each window's new frames as soon
-    as the window is done. semantic: int [S] or [1, S]; prompt: int [P, Q] or [1, P, Q]."""
+    as the window is done. semantic: int [S] or [1, S]; prompt: int [P, Q] or [1, P, Q].
+
+    Every argument is checked now, at the call (bad input raises here, not at the first
+    `next`); the windows are decoded lazily, as the returned iterator is consumed."""
     import secrets
+
+    from soundstorm.engine.engine import _check_range, _int_tensor
 
     cfg = engine.config
     semantic = _single("semantic", semantic, 1)
@@ -121,12 +127,23 @@ def stream(engine: "Engine", semantic: torch.Tensor, prompt: Optional[torch.Tens
         raise ValueError(f"seed must be an int in 0..2**63-1 for long-form generation, got {seed!r}")
     if codec is not None and not callable(getattr(codec, "decode", None)):
         raise TypeError(f"codec must have a decode(tokens [1, T, Q]) method, got {codec!r}")
-    from soundstorm.engine.engine import _check_range, _int_tensor
     _check_range("semantic", _int_tensor("semantic", semantic[None], 2, "[S]"),
-                 [semantic.shape[0]], cfg.semantic_vocab_size)
+                 [semantic.shape[0]], cfg.semantic_vocab_size, semantic.dtype)
     P = 0 if prompt is None else prompt.shape[0]
     windows = plan_windows(cfg, semantic.shape[0], P, window, overlap)
+    # The first window through the engine's own checks: the prompt (dtype, levels, ids,
+    # length) and the decode config; later windows are prompted with generated tokens.
+    first = windows[0]
+    engine.prepare(semantic[first.semantic_start:first.semantic_start + first.semantic_len][None],
+                   prompt=None if prompt is None else prompt[None], decode=decode,
+                   seed=window_seed(seed, 0))
+    return _decode_windows(engine, semantic, prompt, decode, seed, windows, codec)
 
+
+def _decode_windows(engine: "Engine", semantic: torch.Tensor, prompt: Optional[torch.Tensor],
+                    decode: Optional[DecodeConfig], seed: int, windows: List[Window],
+                    codec: Any) -> Iterator[StreamChunk]:
+    """The windows of `stream`, decoded one by one as they are asked for."""
     previous: Optional[torch.Tensor] = None
     for w in windows:
         sem = semantic[w.semantic_start:w.semantic_start + w.semantic_len][None]
@@ -146,7 +163,8 @@ def stream(engine: "Engine", semantic: torch.Tensor, prompt: Optional[torch.Tens
 
 def _single(name: str, x: Any, ndim: int) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__} "
+                        f"{reprlib.repr(x)}")
     if x.ndim == ndim + 1:
         if x.shape[0] != 1:
             raise ValueError(f"long-form generation takes one utterance: {name} must have "

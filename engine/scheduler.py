@@ -30,6 +30,7 @@ resident in a bucket while the requests in it do not change.
 from __future__ import annotations
 
 import logging
+import reprlib
 import threading
 import warnings
 from collections import deque
@@ -252,8 +253,8 @@ class Scheduler:
         """
         if on_step is not None and not callable(on_step):
             raise TypeError(f"on_step must be callable, got {on_step!r}")
-        semantic = _one("semantic", semantic, 1)
-        prompt = None if prompt is None else _one("prompt", prompt, 2)[None]
+        semantic = _one("semantic", semantic, 1, "[S]")
+        prompt = None if prompt is None else _one("prompt", prompt, 2, "[P, Q] (or None)")[None]
         if seed is not None and not (isinstance(seed, int) and not isinstance(seed, bool)):
             raise TypeError(f"seed must be an int or None, got {seed!r}")
         batch = self.engine.prepare(semantic[None], prompt=prompt, decode=decode, seed=seed)
@@ -445,9 +446,11 @@ class Scheduler:
             worker.join()
 
 
-def _one(name: str, x, ndim: int) -> torch.Tensor:
+def _one(name: str, x, ndim: int, shape_doc: str) -> torch.Tensor:
+    """One request's `x`: a tensor of `ndim` dims, or `ndim + 1` with batch size 1."""
     if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        raise TypeError(f"{name} must be a torch.Tensor of ids {shape_doc}, got "
+                        f"{type(x).__name__} {reprlib.repr(x)}")
     if x.ndim == ndim + 1 and x.shape[0] == 1:
         x = x[0]
     if x.ndim != ndim:

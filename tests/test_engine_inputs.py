@@ -67,7 +67,29 @@ CASES = [
     (lambda e: dict(semantic=sem(e), seed=1.5), TypeError, "seed must be an int"),
     (lambda e: dict(semantic=sem(e), seed=[1, 2, 3]), ValueError, "seed has 3 entries, expected one per row"),
     (lambda e: dict(semantic=sem(e), on_step="print"), TypeError, "on_step must be callable"),
+    # meta tensors hold no values: every tensor argument says so
+    (lambda e: dict(semantic=sem(e).to("meta")), ValueError, "semantic is on the meta device"),
+    (lambda e: dict(semantic=sem(e), prompt=prm(e).to("meta")), ValueError, "prompt is on the meta device"),
+    (lambda e: dict(semantic=sem(e), semantic_lengths=torch.tensor([10, 9], device="meta")), ValueError,
+     "semantic_lengths is on the meta device"),
+    (lambda e: dict(semantic=sem(e), prompt=prm(e), prompt_lengths=torch.tensor([4, 4], device="meta")),
+     ValueError, "prompt_lengths is on the meta device"),
+    (lambda e: dict(semantic=sem(e), seed=torch.tensor([1, 2], device="meta")), ValueError,
+     "seed is on the meta device"),
+    # unsigned 64-bit values are shown as they are, not wrapped to negative int64
+    (lambda e: dict(semantic=_uint64(sem(e), (1, 3), 2 ** 64 - 1)), ValueError,
+     r"semantic\[1, 3\] = 18446744073709551615 is out of range; expected ids in 0..15"),
+    (lambda e: dict(semantic=sem(e), prompt=_uint64(prm(e), (0, 2, 1), 2 ** 63)), ValueError,
+     r"prompt\[0, 2, 1\] = 9223372036854775808 is out of range"),
+    (lambda e: dict(semantic=sem(e), seed=torch.from_numpy(np.array([1, 2 ** 64 - 1], dtype=np.uint64))),
+     ValueError, r"seed\[1\] = 18446744073709551615; seeds must be ints"),
 ]
+
+
+def _uint64(ids, where, value):
+    a = ids.numpy().astype(np.uint64)
+    a[where] = value
+    return torch.from_numpy(a)
 
 
 @pytest.mark.parametrize("build,exc,match", CASES)
@@ -132,3 +154,57 @@ def test_engine_from_directory(tmp_path, tiny_model):
     b = Engine(tiny_model, dtype=torch.float64)
     s = random_semantic(a.config, 2, 7)
     assert torch.equal(a.generate(s, seed=5), b.generate(s, seed=5))
+
+
+def test_uint64_ids_in_range_are_accepted(engine):
+    s = sem(engine)
+    assert torch.equal(engine.generate(_uint64(s, (0, 0), int(s[0, 0])), seed=4),
+                       engine.generate(s, seed=4))
+
+
+def test_generate_many_names_the_request_that_is_wrong(engine):
+    ok = {"semantic": sem(engine, B=1)[0], "seed": 1}
+    Q = engine.config.num_quantizers
+    cases = [
+        ({"semantic": sem(engine, B=1)[0], "prompt": ""}, TypeError,
+         r"requests\[1\]: prompt must be a torch.Tensor .*got str ''"),
+        ({"semantic": sem(engine, B=1)[0], "prompt": [[1] * Q]}, TypeError,
+         r"requests\[1\]: prompt must be a torch.Tensor"),
+        ({"semantic": torch.full((5,), 16)}, ValueError,
+         r"requests\[1\]: semantic\[0, 0\] = 16 is out of range"),
+        ({"semantic": sem(engine, B=1)[0], "seed": "7"}, TypeError, r"requests\[1\]: seed must be an int"),
+        ({"semantic": sem(engine, B=1)[0], "decode": ""}, TypeError,
+         r"requests\[1\]: decode must be a DecodeConfig"),
+    ]
+    for bad, exc, match in cases:
+        with pytest.raises(exc, match=match):
+            engine.generate_many([ok, bad, ok])
+
+
+def test_a_prompt_of_zero_frames_is_no_prompt(engine):
+    s = sem(engine, B=1)[0]
+    empty = torch.zeros(0, engine.config.num_quantizers, dtype=torch.long)
+    with_empty, without = engine.generate_many([{"semantic": s, "prompt": empty, "seed": 2},
+                                                {"semantic": s, "prompt": None, "seed": 2}])
+    assert torch.equal(with_empty, without)
+
+
+def test_large_batches_are_decoded_in_chunks_with_the_same_tokens(tiny_model):
+    import copy
+    cfg = tiny_model.config
+    whole = Engine(copy.deepcopy(tiny_model), dtype=torch.float64, max_batch=2)
+    assert whole.max_generate_rows == 64
+    chunked = Engine(copy.deepcopy(tiny_model), dtype=torch.float64, max_batch=2)
+    chunked.max_generate_rows = 2
+    args = dict(semantic=random_semantic(cfg, 5, 14, seed=8), semantic_lengths=[14, 3, 9, 14, 1],
+                prompt=random_codes(cfg, 5, 6, cfg.num_quantizers, seed=9),
+                prompt_lengths=[6, 0, 2, 5, 1], seed=[11, 12, 13, 14, 15],
+                decode=DecodeConfig(steps_per_level=(3, 2, 1, 1)))
+    seen = {"whole": [], "chunked": []}
+    a = whole.generate(**args, on_step=lambda l, i, t: seen["whole"].append((l, i, t.clone())))
+    b = chunked.generate(**args, on_step=lambda l, i, t: seen["chunked"].append((l, i, t.clone())))
+    assert torch.equal(a, b)
+    assert [(l, i) for l, i, _ in seen["chunked"]] == [(l, i) for l, i, _ in seen["whole"]]
+    assert all(torch.equal(x[2], y[2]) for x, y in zip(seen["whole"], seen["chunked"]))
+    assert max(B for B, _ in chunked.runner.buffers) == 2       # no pass held more rows
+    assert torch.equal(chunked.generate(**args), a)             # without on_step: chunk by chunk

@@ -123,3 +123,37 @@ def test_bad_long_form_input(engine, kwargs, exc, match):
     args.update(kwargs)
     with pytest.raises(exc, match=match):
         list(engine.stream(**args))
+
+
+def test_stream_checks_every_argument_at_the_call(engine, tiny_config, monkeypatch):
+    cfg = tiny_config
+    good = random_semantic(cfg, 1, 301, seed=3)[0]
+    calls = []
+    monkeypatch.setattr(engine, "generate", lambda *a, **k: calls.append(a) or 1 / 0)
+    cases = [
+        (dict(semantic=torch.full((300,), 99)), ValueError, r"semantic\[0, 0\] = 99 is out of range"),
+        (dict(semantic=good.float()), TypeError, "semantic must hold integer ids"),
+        (dict(semantic=""), TypeError, "semantic must be a torch.Tensor, got str ''"),
+        (dict(semantic=good, prompt=torch.full((10, cfg.num_quantizers), 77)), ValueError,
+         r"prompt\[0, 0, 0\] = 77 is out of range"),
+        (dict(semantic=good, prompt=torch.zeros(10, 3, dtype=torch.long)), ValueError,
+         "prompt has 3 RVQ levels"),
+        (dict(semantic=good, prompt=torch.zeros(10, cfg.num_quantizers, device="meta", dtype=torch.long)),
+         ValueError, "prompt is on the meta device"),
+        (dict(semantic=good, decode=DecodeConfig(steps_per_level=(2,))), ValueError,
+         "steps_per_level has 1 entries"),
+        (dict(semantic=good, decode="fast"), TypeError, "decode must be a DecodeConfig"),
+        (dict(semantic=good, window=10 ** 6), ValueError, "window must be in 1..max_frames"),
+        (dict(semantic=good, seed=-1), ValueError, "seed must be an int in 0..2\\*\\*63-1"),
+        (dict(semantic=good, codec=object()), TypeError, "codec must have a decode"),
+    ]
+    for kwargs, exc, match in cases:
+        with pytest.raises(exc, match=match):
+            engine.stream(**kwargs)            # the call itself raises: no next() needed
+        with pytest.raises(exc, match=match):
+            engine.generate_long(**kwargs) if "codec" not in kwargs else engine.stream(**kwargs)
+    chunks = engine.stream(good, seed=1)       # good input: still lazy, nothing decoded yet
+    assert calls == []
+    with pytest.raises(ZeroDivisionError):
+        next(chunks)
+    assert len(calls) == 1

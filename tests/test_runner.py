@@ -137,3 +137,24 @@ def test_prepare_stays_on_the_host(model, tiny_config):
     assert {t.device.type for t in (batch.semantic, batch.tokens, batch.frame_valid, batch.seeds)} == {"cpu"}
     with pytest.raises(ValueError, match="semantic is on the meta device"):
         engine.prepare(torch.zeros(1, 9, dtype=torch.long, device="meta"))
+
+
+def test_warmup_prepares_a_bounded_number_of_buckets(model, tiny_config, monkeypatch):
+    import dataclasses
+    from soundstorm.engine import engine as engine_module
+    long = dataclasses.replace(tiny_config, max_frames=2 ** 16)       # 258 length buckets
+    engine = Engine(make_model(long), max_batch=2)
+    allocated = count_calls(monkeypatch, engine.runner, "buffers_for")
+    with pytest.raises(ValueError, match=r"warmup would prepare 516 buckets \(2 batch sizes x "
+                                         r"258 lengths up to 65536 frames\), more than "
+                                         r"MAX_WARMUP_BUCKETS=256; pass max_frames="):
+        engine.warmup()
+    assert allocated == []                                            # refused before any work
+    report = engine.warmup(max_frames=600)
+    assert report["buckets"] == [(b, t) for b in (1, 2) for t in (64, 128, 256, 512, 768)]
+    with pytest.raises(ValueError, match=r"batch size 65 in batch_sizes is larger than any pass "
+                                         r"of this engine \(max_generate_rows=64\)"):
+        engine.warmup(batch_sizes=[1, 65], max_frames=64)
+    monkeypatch.setattr(engine_module, "MAX_WARMUP_BUCKETS", 4)
+    with pytest.raises(ValueError, match="warmup would prepare 6 buckets"):
+        Engine(copy.deepcopy(model), max_batch=2).warmup()
