@@ -217,30 +217,35 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    from soundstorm.engine.model import check_pretrained
+
     target = args.target
+    checksum = None
     if Path(target).is_dir():
-        config = load_config(target)
-        weights = Path(target) / WEIGHTS_FILE
-        size = weights.stat().st_size if weights.is_file() else None
+        # The loader's checks (names, shapes, dtypes, checksums, finite values), one tensor
+        # at a time: the model itself is never built.
+        config, checksum = check_pretrained(target)
+        size = (Path(target) / WEIGHTS_FILE).stat().st_size
         where = f"model directory {target}"
     elif target in ModelConfig.preset_names():
         config, size, where = ModelConfig.preset(target), None, f"preset {target!r}"
     else:
         raise CLIError(f"{target!r} is neither a model directory (with {CONFIG_FILE}) nor a "
                        f"preset ({', '.join(ModelConfig.preset_names())})")
-    with torch.device("meta"):
-        params = SoundStorm(config).num_parameters
+    params = config.num_parameters()
     info = {"source": where, "parameters": params, "config": config.to_dict(),
             "default_forward_passes": DecodeConfig().num_forward_passes(config.num_quantizers)}
     if size is not None:
         info["weights_bytes"] = size
+        info["weights_checksum"] = "verified" if checksum else "none recorded"
     if args.json:
         print(json.dumps(info))
         return 0
     print(where)
     print(f"  parameters: {params:,} ({params / 1e6:.1f}M)")
     if size is not None:
-        print(f"  weights:    {size / 2**20:.1f} MiB ({WEIGHTS_FILE})")
+        print(f"  weights:    {size / 2**20:.1f} MiB ({WEIGHTS_FILE}), checked; "
+              + ("sha256 checksums verified" if checksum else "no checksums recorded"))
     for key, value in config.to_dict().items():
         print(f"  {key + ':':<20}{value}")
     return 0
