@@ -46,7 +46,8 @@ def masked_resample_reference(logits: torch.Tensor, tokens: torch.Tensor,
                                eligible candidate of every row (the last iteration)
     seeds:       int64 [B]     per-row seeds
     level, iteration: 1-based; int or int64 [B]
-    temperature: > 0 where sampling; float or float [B]
+    temperature: > 0 where sampling, float or float [B]; `DecodeConfig` keeps it at or
+                 above 1e-4, so logits / temperature stays within float32
     noise_scale: multiplier of the confidence Gumbel noise (already annealed); float or [B]
     sample:      draw candidates (True) or take the argmax (False); bool or bool [B]
     any_sample:  whether any row samples (None: a tensor `sample` counts as yes, a Python
