@@ -161,6 +161,10 @@ def test_config_that_disagrees_with_weights(tmp_path, model64):
     ('{"format": "soundstorm", "format_version": 9, "model": {}}', "format_version 9"),
     ('{"format": "soundstorm", "format_version": 1, "model": {"dim": -1}}', "invalid model config"),
     ('{"format": "soundstorm", "format_version": 1, "model": {"width": 1}}', "unknown ModelConfig field"),
+    ('{"format": "soundstorm", "format_version": 1, "model": {"depth": 1000000}}',
+     "invalid model config: depth = 1000000 is above its limit 256"),
+    ('{"format": "soundstorm", "format_version": 1, "model": {"max_frames": 1000000000000}}',
+     "invalid model config: max_frames = 1000000000000 is above its limit 65536"),
 ])
 def test_bad_config_file(tmp_path, model64, text, match):
     model64.save_pretrained(tmp_path)
