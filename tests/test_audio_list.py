@@ -62,8 +62,11 @@ def test_a_speech_corpus_folder_reads_its_manifests_by_split(tmp_path):
     assert items[0].path == root / "audio/us-m1/us-m1-00000.wav"
     assert [i.speaker for i in collect_audio(root, split="heldout")] == ["rp-m6"]
     assert len(collect_audio([root], split="all")) == 4
+    # its audio/ folder is read the same way
+    assert collect_audio(root / "audio") == items
+    assert [i.speaker for i in collect_audio(root / "audio", split="heldout")] == ["rp-m6"]
     with pytest.raises(ValueError, match="split = 'heldout' applies to speech-corpus folders"):
-        collect_audio(root / "audio", split="heldout")
+        collect_audio(root / "audio" / "us-m1", split="heldout")
     with pytest.raises(ValueError, match="split = 'test': expected one of train, heldout, all"):
         collect_audio(root, split="test")
 

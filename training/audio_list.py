@@ -12,8 +12,9 @@ ordered list.
   to the manifest's directory. It must be UTF-8 text.
 - A folder written by `soundstorm speech-corpus` (it holds `speech-corpus.json`) is read
   through its manifests, which name each utterance's speaker: `train.jsonl` for the
-  split "train" (the default), `heldout.jsonl` for "heldout", both for "all". Its
-  held-out voices are therefore never mixed into training audio unless asked for.
+  split "train" (the default), `heldout.jsonl` for "heldout", both for "all"; so is its
+  `audio/` folder. Its held-out voices are therefore never mixed into training audio
+  unless asked for.
 
 Ids must be unique over the whole list: a clash is an error naming both files.
 """
@@ -48,6 +49,16 @@ def is_speech_corpus(path: Union[str, Path]) -> bool:
     return (Path(path) / SPEECH_CORPUS_INFO).is_file()
 
 
+def speech_corpus_root(path: Union[str, Path]) -> Optional[Path]:
+    """The speech-corpus folder that `path` is, or whose `audio/` folder it is; else None."""
+    path = Path(path)
+    if is_speech_corpus(path):
+        return path
+    if path.name == "audio" and is_speech_corpus(path.parent):
+        return path.parent
+    return None
+
+
 def collect_audio(inputs: Union[str, Path, Iterable[Union[str, Path]]],
                   split: Optional[str] = None) -> List[AudioItem]:
     """Resolve files, directories and `.jsonl` manifests to AudioItems, in input order.
@@ -60,15 +71,16 @@ def collect_audio(inputs: Union[str, Path, Iterable[Union[str, Path]]],
     inputs = list(inputs)
     if split is not None and split not in SPLITS:
         raise ValueError(f"split = {split!r}: expected one of {', '.join(SPLITS)}")
-    if split is not None and not any(is_speech_corpus(raw) for raw in inputs):
+    if split is not None and not any(speech_corpus_root(raw) for raw in inputs):
         raise ValueError(f"split = {split!r} applies to speech-corpus folders (holding "
                          f"{SPEECH_CORPUS_INFO}), and none of the inputs is one")
     items: List[AudioItem] = []
     for raw in inputs:
         p = Path(raw)
-        if is_speech_corpus(p):
+        root = speech_corpus_root(p)
+        if root is not None:
             for name in SPLITS[split or "train"]:
-                items.extend(_read_manifest(p / name))
+                items.extend(_read_manifest(root / name))
         elif p.is_dir():
             found = sorted(f for f in p.rglob("*") if f.is_file() and is_audio(f))
             if not found:
@@ -142,4 +154,4 @@ def _read_manifest(path: Path) -> List[AudioItem]:
 
 
 __all__ = ["AudioItem", "AUDIO_EXTENSIONS", "SPLITS", "collect_audio", "is_audio",
-           "is_speech_corpus"]
+           "is_speech_corpus", "speech_corpus_root"]
