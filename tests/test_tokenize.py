@@ -147,3 +147,20 @@ def test_bad_arguments(setup, tmp_path):
         tokenize_corpus(items, codec, semantic, tmp_path / "a", shard_frames=0)
     with pytest.raises(ValueError, match="silence_db must be a finite level <= 0 dB"):
         tokenize_corpus(items, codec, semantic, tmp_path / "a", silence_db=3.0)
+
+
+def test_a_speech_corpus_folder_is_tokenized_by_voice_without_its_held_out_voices(setup,
+                                                                                  tmp_path):
+    from soundstorm.training.speech_corpus import VOICES
+
+    common = ["--codec-path", str(setup / "codec"), "--semantic", str(setup / "semantic"),
+              "--quiet"]
+    assert cli_main(["tokenize", str(setup / "speech"), "--out", str(tmp_path / "train"),
+                     *common]) == 0
+    speakers = json.loads((tmp_path / "train/speakers.json").read_text())
+    assert sorted(speakers) == sorted(v.name for v in VOICES if not v.heldout)
+    assert len(open_corpus(tmp_path / "train")) == len(collect_audio(setup / "speech/train.jsonl"))
+    assert cli_main(["tokenize", str(setup / "speech"), "--split", "heldout",
+                     "--out", str(tmp_path / "heldout"), *common]) == 0
+    speakers = json.loads((tmp_path / "heldout/speakers.json").read_text())
+    assert sorted(speakers) == sorted(v.name for v in VOICES if v.heldout)

@@ -143,6 +143,21 @@ def test_config_file_and_flags_take_precedence_in_order(tmp_path, corpus, capsys
     assert not (tmp_path / "r").exists()
 
 
+def test_a_config_file_that_is_not_utf8_or_too_deep_is_named(tmp_path, capsys):
+    from soundstorm.training.config import load_config_file
+    (tmp_path / "c.yaml").write_bytes(b"lr: 0.01\n# na\xefve\nsteps: 7\n")
+    with pytest.raises(ValueError, match=r"c.yaml:2: not UTF-8 text \(byte 0xef\)"):
+        load_config_file(tmp_path / "c.yaml")
+    (tmp_path / "c.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ValueError, match="c.json: nested too deeply to be a mapping"):
+        load_config_file(tmp_path / "c.json")
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--preset", "tiny", "--config", str(tmp_path / "c.yaml")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(err.strip().splitlines()) == 1
+    assert "c.yaml:2: not UTF-8 text" in err
+
+
 def test_help_and_lazy_import(capsys):
     for cmd in ("train", "synthetic-corpus"):
         with pytest.raises(SystemExit) as e:

@@ -196,6 +196,20 @@ def test_manifest_and_metadata_errors(corpus_dir):
     (path / "manifest.jsonl").write_text("{not json\n")
     with pytest.raises(CorpusError, match="manifest.jsonl:1: not valid JSON"):
         open_corpus(path)
+    (path / "manifest.jsonl").write_bytes(lines[0].encode() + b"\n" + b'{"id": "\xc3("}\n')
+    with pytest.raises(CorpusError, match=r"manifest.jsonl:2: not UTF-8 text \(byte 0xc3 at "
+                                          r"column 9\)"):
+        open_corpus(path)
+    (path / "manifest.jsonl").write_text("[" * 100_000 + "]" * 100_000 + "\n")
+    with pytest.raises(CorpusError, match="manifest.jsonl:1: not a manifest entry .JSON nested "
+                                          "too deeply"):
+        open_corpus(path)
+    meta = (path / "corpus.json").read_text()
+    (path / "corpus.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(CorpusError, match="corpus.json is not a soundstorm-tokens corpus .JSON "
+                                          "nested too deeply"):
+        open_corpus(path)
+    (path / "corpus.json").write_text(meta)
     with pytest.raises(CorpusError, match="corpus directory not found"):
         open_corpus(path / "nope")
     (path / "corpus.json").unlink()

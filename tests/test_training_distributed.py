@@ -1,5 +1,6 @@
 """torchrun + DistributedDataParallel on CPU (gloo): 2 processes reproduce 1 process with
-the same global batch, and so does 1 process with 2 accumulation steps."""
+the same global batch, and so does 1 process with 2 accumulation steps; the summary is
+printed once, by rank 0."""
 
 import json
 import subprocess
@@ -39,6 +40,7 @@ def test_two_gloo_processes_match_one_process(tmp_path):
          "--out", str(tmp_path / "two")],
         capture_output=True, text=True, env=ENV, timeout=300)
     assert r.returncode == 0, r.stderr[-4000:]
+    assert r.stdout.count("trained to step 8") == 1, r.stdout     # rank 0 alone reports
     one, two, accum = (train_losses(tmp_path / n) for n in ("one", "two", "accum"))
     assert sorted(one) == sorted(two) == sorted(accum) == list(range(1, 9))
     for s in one:

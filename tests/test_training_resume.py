@@ -1,5 +1,6 @@
 """Checkpoints: 20 steps straight == 10 steps, a SIGKILL, a resume, 10 more (bitwise, CPU
-fp32); every checkpoint left by the kill loads; the exported model is what the engine loads."""
+fp32, one thread per process: the condition the README states); every checkpoint left by
+the kill loads; the exported model is what the engine loads."""
 
 import signal
 import subprocess
@@ -31,6 +32,7 @@ def corpus(tmp_path_factory):
 
 
 def test_kill_and_resume_reproduces_the_straight_run_bitwise(corpus, tmp_path):
+    assert ENV["OMP_NUM_THREADS"] == "1"       # every process below runs one thread
     data = ["--data", corpus / "train", "--val-data", corpus / "val"]
     straight = tmp_path / "straight"
     run_cli("train", *COMMON, *data, "--out", straight, "--steps", 20)

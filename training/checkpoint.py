@@ -64,6 +64,8 @@ def _read_state(path: Union[str, Path]) -> Tuple[Path, Any]:
         return state_path, json.loads(state_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{state_path}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise ValueError(f"{state_path}: not a checkpoint state (JSON nested too deeply)") from None
 
 
 def checkpoint_step(path: Union[str, Path]) -> int:
@@ -76,11 +78,18 @@ def checkpoint_step(path: Union[str, Path]) -> int:
 
 
 def remove_partial(directory: Union[str, Path]) -> None:
-    """Delete leftovers of checkpoints whose writing was interrupted."""
+    """Delete leftovers of checkpoints whose writing was interrupted. A checkpoint that was
+    being replaced by a new copy of the same step (`step-N.old.tmp`) and whose new copy
+    never got its final name is put back instead."""
     directory = Path(directory)
-    if directory.is_dir():
-        for p in directory.glob("step-*.tmp"):
-            shutil.rmtree(p, ignore_errors=True)
+    if not directory.is_dir():
+        return
+    for p in directory.glob("step-*.old.tmp"):
+        final = directory / p.name[:-len(".old.tmp")]
+        if not final.exists() and (p / STATE_FILE).is_file():
+            p.rename(final)
+    for p in directory.glob("step-*.tmp"):
+        shutil.rmtree(p, ignore_errors=True)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -153,7 +162,8 @@ def _optimizer_join(tensors: Dict[str, torch.Tensor], meta: Dict[str, Any]) -> D
 def save_checkpoint(directory: Union[str, Path], step: int, model: SoundStorm,
                     optimizer: torch.optim.Optimizer, extra: Dict[str, Any],
                     keep: int) -> Path:
-    """Write checkpoint `step` under `directory` atomically; keep the newest `keep`.
+    """Write checkpoint `step` under `directory` atomically; keep it and the newest
+    `keep - 1` others.
 
     extra: JSON-serialisable state (scheduler, data position, training config, ...).
     """
@@ -186,7 +196,11 @@ def save_checkpoint(directory: Union[str, Path], step: int, model: SoundStorm,
     else:
         tmp.rename(final)
     _fsync_dir(directory)
-    for stale in list_checkpoints(directory)[:-keep]:
+    # Keep the checkpoint just written (complete: it is the one a resume needs) and the
+    # newest keep - 1 others; never the other way round, even when a newer checkpoint of
+    # an abandoned run (resumed from an older step) is still there.
+    others = [p for p in list_checkpoints(directory) if p != final]
+    for stale in others[:max(0, len(others) - (keep - 1))]:
         shutil.rmtree(stale, ignore_errors=True)
     return final
 

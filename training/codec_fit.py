@@ -12,6 +12,7 @@ and seed give the same codebooks.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional
 
@@ -26,7 +27,7 @@ from soundstorm.engine.codecs.melrvq import MelRVQCodec, MelRVQConfig, nearest
 def fit_melrvq(audio: Iterable[Any], out_dir: Any, num_quantizers: int = 8,
                codebook_size: int = 256, iterations: int = 25, seed: int = 0,
                max_frames: int = 200_000, progress: bool = True,
-               **config: Any) -> MelRVQCodec:
+               silence_db: float = -60.0, **config: Any) -> MelRVQCodec:
     """Fit a melrvq codec on `audio` and save it to `out_dir`.
 
     audio:          sound-file paths (any rate, mixed to mono) and/or (samples, rate)
@@ -35,6 +36,9 @@ def fit_melrvq(audio: Iterable[Any], out_dir: Any, num_quantizers: int = 8,
     codebook_size:  C, codewords per level; the corpus needs at least C frames (C / 50 s).
     iterations:     Lloyd iterations of k-means per level.
     max_frames:     frames kept (a seeded random subset) when the corpus has more.
+    silence_db:     a frame (hop) whose RMS level is below this (dB re full scale) is
+                    silent; audio with fewer than `codebook_size` frames above it has no
+                    signal to fit a codec on and is refused (ValueError).
     config:         other MelRVQConfig fields (sample_rate=16000, n_mels=80, ...).
     Returns the fitted codec, already saved.
     """
@@ -45,20 +49,31 @@ def fit_melrvq(audio: Iterable[Any], out_dir: Any, num_quantizers: int = 8,
     if max_frames < cfg.codebook_size:
         raise ValueError(f"max_frames={max_frames} must be at least codebook_size="
                          f"{cfg.codebook_size}")
+    if isinstance(silence_db, bool) or not isinstance(silence_db, (int, float)) \
+            or not -math.inf < silence_db <= 0:
+        raise ValueError(f"silence_db must be a finite level <= 0 dB, got {silence_db!r}")
     # A codec with no codebooks yet, for its feature extractor.
     extractor = MelRVQCodec(cfg, torch.zeros(cfg.num_quantizers, cfg.codebook_size, cfg.n_mels))
     g = torch.Generator().manual_seed(seed)
     sample = FrameSample(max_frames, cfg.n_mels, g)
-    clips = 0
+    clips = silent_clips = voiced = 0
     for clip in audio_clips(audio, cfg.sample_rate, progress, desc="melrvq features"):
         sample.add(extractor.log_mel(clip)[0])
         clips += 1
+        frames_above = count_voiced_frames(clip[0], cfg.hop_length, silence_db)
+        voiced += frames_above
+        silent_clips += frames_above == 0
     if clips == 0:
         raise ValueError("audio is empty: fit_melrvq needs at least one clip")
     if sample.total < cfg.codebook_size:
         raise ValueError(f"audio has {sample.total} frames ({sample.total / cfg.frame_rate:.1f} s), "
                          f"fewer than codebook_size={cfg.codebook_size}: give more audio or a "
                          f"smaller codebook")
+    if voiced < cfg.codebook_size:
+        raise ValueError(f"the audio has no signal to fit a codec on: {silent_clips} of {clips} "
+                         f"clips are silent and only {voiced} of {sample.total} frames are "
+                         f"above {silence_db:g} dBFS, fewer than codebook_size="
+                         f"{cfg.codebook_size} (is it silence? a quieter threshold: silence_db)")
     frames = sample.frames()
 
     codebooks = []
@@ -74,6 +89,16 @@ def fit_melrvq(audio: Iterable[Any], out_dir: Any, num_quantizers: int = 8,
     codec = MelRVQCodec(cfg, torch.stack(codebooks))
     codec.save(out_dir)
     return codec
+
+
+def count_voiced_frames(samples: torch.Tensor, hop: int, silence_db: float) -> int:
+    """How many whole hops of `samples` (float [N]) have an RMS level at or above
+    `silence_db` dB re full scale."""
+    n = samples.shape[0] // hop
+    if n == 0:
+        return 0
+    power = samples[:n * hop].double().reshape(n, hop).pow(2).mean(1)
+    return int((power >= 10.0 ** (silence_db / 10)).sum())
 
 
 def kmeans(x: torch.Tensor, k: int, iterations: int, generator: torch.Generator,
@@ -149,6 +174,15 @@ class FrameSample:
         self._frames, self._keys, self._held = [f], [k], len(f)
 
 
+class AudioReadError(ValueError):
+    """A sound file of a fitting corpus that cannot be read; names the file."""
+
+    def __init__(self, path: Any, error: Exception):
+        self.path = Path(path)
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else error
+        super().__init__(f"cannot read audio file {str(path)!r}: {reason}")
+
+
 def audio_clips(audio: Iterable[Any], sample_rate: int, progress: bool,
                 desc: str = "features") -> Iterator[torch.Tensor]:
     """The clips of a fitting corpus, one at a time, as float32 [1, N] at `sample_rate`
@@ -164,7 +198,12 @@ def audio_clips(audio: Iterable[Any], sample_rate: int, progress: bool,
     items = list(audio)
     for i, item in enumerate(tqdm(items, desc=desc, unit="clip", disable=not progress)):
         if isinstance(item, (str, Path)):
-            samples, _ = read_audio(item, sample_rate)
+            try:
+                samples, _ = read_audio(item, sample_rate)
+            except FileNotFoundError:
+                raise
+            except Exception as e:   # libsndfile raises its own types for every bad file
+                raise AudioReadError(item, e) from None
             clip = torch.from_numpy(samples)[None]
         elif isinstance(item, tuple) and len(item) == 2:
             samples, rate = item
@@ -180,4 +219,5 @@ def audio_clips(audio: Iterable[Any], sample_rate: int, progress: bool,
             yield clip
 
 
-__all__ = ["fit_melrvq", "kmeans", "audio_clips", "FrameSample"]
+__all__ = ["fit_melrvq", "kmeans", "audio_clips", "count_voiced_frames", "AudioReadError",
+           "FrameSample"]

@@ -46,8 +46,14 @@ class TrainConfig:
     data / val_data: corpus directories (see `soundstorm.training.corpus`); without
         val_data, `val_fraction` of `data` is held out (0 = no validation).
     out: run directory: checkpoints/, model/ (the exported model), metrics.jsonl,
-        curves.png, config.json.
+        curves.png, train_config*.json (see `soundstorm.training.trainer`).
     model: a model preset; model_overrides: ModelConfig fields to change.
+    init_from: a model directory (config.json + model.safetensors) to fine-tune: the
+        model config is that directory's (`model` is then unused, and model_overrides
+        may only repeat its values) and the weights start from its weights; the
+        optimizer and schedule start fresh.
+    allow_changed_data: resume even when the data or the batch settings differ from the
+        checkpoint's (otherwise refused).
     batch_size: windows per optimizer step, over all processes and accumulation steps.
     lr, weight_decay, betas, eps: AdamW. warmup_steps: linear ramp from 0 to lr;
         then lr * decay_rate ** ((step - warmup_steps) / decay_steps).
@@ -65,6 +71,7 @@ class TrainConfig:
     val_batches: int = 0
     model: str = "tiny"
     model_overrides: Dict[str, Any] = field(default_factory=dict)
+    init_from: Optional[str] = None
     steps: int = 300
     batch_size: int = 16
     grad_accum: int = 1
@@ -89,6 +96,7 @@ class TrainConfig:
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
     resume: str = "auto"
+    allow_changed_data: bool = False
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -132,8 +140,9 @@ class TrainConfig:
         check(isinstance(self.resume, str) and bool(self.resume), "resume",
               "'auto' (latest checkpoint in out, if any), 'never', or a checkpoint directory")
         check(isinstance(self.progress, bool), "progress", "true or false")
+        check(isinstance(self.allow_changed_data, bool), "allow_changed_data", "true or false")
         check(isinstance(self.model_overrides, dict), "model_overrides", "a mapping of ModelConfig fields")
-        for name in ("data", "out", "val_data"):
+        for name in ("data", "out", "val_data", "init_from"):
             v = getattr(self, name)
             check(v is None or (isinstance(v, str) and bool(v)), name, "a path")
         if self.val_data is not None and self.val_fraction:
@@ -141,11 +150,31 @@ class TrainConfig:
         try:
             self.model_config()
         except (TypeError, ValueError) as e:
+            if self.init_from is not None:
+                raise ValueError(f"init_from = {self.init_from!r}: {e}") from None
             raise ValueError(f"model = {self.model!r} with model_overrides = "
                              f"{self.model_overrides}: {e}") from None
 
     def model_config(self) -> ModelConfig:
-        return ModelConfig.preset(self.model, **self.model_overrides)
+        if self.init_from is None:
+            return ModelConfig.preset(self.model, **self.model_overrides)
+        from soundstorm.engine.model import load_config
+
+        try:
+            base = load_config(self.init_from)
+        except FileNotFoundError as e:
+            raise ValueError(str(e)) from None
+        fields = set(base.to_dict())
+        unknown = sorted(set(self.model_overrides) - fields)
+        if unknown:
+            raise ValueError(f"model_overrides names unknown ModelConfig field(s) {unknown}")
+        conflicts = [f"{k} = {v!r} (the model has {getattr(base, k)!r})"
+                     for k, v in self.model_overrides.items() if getattr(base, k) != v]
+        if conflicts:
+            raise ValueError("the model size comes from the directory, but the settings ask "
+                             "for " + ", ".join(conflicts) + "; drop those settings to "
+                             "fine-tune this model")
+        return base
 
     def window_frames(self) -> tuple[int, int]:
         """(min, max) window length in frames, clamped to [1, max_frames]."""
@@ -188,7 +217,12 @@ def load_config_file(path: Union[str, Path]) -> Dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file not found: {path}")
-    text = path.read_text()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[:e.start].count(b"\n") + 1
+        raise ValueError(f"config file {path}:{line}: not UTF-8 text (byte "
+                         f"{e.object[e.start]:#04x})") from None
     try:
         if path.suffix in (".yaml", ".yml"):
             import yaml
@@ -199,6 +233,9 @@ def load_config_file(path: Union[str, Path]) -> Dict[str, Any]:
             raise ValueError(f"config file {path} must end in .json, .yaml or .yml")
     except (json.JSONDecodeError, ValueError) as e:
         raise ValueError(f"config file {path}: {e}") from None
+    except RecursionError:
+        raise ValueError(f"config file {path}: nested too deeply to be a mapping of "
+                         "settings") from None
     except Exception as e:  # yaml.YAMLError without importing yaml at module level
         raise ValueError(f"config file {path}: not valid YAML ({e})") from None
     if not isinstance(data, dict):

@@ -43,10 +43,11 @@ row totals that do not match) is reported the same way: never silently trained o
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-from array import array
 import warnings
+from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Union
@@ -311,8 +312,12 @@ def _read_meta(directory: Path) -> tuple[CorpusMeta, list]:
         raise CorpusError(f"corpus directory not found: {directory}")
     if not path.is_file():
         raise CorpusError(f"{path} not found: not a token corpus (or an unfinished one)")
-    data = read_format_json(path, FORMAT_NAME, FORMAT_VERSION, f"{FORMAT_NAME} corpus",
-                            error=CorpusError)
+    try:
+        data = read_format_json(path, FORMAT_NAME, FORMAT_VERSION, f"{FORMAT_NAME} corpus",
+                                error=CorpusError)
+    except RecursionError:
+        raise CorpusError(f"{path} is not a {FORMAT_NAME} corpus (JSON nested too "
+                          "deeply)") from None
     missing = [k for k in _META_FIELDS + ("shards",) if k not in data]
     if missing:
         raise CorpusError(f"{path}: missing field(s) {missing}")
@@ -345,14 +350,22 @@ class _Manifest:
         shard_of: Dict[str, int] = {}
         cols = {k: array("q") for k in _ENTRY_INT_FIELDS + ("shard", "line")}
         durations = array("d")
-        with open(path) as f:
-            for line_no, line in enumerate(f, start=1):
+        with open(path, "rb") as f:
+            for line_no, raw in enumerate(f, start=1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    raise CorpusError(f"{path}:{line_no}: not UTF-8 text (byte "
+                                      f"{raw[err.start]:#04x} at column {err.start + 1})") from None
                 if not line.strip():
                     continue
                 try:
                     e = json.loads(line)
                 except json.JSONDecodeError as err:
                     raise CorpusError(f"{path}:{line_no}: not valid JSON ({err})") from None
+                except RecursionError:
+                    raise CorpusError(f"{path}:{line_no}: not a manifest entry (JSON nested "
+                                      "too deeply)") from None
                 if not isinstance(e, dict):
                     e = {}
                 bad = [k for k in _ENTRY_INT_FIELDS
@@ -487,6 +500,19 @@ def _check_entries(m: _Manifest, rows: np.ndarray, shard: Dict[str, Any], meta: 
                 f"{total_sem} semantic ids, but {directory / CORPUS_FILE} says the shard holds "
                 f"{shard['frames']} and {shard['semantic']}: the manifest disagrees with the shard")
     return None
+
+
+def corpus_fingerprint(directory: Union[str, Path]) -> str:
+    """SHA-256 of a corpus's corpus.json and manifest.jsonl: it changes when the corpus
+    does (shards are named, sized and placed by those two files), not when it moves."""
+    directory = Path(directory)
+    digest = hashlib.sha256()
+    for name in (CORPUS_FILE, MANIFEST_FILE):
+        digest.update(name.encode() + b"\0")
+        with open(directory / name, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
 
 
 def write_corpus(directory: Union[str, Path], utterances: Iterable[Dict[str, Any]],

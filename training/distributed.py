@@ -40,6 +40,11 @@ def _env_int(name: str, default: int) -> int:
         raise ValueError(f"environment variable {name}={value!r} must be an int") from None
 
 
+def launch_rank() -> int:
+    """This process's rank in a torchrun launch (RANK), 0 outside one."""
+    return _env_int("RANK", 0)
+
+
 def resolve_device(device: str, local_rank: int) -> torch.device:
     """'auto' -> cuda:LOCAL_RANK when a GPU is visible, else cpu."""
     if device == "auto":

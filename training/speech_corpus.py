@@ -166,7 +166,9 @@ def write_speech_corpus(out: Any, minutes: float = 40.0, heldout_utterances: int
 
     minutes:            training audio to make, shared evenly over the training voices.
     heldout_utterances: utterances per held-out voice (their sentences are drawn from a
-                        separate seeded stream, so no held-out text is a training text).
+                        separate seeded stream, so no held-out text is a training text),
+                        at most as many as each training voice speaks: a small corpus
+                        never holds out more audio than it trains on.
     """
     out = Path(out)
     if not isinstance(minutes, (int, float)) or isinstance(minutes, bool) or minutes <= 0:
@@ -210,8 +212,10 @@ def write_speech_corpus(out: Any, minutes: float = 40.0, heldout_utterances: int
                 bar.update(min(entry["duration"], max(0.0, target - bar.n)))
             index += 1
         bar.close()
+        # `index` sentences per training voice: no held-out voice says more.
+        per_heldout_voice = min(heldout_utterances, index)
         held_texts = sentences(seed + HELDOUT_STREAM_OFFSET)
-        jobs = [(v, i, next(held_texts)) for i in range(heldout_utterances)
+        jobs = [(v, i, next(held_texts)) for i in range(per_heldout_voice)
                 for v in heldout_voices]
         for f in tqdm([pool.submit(job, *j) for j in jobs], desc="speaking (held-out voices)",
                       unit="utt", disable=not progress):
@@ -227,6 +231,8 @@ def write_speech_corpus(out: Any, minutes: float = 40.0, heldout_utterances: int
         "heldout": {"utterances": len(heldout),
                     "minutes": round(sum(e["duration"] for e in heldout) / 60, 3),
                     "voices": [v.name for v in heldout_voices],
+                    "utterances_per_voice": per_heldout_voice,
+                    "requested_per_voice": heldout_utterances,
                     "stream_offset": HELDOUT_STREAM_OFFSET},
     }
     (out / INFO_FILE).write_text(json.dumps(summary, indent=1) + "\n")

@@ -19,6 +19,7 @@ without any acoustic context, level 1 can only be guessed among the K speakers.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Union
@@ -26,6 +27,12 @@ from typing import Union
 import numpy as np
 
 from soundstorm.training.corpus import CorpusWriter
+
+
+# Sane limits: a synthetic utterance is at most 10 minutes long (the longest training
+# window of the paper is 30 s), a corpus at most 10 million utterances.
+MAX_UTTERANCE_SECONDS = 600.0
+MAX_UTTERANCES = 10_000_000
 
 
 @dataclass(frozen=True)
@@ -46,9 +53,17 @@ class SyntheticSpec:
                              f"({self.codebook_size}); each speaker owns its own level-1 codes")
         if not 0 <= self.noise < 1:
             raise ValueError(f"noise = {self.noise}: expected a probability in [0, 1)")
-        if not 0 < self.min_seconds <= self.max_seconds:
-            raise ValueError(f"utterance durations must satisfy 0 < min_seconds <= max_seconds, "
-                             f"got {self.min_seconds}, {self.max_seconds}")
+        if not (math.isfinite(self.min_seconds) and math.isfinite(self.max_seconds)
+                and 0 < self.min_seconds <= self.max_seconds <= MAX_UTTERANCE_SECONDS):
+            raise ValueError(f"utterance durations must satisfy 0 < min_seconds <= max_seconds "
+                             f"<= {MAX_UTTERANCE_SECONDS:g}, got {self.min_seconds}, "
+                             f"{self.max_seconds}")
+
+    def bytes_per_utterance(self) -> float:
+        """The mean size on disk of one utterance's tokens (uint16 ids)."""
+        frames = (self.min_seconds + self.max_seconds) / 2 * self.frame_rate
+        semantic = frames * self.semantic_rate / self.frame_rate
+        return 2 * (frames * self.num_quantizers + semantic)
 
     @classmethod
     def for_model(cls, config, **overrides) -> "SyntheticSpec":
@@ -110,8 +125,8 @@ def write_synthetic_corpus(directory: Union[str, Path], num_utterances: int,
     """Write `num_utterances` synthetic utterances (durations uniform in
     [min_seconds, max_seconds], speakers uniform) as a token corpus. Corpora written with
     the same `spec` and `voice_seed` share their speakers; `seed` draws the utterances."""
-    if num_utterances < 1:
-        raise ValueError(f"num_utterances = {num_utterances}: expected >= 1")
+    if not 1 <= num_utterances <= MAX_UTTERANCES:
+        raise ValueError(f"num_utterances = {num_utterances}: expected 1..{MAX_UTTERANCES}")
     voices = Voices.make(spec, voice_seed)
     rng = np.random.default_rng([seed, 0x5EED])
     lo = max(1, int(round(spec.min_seconds * spec.frame_rate)))

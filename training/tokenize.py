@@ -105,10 +105,14 @@ def tokenize_corpus(items: Sequence[AudioItem], codec: Any, semantic: Any, out: 
     state = None
     if (out / STATE_FILE).exists():
         try:
-            state = json.loads((out / STATE_FILE).read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{out / STATE_FILE} is corrupt ({e.msg}); delete {out} and "
-                             "tokenize again") from None
+            state = json.loads((out / STATE_FILE).read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+            raise ValueError(f"{out / STATE_FILE} is corrupt ({type(e).__name__}); delete "
+                             f"{out} and tokenize again") from None
+        if not isinstance(state, dict) or not isinstance(state.get("entries"), list) \
+                or not isinstance(state.get("shards"), list):
+            raise ValueError(f"{out / STATE_FILE} is corrupt (not a tokenize state); delete "
+                             f"{out} and tokenize again")
         if state.get("settings") != settings:
             raise ValueError(f"{out} holds an unfinished tokenization with other settings or "
                              f"inputs ({STATE_FILE}); resume it with the same command, or "

@@ -9,11 +9,21 @@ cross-entropy over all masked level-q tokens of the global batch, computed exact
 whatever the split (the masked-token count is summed over ranks before the backward
 pass), so a 2-process run reproduces a 1-process run with the same global batch.
 
+Every step checks that the loss and the gradient norm are finite before the weights are
+updated; a step where they are not stops the run with `TrainingDivergedError`, before
+any checkpoint of that step is written.
+
 A run resumes from a checkpoint that rank 0 alone chooses and broadcasts (`agree_on_resume`);
 every rank loads that one, or all of them stop with an error (`load_resume_checkpoint`).
+Rank 0 chooses the newest checkpoint that loads: a newer one that does not is named in a
+warning, moved aside (`step-XXXXXXXX.broken`) and skipped. A checkpoint records the data
+it was trained on (`data_identity`); resuming with other data or batch settings is refused
+unless `allow_changed_data` is set.
 
 The run directory (`out`) receives:
-    train_config.json    the resolved settings
+    train_config.json    the settings of the run's first invocation; each later one (a
+                         resume, a longer --steps) writes train_config.step-XXXXXXXX.json,
+                         named after the step it starts from, and never overwrites
     metrics.jsonl        one JSON object per log interval ("loss", "acc_level", ...) and
                          per validation ("val_loss", "val_acc_level", ...)
     checkpoints/         step-XXXXXXXX/ directories (see `soundstorm.training.checkpoint`)
@@ -29,31 +39,38 @@ import json
 import math
 import os
 import time
+import warnings
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from soundstorm.engine.model import SoundStorm
+from soundstorm.engine.model import WEIGHTS_FILE, SoundStorm
 from soundstorm.training import distributed as dist_utils
 from soundstorm.training.checkpoint import (checkpoint_name, checkpoint_step,
-                                            latest_checkpoint, list_checkpoints,
-                                            load_checkpoint, remove_partial, save_checkpoint)
+                                            list_checkpoints, load_checkpoint, remove_partial,
+                                            save_checkpoint)
 from soundstorm.training.config import TrainConfig
-from soundstorm.training.corpus import TokenCorpus, open_corpus
+from soundstorm.training.corpus import TokenCorpus, corpus_fingerprint, open_corpus
 from soundstorm.training.data import (Batch, DataPosition, TrainStream, WindowDataset,
                                       WindowSampler, collate, split_indices)
 from soundstorm.training.distributed import DistInfo
 from soundstorm.training.masking import masked_loss, sample_mask
+from soundstorm.training.paths import check_output_dir
 from soundstorm.training.plot import plot_curves
 from soundstorm.training.schedule import WarmupExponentialDecay
 
 METRICS_FILE = "metrics.jsonl"
+CONFIG_FILE = "train_config.json"
+BROKEN_SUFFIX = ".broken"
 VAL_SEED_OFFSET = 0x7A1  # validation windows and masks: fixed, and unlike training's
 NO_CHECKPOINT = -1       # a resume decision: start from step 0
 _UNDECIDED = -2          # rank 0 could not decide where to resume from (it raises why)
+# The settings that decide the training data stream: a resumed run must share them.
+DATA_SETTINGS = ("batch_size", "seed", "val_fraction", "min_seconds", "max_seconds",
+                 "bucket_batches")
 
 
 class TrainingSetupError(ValueError):
@@ -64,6 +81,14 @@ class ResumeError(ValueError):
     """A rank of a launch cannot load the checkpoint that rank 0 chose to resume from."""
 
 
+class TrainingDivergedError(RuntimeError):
+    """The loss or the gradient norm of a step is not finite; the run stopped there."""
+
+
+class ResumeWarning(UserWarning):
+    """A checkpoint was skipped, or a resume goes on with changed data settings."""
+
+
 def check_corpus_matches(corpus: TokenCorpus, config: TrainConfig, what: str) -> None:
     model = config.model_config()
     wrong = [f"{k}: corpus {getattr(corpus.meta, k)!r}, model {getattr(model, k)!r}"
@@ -71,9 +96,62 @@ def check_corpus_matches(corpus: TokenCorpus, config: TrainConfig, what: str) ->
                        "frame_rate", "semantic_rate")
              if float(getattr(corpus.meta, k)) != float(getattr(model, k))]
     if wrong:
-        raise TrainingSetupError(f"{what} {corpus.directory} does not fit model {config.model!r}: "
+        source = (f"the model of --init-from {config.init_from}" if config.init_from
+                  else f"model {config.model!r}")
+        raise TrainingSetupError(f"{what} {corpus.directory} does not fit {source}: "
                                  + "; ".join(wrong)
                                  + " (choose another preset or set model_overrides)")
+
+
+def build_optimizer(model: SoundStorm, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW with weight decay on matrices and embeddings only."""
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay},
+         {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+
+
+def build_schedule(cfg: TrainConfig) -> WarmupExponentialDecay:
+    return WarmupExponentialDecay(cfg.lr, cfg.warmup_steps, cfg.decay_steps, cfg.decay_rate)
+
+
+def data_identity(cfg: TrainConfig, fingerprint: str) -> Dict[str, Any]:
+    """What a checkpoint records of the data stream it was trained on."""
+    return {"data": str(Path(cfg.data).resolve()), "data_sha256": fingerprint,
+            **{k: getattr(cfg, k) for k in DATA_SETTINGS}}
+
+
+def data_changes(saved: Dict[str, Any], now: Dict[str, Any]) -> List[str]:
+    """How the data stream `now` differs from the one a checkpoint recorded (the corpus
+    path alone may change: a moved corpus is the same data)."""
+    changes = []
+    if saved.get("data_sha256") != now["data_sha256"]:
+        changes.append(f"data: checkpoint {saved.get('data')} (sha256 "
+                       f"{str(saved.get('data_sha256'))[:12]}), now {now['data']} "
+                       f"(sha256 {now['data_sha256'][:12]})")
+    for k in DATA_SETTINGS:
+        if saved.get(k) != now[k]:
+            changes.append(f"{k}: checkpoint {saved.get(k)!r}, now {now[k]!r}")
+    return changes
+
+
+def load_init_weights(model: SoundStorm, directory: str) -> None:
+    """Copy the weights of model directory `directory` into `model`, upcast as the engine
+    loads them (a model may store float16 or bfloat16 weights)."""
+    source = SoundStorm.from_pretrained(directory, dtype=torch.float32)
+    with torch.no_grad():
+        state = source.state_dict()
+        for name, tensor in model.state_dict().items():
+            tensor.copy_(state[name])
+
+
+def _nonfinite_tensor(tensors: Dict[str, torch.Tensor]) -> Optional[str]:
+    for name, t in tensors.items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            return name
+    return None
 
 
 class _Stats:
@@ -109,6 +187,11 @@ class Trainer:
             raise TrainingSetupError("data is not set: give the corpus directory (--data)")
         if cfg.out is None:
             raise TrainingSetupError("out is not set: give the run directory (--out)")
+        check_output_dir(cfg.out, "out =")
+        if cfg.init_from is not None and not (Path(cfg.init_from) / WEIGHTS_FILE).is_file():
+            raise TrainingSetupError(f"init_from = {cfg.init_from!r}: no {WEIGHTS_FILE} there; "
+                                     "expected a model directory (config.json + "
+                                     f"{WEIGHTS_FILE})")
         self.dist = dist_utils.setup(cfg.device)
         d = self.dist
         chunks = d.world_size * cfg.grad_accum
@@ -124,6 +207,7 @@ class Trainer:
 
         self.corpus = open_corpus(cfg.data, on_bad_shard=cfg.on_bad_shard)
         check_corpus_matches(self.corpus, cfg, "corpus")
+        self.data_identity = data_identity(cfg, corpus_fingerprint(cfg.data))
         train_idx, val_idx = split_indices(len(self.corpus), cfg.val_fraction, cfg.seed)
         lo, hi = cfg.window_frames()
         self.sampler = WindowSampler(self.corpus, cfg.seed, lo, hi, cfg.batch_size,
@@ -144,8 +228,29 @@ class Trainer:
                                              drop_last=False)
         self.out = Path(cfg.out)
         self.ckpt_dir = self.out / "checkpoints"
-        resume = agree_on_resume(cfg.resume, self.ckpt_dir, d)
+        self.broken: List[Tuple[Path, str]] = []   # skipped checkpoints (rank 0 only)
+        resume = agree_on_resume(cfg.resume, self.ckpt_dir, d, check=self.check_checkpoint,
+                                 broken=self.broken)
         self.resume_from, self.resume_step = resume if resume is not None else (None, None)
+
+    def check_checkpoint(self, path: Path) -> None:
+        """Raise why checkpoint `path` cannot be resumed from, if it cannot: everything a
+        resume reads is read here, on the CPU, into a scratch model and optimizer."""
+        with torch.device("meta"):
+            scratch = SoundStorm(self.model_config)
+        scratch = scratch.to_empty(device="cpu")
+        optimizer = build_optimizer(scratch, self.config)
+        state = load_checkpoint(path, scratch, optimizer, restore_rng=False)
+        bad = _nonfinite_tensor(dict(scratch.named_parameters()))
+        if bad is not None:
+            raise ValueError(f"its weights hold NaN or infinity ({bad})")
+        opt_tensors = {f"{i}.{k}": v for i, s in optimizer.state_dict()["state"].items()
+                       for k, v in s.items() if isinstance(v, torch.Tensor)}
+        bad = _nonfinite_tensor(opt_tensors)
+        if bad is not None:
+            raise ValueError(f"its optimizer state holds NaN or infinity ({bad})")
+        build_schedule(self.config).load_state_dict(state["scheduler"])
+        DataPosition(**state["data"])
 
     # -- the run ----------------------------------------------------------------------
     def run(self) -> Dict[str, Any]:
@@ -154,27 +259,34 @@ class Trainer:
 
         torch.manual_seed(cfg.seed)
         model = SoundStorm(self.model_config).to(d.device).train()
-        decay = [p for p in model.parameters() if p.ndim >= 2]
-        no_decay = [p for p in model.parameters() if p.ndim < 2]
-        optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": cfg.weight_decay},
-             {"params": no_decay, "weight_decay": 0.0}],
-            lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
-        schedule = WarmupExponentialDecay(cfg.lr, cfg.warmup_steps, cfg.decay_steps,
-                                          cfg.decay_rate)
+        optimizer = build_optimizer(model, cfg)
+        schedule = build_schedule(cfg)
         step, position = 0, DataPosition()
-        if d.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            remove_partial(self.ckpt_dir)
-            _write_json(self.out / "train_config.json", cfg.to_dict())
+        # Everything is read and checked before anything is written.
         if self.resume_from is not None:
             state = load_resume_checkpoint(self.resume_from, self.resume_step, model, optimizer, d)
+            self._check_same_data(state)
             schedule.load_state_dict(state["scheduler"])
             position = DataPosition(**state["data"])
             step = state["step"]
+        elif cfg.init_from is not None:
+            load_init_weights(model, cfg.init_from)
+        export = self.out / "model"
+        if step >= cfg.steps:
+            if d.is_main and not (export / WEIGHTS_FILE).is_file():
+                model.save_pretrained(export)
+            dist_utils.barrier(d)
+            return {"step": step, "steps": cfg.steps, "steps_run": 0, "model": str(export),
+                    "train": None, "validation": None, "out": str(self.out)}
         if d.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            remove_partial(self.ckpt_dir)
+            for path, _ in self.broken:
+                _move_aside(path)
+            _write_json(config_path(self.out, step), cfg.to_dict())
             _truncate_metrics(self.out / METRICS_FILE, step)
         dist_utils.barrier(d)
+        start_step = step
 
         net = model
         if d.distributed:
@@ -193,7 +305,7 @@ class Trainer:
             position, micro = next(stream)
             step += 1
             lr = schedule.step(optimizer)
-            grad_norm = self._train_step(net, model, optimizer, micro, stats)
+            grad_norm = self._train_step(net, model, optimizer, micro, stats, step)
             interval_steps += 1
             bar.update(1)
             if step % cfg.log_every == 0 or step == cfg.steps:
@@ -202,9 +314,6 @@ class Trainer:
                 last = {"step": step, "epoch": position.epoch, "lr": lr,
                         "grad_norm": grad_norm, **stats.summary(),
                         "steps_per_s": interval_steps / elapsed if elapsed > 0 else None}
-                if not math.isfinite(last["loss"]):
-                    raise RuntimeError(f"the training loss is {last['loss']} at step {step}; "
-                                       "lower lr or check the data")
                 bar.set_postfix(loss=f"{last['loss']:.3f}", acc=f"{last['acc']:.3f}",
                                 lr=f"{lr:.2e}")
                 if d.is_main:
@@ -216,26 +325,55 @@ class Trainer:
                 if d.is_main:
                     _append_metrics(self.out / METRICS_FILE, last_val)
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                bad = _nonfinite_tensor(dict(model.named_parameters()))
+                if bad is not None:   # the same weights on every rank: all stop here
+                    raise TrainingDivergedError(
+                        f"training diverged at step {step}: the weights hold NaN or infinity "
+                        f"({bad}) after the update; no checkpoint of step {step} was written "
+                        f"({self._newest_checkpoint()}). Lower --lr or check the data")
                 if d.is_main:
                     save_checkpoint(self.ckpt_dir, step, model, optimizer, {
                         "scheduler": schedule.state_dict(),
                         "data": {"epoch": position.epoch, "batches_done": position.batches_done},
+                        "data_identity": self.data_identity,
                         "train_config": cfg.to_dict(), "world_size": d.world_size},
                         keep=cfg.keep_checkpoints)
                 dist_utils.barrier(d)
         bar.close()
 
-        export = self.out / "model"
         if d.is_main:
             model.save_pretrained(export)
             records = read_metrics(self.out / METRICS_FILE)
             plot_curves(records, self.out / "curves.png")
         dist_utils.barrier(d)
-        return {"step": step, "model": str(export), "train": last, "validation": last_val,
+        return {"step": step, "steps": cfg.steps, "steps_run": step - start_step,
+                "model": str(export), "train": last, "validation": last_val,
                 "out": str(self.out)}
 
+    def _check_same_data(self, state: Dict[str, Any]) -> None:
+        saved = state.get("data_identity")
+        if not isinstance(saved, dict):
+            return   # a checkpoint from before data identities were recorded
+        changes = data_changes(saved, self.data_identity)
+        if not changes:
+            return
+        what = (f"checkpoint {self.resume_from} was trained on another data stream: "
+                + "; ".join(changes))
+        if not self.config.allow_changed_data:
+            raise TrainingSetupError(
+                f"{what}. Resuming would silently continue a different run: give the same "
+                "data and settings, a new --out, or --allow-changed-data to continue anyway")
+        if self.dist.is_main:
+            warnings.warn(f"{what}; continuing as --allow-changed-data asks", ResumeWarning,
+                          stacklevel=2)
+
+    def _newest_checkpoint(self) -> str:
+        found = list_checkpoints(self.ckpt_dir)
+        return f"the newest is {found[-1]}" if found else "there is none"
+
     def _train_step(self, net: torch.nn.Module, model: SoundStorm,
-                    optimizer: torch.optim.Optimizer, micro: List[Batch], stats: _Stats) -> float:
+                    optimizer: torch.optim.Optimizer, micro: List[Batch], stats: _Stats,
+                    step: int) -> float:
         cfg, d = self.config, self.dist
         mask_id = self.model_config.mask_id
         micro = [b.to(d.device) for b in micro]
@@ -244,6 +382,7 @@ class Trainer:
         count = torch.stack([m.loss_mask.sum() for m in masked]).sum().to(torch.float64)
         total = dist_utils.all_reduce_sum(count.reshape(1), d)
         scale = d.world_size / total.item()   # DDP averages gradients over ranks
+        this_step = _Stats(self.model_config.num_quantizers, d.device)
         for i, (b, m) in enumerate(zip(micro, masked)):
             sync = i == len(micro) - 1
             ctx = net.no_sync() if d.distributed and not sync else contextlib.nullcontext()
@@ -252,12 +391,23 @@ class Trainer:
                     logits = net(b.semantic, m.inputs, b.lengths, level=m.level)
                 parts = masked_loss(logits, m)
                 (parts.loss_sum.sum() * scale).backward()
-            stats.add(m.level, parts.loss_sum, parts.correct, parts.count)
+            this_step.add(m.level, parts.loss_sum, parts.correct, parts.count)
+        stats.sums += this_step.sums
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
+        # Every rank sees the step's global loss, so every rank stops at the same step.
+        summary = _reduced(this_step, d).summary()
+        if not (math.isfinite(summary["loss"]) and math.isfinite(grad_norm)):
+            levels = ", ".join("-" if x is None else f"{x:.4g}" for x in summary["loss_level"])
+            raise TrainingDivergedError(
+                f"training diverged at step {step}: loss {summary['loss']:.4g} (per level: "
+                f"{levels}), gradient norm {grad_norm:.4g}; the run stopped before updating "
+                f"the weights, and no checkpoint of step {step} was written "
+                f"({self._newest_checkpoint()}). Lower --lr, raise --warmup-steps or check "
+                "the data")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return float(grad_norm)
+        return grad_norm
 
     @torch.no_grad()
     def validate(self, model: SoundStorm) -> Dict[str, Any]:
@@ -283,12 +433,50 @@ class Trainer:
         return stats.summary("val_")
 
 
+def _reduced(stats: _Stats, info: DistInfo) -> _Stats:
+    """A copy of `stats` summed over all ranks."""
+    total = _Stats(stats.sums.shape[1], stats.sums.device)
+    total.sums.copy_(stats.sums)
+    dist_utils.all_reduce_sum(total.sums, info)
+    return total
+
+
+# -- the run directory ----------------------------------------------------------------
+def config_path(out: Path, step: int) -> Path:
+    """Where an invocation starting at `step` writes its settings: train_config.json for
+    the run's first invocation, else train_config.step-XXXXXXXX[.N].json (never an
+    existing file)."""
+    first = out / CONFIG_FILE
+    if not first.exists():
+        return first
+    base = f"train_config.{checkpoint_name(step)}"
+    path, n = out / f"{base}.json", 2
+    while path.exists():
+        path, n = out / f"{base}.{n}.json", n + 1
+    return path
+
+
+def _move_aside(path: Path) -> Path:
+    """Rename a checkpoint that does not load to `<name>.broken` (or .broken-2, ...)."""
+    target, n = path.with_name(path.name + BROKEN_SUFFIX), 2
+    while target.exists():
+        target, n = path.with_name(f"{path.name}{BROKEN_SUFFIX}-{n}"), n + 1
+    path.rename(target)
+    return target
+
+
 # -- where to resume from -------------------------------------------------------------
-def choose_resume(mode: str, ckpt_dir: Path) -> int:
+def choose_resume(mode: str, ckpt_dir: Path, check: Optional[Callable[[Path], None]] = None,
+                  broken: Optional[List[Tuple[Path, str]]] = None) -> int:
     """The step to resume from as this process sees the file system, or NO_CHECKPOINT.
 
     mode: the `resume` setting: 'never' (and `ckpt_dir` must hold no checkpoint), 'auto'
-    (the newest complete checkpoint in `ckpt_dir`, if any) or a checkpoint directory.
+    (the newest complete checkpoint in `ckpt_dir` that loads, if any) or a checkpoint
+    directory.
+    check: raises why a checkpoint cannot be resumed from (see `Trainer.check_checkpoint`);
+    without it a checkpoint only needs a readable step in its state.json.
+    broken: with mode 'auto', receives (path, reason) for each newer checkpoint skipped
+    because it does not load; each is also named in a ResumeWarning.
     """
     if mode == "never":
         if list_checkpoints(ckpt_dir):
@@ -297,31 +485,60 @@ def choose_resume(mode: str, ckpt_dir: Path) -> int:
                 "new out directory or resume ('auto')")
         return NO_CHECKPOINT
     if mode == "auto":
-        latest = latest_checkpoint(ckpt_dir)
-        return NO_CHECKPOINT if latest is None else checkpoint_step(latest)
+        found = list_checkpoints(ckpt_dir)
+        problems = []
+        for path in reversed(found):
+            step, problem = _try_checkpoint(path, check)
+            if problem is None:
+                return step
+            problems.append((path, problem))
+            if broken is not None:
+                broken.append((path, problem))
+            warnings.warn(f"checkpoint {path} does not load ({problem}); it is moved aside to "
+                          f"{path.name}{BROKEN_SUFFIX} and the previous checkpoint is tried",
+                          ResumeWarning, stacklevel=2)
+        if problems:
+            raise TrainingSetupError(
+                f"none of the {len(found)} checkpoints in {ckpt_dir} loads: "
+                + "; ".join(f"{p.name}: {why}" for p, why in problems)
+                + ". Move them away to start over, or give another out directory")
+        return NO_CHECKPOINT
     path = Path(mode)
     if not (path / "state.json").is_file():
         raise TrainingSetupError(f"resume = {mode!r} is not a complete checkpoint directory "
                                  "(no state.json)")
+    step, problem = _try_checkpoint(path, check)
+    if problem is not None:
+        raise TrainingSetupError(f"resume = {mode!r}: the checkpoint does not load: {problem}")
+    return step
+
+
+def _try_checkpoint(path: Path, check: Optional[Callable[[Path], None]]) -> Tuple[int, Optional[str]]:
+    """(its step, None) for a checkpoint that passes `check`, else (-1, why not)."""
     try:
-        return checkpoint_step(path)
-    except ValueError as e:
-        raise TrainingSetupError(f"resume = {mode!r}: {e}") from None
+        step = checkpoint_step(path)
+        if check is not None:
+            check(path)
+    except Exception as e:   # whatever stops it loading makes it unusable
+        return -1, str(e) or type(e).__name__
+    return step, None
 
 
-def agree_on_resume(mode: str, ckpt_dir: Path, info: DistInfo) -> Optional[Tuple[Path, int]]:
+def agree_on_resume(mode: str, ckpt_dir: Path, info: DistInfo,
+                    check: Optional[Callable[[Path], None]] = None,
+                    broken: Optional[List[Tuple[Path, str]]] = None) -> Optional[Tuple[Path, int]]:
     """The checkpoint (path, step) every rank resumes from, or None to start at step 0.
 
-    Rank 0 alone looks at the file system (`choose_resume`) and broadcasts the step it
-    chose, so ranks that list `ckpt_dir` at different moments, or on storage that differs
-    between nodes, cannot resume from different steps. When rank 0 cannot decide, it raises
-    the reason and every other rank a TrainingSetupError saying so. A single process
-    decides alone, as `choose_resume` does.
+    Rank 0 alone looks at the file system (`choose_resume`, with `check` and `broken`) and
+    broadcasts the step it chose, so ranks that list `ckpt_dir` at different moments, or on
+    storage that differs between nodes, cannot resume from different steps. When rank 0
+    cannot decide, it raises the reason and every other rank a TrainingSetupError saying
+    so. A single process decides alone, as `choose_resume` does.
     """
     step, error = NO_CHECKPOINT, None
     if info.is_main:
         try:
-            step = choose_resume(mode, ckpt_dir)
+            step = choose_resume(mode, ckpt_dir, check, broken)
         except Exception as e:   # the other ranks must hear of it, or they would wait forever
             step, error = _UNDECIDED, e
     step = dist_utils.broadcast_int(step, info)
@@ -368,7 +585,12 @@ def load_resume_checkpoint(path: Path, step: int, model: SoundStorm,
 
 def train(config: TrainConfig) -> Dict[str, Any]:
     """Run (or resume) training as configured; returns a summary. Every rank of a torchrun
-    launch calls this."""
+    launch calls this.
+
+    The summary: step (where the run stands), steps (the target), steps_run (0 when the
+    run was already at its target), model (the exported model directory), train and
+    validation (the last logged metrics, None when nothing ran) and out.
+    """
     trainer = Trainer(config)
     try:
         return trainer.run()
@@ -392,17 +614,17 @@ def read_metrics(path: Path) -> List[Dict[str, Any]]:
     if not Path(path).is_file():
         return []
     records = []
-    for line in Path(path).read_text().splitlines():
+    for line in Path(path).read_text(errors="replace").splitlines():
         try:
             records.append(json.loads(line))
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             continue  # a line cut short by a kill
     return records
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
     """On resume, forget what was logged after the checkpoint (it is about to be redone)."""
-    records = [r for r in read_metrics(path) if r.get("step", 0) <= step]
+    records = [r for r in read_metrics(path) if isinstance(r, dict) and r.get("step", 0) <= step]
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
     os.replace(tmp, path)

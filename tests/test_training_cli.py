@@ -1,0 +1,221 @@
+"""The `soundstorm train` command line: fine-tuning from a model directory, model size
+flags, the preset flags, resuming only on the same data, one train_config per invocation,
+"nothing to do", and the progress flags every training command shares."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from soundstorm.engine import SoundStorm
+from soundstorm.engine.cli import main
+from soundstorm.engine.model import load_config
+from soundstorm.training import cli as training_cli
+from soundstorm.training.config import TrainConfig
+from soundstorm.training.synthetic import SyntheticSpec, write_synthetic_corpus
+from soundstorm.training.data import DataPosition, TrainStream
+from soundstorm.training.masking import masked_loss, sample_mask
+from soundstorm.training.trainer import Trainer, load_init_weights
+
+from training_helpers import train_losses
+
+COMMON = ["--preset", "tiny", "--batch-size", 4, "--max-seconds", 1, "--min-seconds", 0.2,
+          "--warmup-steps", 3, "--log-every", 1, "--no-progress"]
+DEMO_MODEL = "demo/model"
+
+
+@pytest.fixture(scope="module")
+def corpora(tmp_path_factory):
+    root = tmp_path_factory.mktemp("traincli")
+    spec = SyntheticSpec(min_seconds=0.3, max_seconds=1.5)
+    write_synthetic_corpus(root / "a", 40, spec, seed=0)
+    write_synthetic_corpus(root / "b", 40, spec, seed=1)
+    return root
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def cli(*argv):
+    return main([str(a) for a in argv])
+
+
+def fails(capsys, *argv):
+    """Run a command that must fail: its one-line error (exit status 2)."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        cli(*argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2, err
+    assert len(err.strip().splitlines()) == 1, err
+    return err.strip()
+
+
+# -- --init-from ----------------------------------------------------------------------
+def first_step_loss(model, config):
+    """The loss `model` has on the first training batch of `config` (its masks too)."""
+    trainer = Trainer(config)
+    _, micro = next(TrainStream(trainer.sampler, 0, 1, 1)(DataPosition()))
+    batch = micro[0]
+    masked = sample_mask(batch.tokens, batch.lengths, batch.keys, config.seed,
+                         model.config.mask_id)
+    with torch.no_grad():
+        parts = masked_loss(model(batch.semantic, masked.inputs, batch.lengths,
+                                  level=masked.level), masked)
+    return float(parts.loss_sum.sum() / parts.count.sum())
+
+
+def test_init_from_a_saved_model_starts_at_its_loss(corpora, tmp_path, capsys):
+    data = ["--data", corpora / "a"]
+    cli("train", *COMMON, *data, "--out", tmp_path / "base", "--steps", 40, "--lr", 3e-3,
+        "--checkpoint-every", 40)
+    base = train_losses(tmp_path / "base")
+    # the weights stored as float16, as the shipped demo model stores them
+    half = tmp_path / "half"
+    SoundStorm.from_pretrained(tmp_path / "base" / "model", dtype=torch.float16) \
+        .save_pretrained(half)
+    assert load_file(half / "model.safetensors")["head_weight"].dtype == torch.float16
+    for name, source in (("fp32", tmp_path / "base" / "model"), ("fp16", half)):
+        cli("train", *COMMON, *data, "--out", tmp_path / name, "--steps", 2, "--lr", 1e-5,
+            "--init-from", source, "--checkpoint-every", 2)
+    fp32, fp16 = train_losses(tmp_path / "fp32"), train_losses(tmp_path / "fp16")
+    # Step 1 of a fine-tuning is the loss of the model it starts from on the first batch
+    config = TrainConfig.preset("tiny", data=str(corpora / "a"), out=str(tmp_path / "probe"),
+                                batch_size=4, max_seconds=1.0, min_seconds=0.2)
+    trained = first_step_loss(SoundStorm.from_pretrained(tmp_path / "base" / "model"), config)
+    print(f"first batch: loss {base[1]:.4f} at initialisation, {trained:.4f} after 40 steps; "
+          f"fine-tuning from those weights starts at {fp32[1]:.4f} (fp32), {fp16[1]:.4f} "
+          "(stored as fp16)")
+    assert fp32[1] == pytest.approx(trained, rel=1e-5)
+    assert fp16[1] == pytest.approx(trained, rel=1e-2)
+    assert trained < base[1] - 0.3                  # and that is not a fresh model's loss
+    config = json.loads((tmp_path / "fp32" / "train_config.json").read_text())
+    assert config["init_from"] == str(tmp_path / "base" / "model")
+
+
+def test_init_from_takes_the_directorys_config_and_refuses_conflicting_sizes(corpora, tmp_path,
+                                                                            capsys):
+    cfg = TrainConfig.preset("tiny", init_from=DEMO_MODEL)
+    assert cfg.model_config() == load_config(DEMO_MODEL)
+    assert cfg.model_config().dim == 256     # not the tiny preset's 64
+    # the shipped model's float16 weights arrive upcast, as the engine loads them
+    model = SoundStorm(cfg.model_config())
+    load_init_weights(model, DEMO_MODEL)
+    stored = load_file(f"{DEMO_MODEL}/model.safetensors")
+    assert stored["head_weight"].dtype == torch.float16
+    for name, tensor in model.state_dict().items():
+        assert tensor.dtype == torch.float32 and torch.equal(tensor, stored[name].float()), name
+
+    base = ["train", *COMMON, "--data", corpora / "a", "--out", tmp_path / "r",
+            "--init-from", DEMO_MODEL]
+    err = fails(capsys, *base, "--dim", 64)
+    assert "dim = 64 (the model has 256)" in err
+    err = fails(capsys, *base, "--model-preset", "tiny")
+    assert "init_from = 'demo/model' takes the model from that directory" in err
+    # the demo model reads 256-code tokens, the synthetic tiny corpus has 32
+    err = fails(capsys, *base)
+    assert "does not fit the model of --init-from demo/model" in err
+    assert "codebook_size: corpus 32, model 256" in err
+    err = fails(capsys, "train", *COMMON, "--data", corpora / "a", "--out", tmp_path / "r",
+                "--init-from", tmp_path / "nowhere")
+    assert f"init_from = '{tmp_path / 'nowhere'}'" in err
+    assert not (tmp_path / "r").exists()
+
+
+# -- model presets and sizes ----------------------------------------------------------
+def test_model_preset_flag_and_its_deprecated_alias(capsys):
+    parser = training_cli.train_parser()
+    help_text = parser.format_help()
+    assert "--model-preset PRESET" in help_text and "--model " not in help_text
+    args = parser.parse_args(["--preset", "tiny", "--model-preset", "small"])
+    assert training_cli.build_train_config(args).model == "small"
+    assert "deprecated" not in capsys.readouterr().err
+    args = parser.parse_args(["--preset", "tiny", "--model", "small"])
+    assert training_cli.build_train_config(args).model == "small"
+    assert "--model PRESET is deprecated; use --model-preset PRESET" in capsys.readouterr().err
+    # synthetic-corpus: --preset, with --model kept as a deprecated alias too
+    assert "--model" not in training_cli.synthetic_parser().format_help()
+
+
+def test_size_flags_apply_over_the_preset_and_the_config_file(tmp_path):
+    (tmp_path / "c.yaml").write_text("model_overrides:\n  heads: 2\n  depth: 3\n")
+    parser = training_cli.train_parser()
+    args = parser.parse_args(["--preset", "tiny", "--config", str(tmp_path / "c.yaml"),
+                              "--dim", "32", "--depth", "1", "--ff-dim", "48"])
+    model = training_cli.build_train_config(args).model_config()
+    assert (model.dim, model.depth, model.heads, model.ff_dim) == (32, 1, 2, 48)
+    assert model.num_quantizers == 4           # the rest is the tiny preset's
+    for name in ("--dim", "--depth", "--heads", "--ff-dim", "--max-frames", "--conv-kernel",
+                 "--num-quantizers", "--codebook-size", "--semantic-vocab-size"):
+        assert name in parser.format_help()
+    with pytest.raises(ValueError, match="dim .30. must be divisible by heads"):
+        training_cli.build_train_config(parser.parse_args(["--preset", "tiny", "--dim", "30"]))
+
+
+# -- resuming: the same data, one config file per invocation, nothing to do -------------
+def test_resume_needs_the_same_data_and_keeps_each_invocations_settings(corpora, tmp_path,
+                                                                        capsys):
+    out = tmp_path / "run"
+    run = ["train", *COMMON, "--out", out, "--checkpoint-every", 5, "--keep-checkpoints", 3]
+    cli(*run, "--data", corpora / "a", "--steps", 10)
+    assert json.loads((out / "train_config.json").read_text())["steps"] == 10
+    metrics = (out / "metrics.jsonl").read_text()
+
+    capsys.readouterr()
+    assert cli(*run, "--data", corpora / "a", "--steps", 10) == 0
+    assert capsys.readouterr().out.startswith("already at step 10 of 10; nothing to do.")
+    assert (out / "metrics.jsonl").read_text() == metrics
+    assert sorted(p.name for p in out.glob("train_config*")) == ["train_config.json"]
+
+    err = fails(capsys, *run, "--data", corpora / "a", "--steps", 15, "--batch-size", 8)
+    assert "was trained on another data stream: batch_size: checkpoint 4, now 8" in err
+    assert "--allow-changed-data" in err
+    err = fails(capsys, *run, "--data", corpora / "b", "--steps", 15)
+    assert f"data: checkpoint {corpora / 'a'} (sha256 " in err and f"now {corpora / 'b'}" in err
+    assert sorted(p.name for p in out.glob("train_config*")) == ["train_config.json"]
+    assert (out / "metrics.jsonl").read_text() == metrics
+
+    # the same corpus in another place is the same data
+    moved = tmp_path / "moved"
+    shutil.copytree(corpora / "a", moved)
+    assert cli(*run, "--data", moved, "--steps", 15) == 0
+    assert sorted(train_losses(out)) == list(range(1, 16))
+    # and a changed batch size continues when asked to, with a warning
+    capsys.readouterr()
+    assert cli(*run, "--data", moved, "--steps", 20, "--batch-size", 8,
+               "--allow-changed-data") == 0
+    captured = capsys.readouterr()
+    assert "warning: checkpoint" in captured.err and "batch_size: checkpoint 4, now 8" in captured.err
+    assert "trained to step 20 (5 steps this run)" in captured.out
+
+    configs = {p.name: json.loads(p.read_text()) for p in out.glob("train_config*")}
+    assert sorted(configs) == ["train_config.json", "train_config.step-00000010.json",
+                               "train_config.step-00000015.json"]
+    assert configs["train_config.json"]["steps"] == 10
+    assert configs["train_config.json"]["data"] == str(corpora / "a")
+    assert configs["train_config.step-00000010.json"]["data"] == str(moved)
+    assert configs["train_config.step-00000015.json"]["batch_size"] == 8
+
+
+# -- the progress flags ---------------------------------------------------------------
+@pytest.mark.parametrize("parser, argv", [
+    (training_cli.train_parser, ["--preset", "tiny"]),
+    (training_cli.synthetic_parser, ["out"]),
+    (training_cli.speech_corpus_parser, ["out"]),
+    (training_cli.fit_codec_parser, ["a.wav", "--out", "c"]),
+    (training_cli.fit_semantic_parser, ["a.wav", "--out", "s"]),
+    (training_cli.tokenize_parser, ["a.wav", "--out", "t", "--semantic", "s"]),
+])
+def test_every_training_command_takes_no_progress_and_its_alias_quiet(parser, argv):
+    p = parser()
+    assert p.parse_args(argv).progress is None
+    assert p.parse_args(argv + ["--no-progress"]).progress is False
+    assert p.parse_args(argv + ["--quiet"]).progress is False
+    assert "--no-progress, --quiet" in p.format_help()
