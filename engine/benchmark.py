@@ -188,13 +188,20 @@ def read_history(path: Union[str, Path]) -> list[dict]:
     if not path.is_file():
         raise FileNotFoundError(f"benchmark history not found: {path}")
     records = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for n, raw in enumerate(path.read_bytes().splitlines(), start=1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ValueError(f"{path}:{n}: not UTF-8 text") from None
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}:{n}: not a JSON record ({e})") from e
+        except RecursionError:
+            raise ValueError(f"{path}:{n}: not a benchmark record (JSON nested too "
+                             f"deeply)") from None
         if not isinstance(record, dict) or not {"settings", "figures"} <= set(record):
             raise ValueError(f"{path}:{n}: not a benchmark record (needs settings and figures)")
         records.append(record)

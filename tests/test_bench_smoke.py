@@ -52,6 +52,12 @@ def test_bad_history_is_reported_with_its_line(tmp_path):
     path.write_text('{"settings": {}, "figures": {}}\nnot json\n')
     with pytest.raises(SystemExit, match="h.jsonl:2: not a JSON record"):
         compare.main([str(path)])
+    path.write_bytes(b'{"settings": {}, "figures": {}}\n' + b"[" * 100_000 + b"\n")
+    with pytest.raises(SystemExit, match="h.jsonl:2: not a benchmark record .JSON nested too deeply"):
+        compare.main([str(path)])
+    path.write_bytes(b'{"settings": {}, "figures": {}}\n{"settings": "\xff"}\n')
+    with pytest.raises(SystemExit, match="h.jsonl:2: not UTF-8 text"):
+        compare.main([str(path)])
 
 
 def test_cli_bench_rejects_bad_settings(capsys):
