@@ -63,10 +63,23 @@ def test_bad_history_is_reported_with_its_line(tmp_path):
 def test_cli_bench_rejects_bad_settings(capsys):
     with pytest.raises(SystemExit):
         main(["bench", "--preset", "tiny", "--seconds", "0"])
-    assert "--seconds must be > 0" in capsys.readouterr().err
+    assert "--seconds must be a finite number of seconds > 0, got 0" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["bench", "--preset", "tiny", "--seconds", "20"])
-    assert "more than the preset's max_frames=256" in capsys.readouterr().err
+    assert "--seconds 20: the tiny preset holds at most 5.12 s (256 frames)" in \
+        capsys.readouterr().err
+
+
+def test_max_seconds_is_what_a_preset_holds():
+    from soundstorm.engine.benchmark import bench_inputs, default_seconds, max_seconds
+    from soundstorm.engine import Engine
+
+    tiny = ModelConfig.preset("tiny")
+    assert max_seconds(tiny) == 5.12 and default_seconds(tiny) == 5.12
+    assert max_seconds(ModelConfig.preset("small")) == 30 and default_seconds(ModelConfig.preset("paper")) == 10
+    engine = Engine.from_preset("tiny")
+    assert tiny.frames_for(bench_inputs(engine, max_seconds(tiny), 1).shape[1]) == tiny.max_frames
+    assert tiny.frames_for(bench_inputs(engine, 5.13, 1).shape[1]) > tiny.max_frames
 
 
 def test_rtf_suite_runs_a_tiny_case(tmp_path):
