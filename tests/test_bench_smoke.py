@@ -99,8 +99,12 @@ def test_default_rtf_cases_skip_the_slow_ones():
     ids = {p.id: p.marks for p in test_rtf.cases()}
     assert len(ids) == 3 * 3 * 2 * len(test_rtf.DTYPES) * len(test_rtf.available_backends(test_rtf.DEVICE))
     if test_rtf.DEVICE.type == "cpu":
-        assert not ids["tiny-30s-b8-torch-float32"] and not ids["small-5s-b1-torch-float32"]
+        assert not ids["tiny-5s-b8-torch-float32"] and not ids["small-5s-b1-torch-float32"]
         assert ids["paper-30s-b8-torch-float32"] and ids["small-10s-b1-torch-bfloat16"]
+    # the tiny preset holds 5.12 s: its longer cases are skipped, saying why
+    for length in ("10s", "30s"):
+        (mark,) = ids[f"tiny-{length}-b1-torch-float32"]
+        assert mark.name == "skip" and "tiny preset holds at most 5.12 s" in mark.kwargs["reason"]
 
 
 def test_ar_baseline_generates_every_level():
