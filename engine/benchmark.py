@@ -149,6 +149,8 @@ def measure_decode(engine: Engine, seconds: float, batch: int = 1, repeats: int 
         "real_time_factor": wall / audio, "frames_per_s": batch * frames / wall,
         "gflop_per_pass": pass_flops / 1e9, "achieved_gflops": flops / wall / 1e9,
         "matmul_gflops": pass_flops / statistics.median(matmul_s) / 1e9,
+        "matmul_gflops_min": pass_flops / max(matmul_s) / 1e9,
+        "matmul_gflops_max": pass_flops / min(matmul_s) / 1e9,
         "fraction_of_matmul": statistics.median(fractions),
         "fraction_min": min(fractions), "fraction_max": max(fractions),
     }
