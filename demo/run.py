@@ -285,8 +285,11 @@ def _write_wav(path: Path, audio: np.ndarray, sr: int) -> None:
     import soundfile as sf
 
     tmp = path.with_name(path.stem + ".tmp.wav")
-    sf.write(str(tmp), np.clip(np.asarray(audio, np.float32), -1, 1), sr, subtype="PCM_16")
-    tmp.replace(path)
+    try:
+        sf.write(str(tmp), np.clip(np.asarray(audio, np.float32), -1, 1), sr, subtype="PCM_16")
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _plot_spectrograms(path: Path, codec: Any, panels: Sequence, text: str) -> None:
@@ -308,9 +311,12 @@ def _plot_spectrograms(path: Path, codec: Any, panels: Sequence, text: str) -> N
     fig.suptitle(f"\u201c{text}\u201d", fontsize=10)
     fig.tight_layout()
     tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=90)
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        fig.savefig(tmp, dpi=90)
+        tmp.replace(path)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
 
 
 def _speaker_encoder():

@@ -373,3 +373,14 @@ def test_manifest_outputs_are_checked_before_decoding(tmp_path, capsys, unwritab
     code, _, _ = run_cli(capsys, "generate", "--preset", "tiny", "--quiet", "--manifest", b,
                          "--out", tmp_path / "new")
     assert code == 0 and np.load(tmp_path / "new" / "00000.npy").shape == (10, 4)
+
+
+def test_demo_files_leave_no_temporary_file(tmp_path):
+    from soundstorm.demo.run import _write_wav
+
+    (tmp_path / "generated.wav").mkdir()
+    with pytest.raises(OSError):
+        _write_wav(tmp_path / "generated.wav", np.zeros(160, np.float32), 16000)
+    assert [p.name for p in tmp_path.iterdir()] == ["generated.wav"]
+    _write_wav(tmp_path / "ok.wav", np.zeros(160, np.float32), 16000)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["generated.wav", "ok.wav"]
