@@ -68,7 +68,14 @@ def load_assets(assets: Any = ASSETS, device: str = "cpu"):
         if not (assets / part).exists():
             raise FileNotFoundError(f"demo assets {assets} lack {part!r}: expected model/, "
                                     f"codec/, semantic/ and {DEMO_FILE} (see demo/reproduce.sh)")
-    settings = json.loads((assets / DEMO_FILE).read_text())
+    try:
+        settings = json.loads((assets / DEMO_FILE).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise ValueError(f"{assets / DEMO_FILE} is not valid demo settings JSON "
+                         f"({e if not isinstance(e, RecursionError) else 'nested too deeply'})"
+                         ) from None
+    if not isinstance(settings, dict):
+        raise ValueError(f"{assets / DEMO_FILE} is not a JSON object")
     engine = Engine(assets / "model", device=device, dtype=torch.float32, backend="torch")
     codec = load_codec("melrvq", path=assets / "codec")
     semantic = load_semantic(assets / "semantic")

@@ -384,3 +384,18 @@ def test_demo_files_leave_no_temporary_file(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["generated.wav"]
     _write_wav(tmp_path / "ok.wav", np.zeros(160, np.float32), 16000)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["generated.wav", "ok.wav"]
+
+
+def test_deeply_nested_json_in_a_model_or_demo_assets_is_one_line(tmp_path, tiny_model, capsys):
+    tiny_model.save_pretrained(tmp_path / "model")
+    (tmp_path / "model" / "config.json").write_text("[" * 100_000)
+    err = one_line_error(capsys, "generate", "--model", tmp_path / "model", "--seconds", 1)
+    assert f"{tmp_path}/model/config.json is not a soundstorm model config: its JSON is " \
+           f"nested too deeply" in err
+    assets = tmp_path / "assets"
+    for part in ("model", "codec", "semantic"):
+        (assets / part).mkdir(parents=True)
+    (assets / "demo.json").write_text("{\"a\": " * 100_000)
+    from soundstorm.demo.run import load_assets
+    with pytest.raises(ValueError, match="demo.json is not valid demo settings JSON .nested too deeply"):
+        load_assets(assets)
