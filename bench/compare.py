@@ -8,6 +8,11 @@
 Records are compared only with records of the same settings (preset, seconds, batch,
 backend, dtype, device). --against takes a record index (negative counts from the end) or
 a commit prefix.
+
+A change is flagged better or worse only when it is larger than the run-to-run noise:
+each figure's spread within a record (the min and max over its timed rounds), widened by
+the other records of the same commit and settings (repeated runs), on whichever side of
+the comparison it is larger; and never below --threshold (2 % by default).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from typing import Optional, Sequence
 
 from soundstorm.engine.benchmark import SETTINGS, read_history
 
+THRESHOLD = 0.02   # changes under 2 % are never flagged
 FIGURES = (  # name, label, True when larger is better
     ("real_time_factor", "real-time factor", False),
     ("wall_s", "wall time (s)", False),
@@ -66,18 +72,62 @@ def pick(records: list[dict], against: Optional[str], newest: int) -> int:
     return index
 
 
-def comparison_table(old: dict, new: dict) -> str:
+def figure_range(figures: dict, key: str) -> tuple[float, float]:
+    """(low, high) of a figure over a record's timed rounds: the wall time's min and max
+    carry over to the figures computed from it; records without them give (value, value)."""
+    value = figures[key]
+    wall, lo, hi = (figures.get(k) for k in ("wall_s", "wall_s_min", "wall_s_max"))
+    if wall and lo and hi:
+        if key in ("wall_s", "real_time_factor"):        # proportional to the wall time
+            return value * lo / wall, value * hi / wall
+        if key in ("frames_per_s", "achieved_gflops"):   # inversely proportional
+            return value * wall / hi, value * wall / lo
+    bounds = {"fraction_of_matmul": ("fraction_min", "fraction_max"),
+              "matmul_gflops": ("matmul_gflops_min", "matmul_gflops_max")}.get(key)
+    if bounds and all(figures.get(b) is not None for b in bounds):
+        return figures[bounds[0]], figures[bounds[1]]
+    return value, value
+
+
+def relative_spread(records: list[dict], key: str, value: float) -> float:
+    """The spread of a figure over `records` (one record, or repeated runs of the same
+    commit and settings), relative to `value`."""
+    ranges = [figure_range(r["figures"], key) for r in records if key in r["figures"]]
+    low, high = min(lo for lo, _ in ranges), max(hi for _, hi in ranges)
+    return (high - low) / abs(value) if value else 0.0
+
+
+def repeats_of(records: list[dict], index: int) -> list[dict]:
+    """The record at `index` and every other record of the same settings and commit."""
+    record = records[index]
+    commit = record.get("commit")
+    if commit is None:
+        return [record]
+    return [r for r in records if r is record or (r.get("commit") == commit
+                                                  and settings_key(r) == settings_key(record))]
+
+
+def comparison_table(old: dict, new: dict, old_runs: Optional[list[dict]] = None,
+                     new_runs: Optional[list[dict]] = None, threshold: float = THRESHOLD) -> str:
+    """Each figure before and after, its change and the noise it is held against; a change
+    is better or worse only beyond max(the larger side's spread, threshold)."""
+    old_runs, new_runs = old_runs or [old], new_runs or [new]
     lines = [f"{describe(new)}",
-             f"  {'':<22}{'before':>12}{'after':>12}{'change':>10}",
+             f"  {'':<22}{'before':>12}{'after':>12}{'change':>10}{'noise':>9}",
              f"  {'commit':<22}{(old.get('commit') or '?')[:10]:>12}{(new.get('commit') or '?')[:10]:>12}"]
     for key, label, larger_better in FIGURES:
         a, b = old["figures"].get(key), new["figures"].get(key)
         if a is None or b is None:
             continue
-        change = (b - a) / a * 100 if a else float("nan")
+        change = (b - a) / a if a else float("nan")
+        noise = max(relative_spread(old_runs, key, a), relative_spread(new_runs, key, b),
+                    threshold)
         better = (change > 0) == larger_better
-        verdict = "" if abs(change) < 2 else (" better" if better else " worse")
-        lines.append(f"  {label:<22}{a:>12.4g}{b:>12.4g}{change:>+9.1f}%{verdict}")
+        verdict = " better" if better else " worse"
+        if not abs(change) > noise:
+            verdict = " within noise" if abs(change) >= threshold else ""
+        lines.append(f"  {label:<22}{a:>12.4g}{b:>12.4g}{change * 100:>+9.1f}%"
+                     f"{'±' + format(noise * 100, '.1f') + '%':>9}{verdict}")
     if old.get("machine") != new.get("machine"):
         lines.append("  note: the records come from different machines; compare ratios, "
                      "not times")
@@ -120,7 +170,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--against", help="record index or commit prefix (default: the previous "
                                      "record with the same settings)")
     p.add_argument("--plot", type=Path, metavar="PNG", help="write the history plot here")
+    p.add_argument("--threshold", type=float, default=THRESHOLD * 100, metavar="PERCENT",
+                   help="never flag changes smaller than this (default 2); larger ones are "
+                        "flagged only beyond the records' spread")
     a = p.parse_args(argv)
+    if not (a.threshold >= 0 and a.threshold < float("inf")):
+        p.error(f"--threshold must be a finite percentage >= 0, got {a.threshold}")
     try:
         records = read_history(a.history)
     except (FileNotFoundError, ValueError) as e:
@@ -134,7 +189,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if len(records) == 1 and a.against is None:
         print("one record only: nothing to compare yet")
         return 0
-    print(comparison_table(records[pick(records, a.against, newest)], records[newest]))
+    before = pick(records, a.against, newest)
+    print(comparison_table(records[before], records[newest], repeats_of(records, before),
+                           repeats_of(records, newest), a.threshold / 100))
     return 0
 
 

@@ -5,7 +5,8 @@ Each case times the default decode (16 + Q - 1 forward passes) with pytest-bench
 passes, achieved FLOP/s from the analytic count, torch.matmul FLOP/s at the same shapes and
 dtype, and their ratio. A matmul pass runs before every timed round (pytest-benchmark's
 untimed `setup`), so both see the same machine load; the ratio is the median of per-round
-ratios.
+ratios. A length longer than a preset holds (10 and 30 s at `tiny`, which holds 5.12 s) is
+skipped, saying so.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import pytest
 import torch
 
 from soundstorm.engine import DecodeConfig, Engine, ModelConfig
-from soundstorm.engine.benchmark import bench_inputs, matmul_pass
+from soundstorm.engine.benchmark import bench_inputs, matmul_pass, max_seconds
 from soundstorm.engine.flops import forward_flops
 from soundstorm.kernels import available_backends
 
@@ -41,6 +42,16 @@ def is_slow(preset: str, seconds: float, batch: int, dtype: str) -> bool:
     return total > CPU_SLOW_FLOPS or (dtype != "float32" and preset != "tiny")
 
 
+def too_long(preset: str, seconds: float) -> str:
+    """Why a preset cannot run `seconds` of audio ("" when it can)."""
+    cfg = ModelConfig.preset(preset)
+    longest = max_seconds(cfg)
+    if seconds <= longest:
+        return ""
+    return (f"the {preset} preset holds at most {longest:g} s ({cfg.max_frames} frames), "
+            f"not {seconds:g} s")
+
+
 def cases():
     for preset in PRESETS:
         for seconds in SECONDS:
@@ -48,6 +59,8 @@ def cases():
                 for backend in available_backends(DEVICE):
                     for dtype in DTYPES:
                         marks = [pytest.mark.slow] if is_slow(preset, seconds, batch, dtype) else []
+                        if too_long(preset, seconds):
+                            marks = [pytest.mark.skip(reason=too_long(preset, seconds))]
                         yield pytest.param(preset, seconds, batch, backend, dtype, marks=marks,
                                            id=f"{preset}-{seconds}s-b{batch}-{backend}-{dtype}")
 

@@ -68,7 +68,14 @@ def load_assets(assets: Any = ASSETS, device: str = "cpu"):
         if not (assets / part).exists():
             raise FileNotFoundError(f"demo assets {assets} lack {part!r}: expected model/, "
                                     f"codec/, semantic/ and {DEMO_FILE} (see demo/reproduce.sh)")
-    settings = json.loads((assets / DEMO_FILE).read_text())
+    try:
+        settings = json.loads((assets / DEMO_FILE).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise ValueError(f"{assets / DEMO_FILE} is not valid demo settings JSON "
+                         f"({e if not isinstance(e, RecursionError) else 'nested too deeply'})"
+                         ) from None
+    if not isinstance(settings, dict):
+        raise ValueError(f"{assets / DEMO_FILE} is not a JSON object")
     engine = Engine(assets / "model", device=device, dtype=torch.float32, backend="torch")
     codec = load_codec("melrvq", path=assets / "codec")
     semantic = load_semantic(assets / "semantic")
@@ -285,8 +292,11 @@ def _write_wav(path: Path, audio: np.ndarray, sr: int) -> None:
     import soundfile as sf
 
     tmp = path.with_name(path.stem + ".tmp.wav")
-    sf.write(str(tmp), np.clip(np.asarray(audio, np.float32), -1, 1), sr, subtype="PCM_16")
-    tmp.replace(path)
+    try:
+        sf.write(str(tmp), np.clip(np.asarray(audio, np.float32), -1, 1), sr, subtype="PCM_16")
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _plot_spectrograms(path: Path, codec: Any, panels: Sequence, text: str) -> None:
@@ -308,9 +318,12 @@ def _plot_spectrograms(path: Path, codec: Any, panels: Sequence, text: str) -> N
     fig.suptitle(f"\u201c{text}\u201d", fontsize=10)
     fig.tight_layout()
     tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=90)
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        fig.savefig(tmp, dpi=90)
+        tmp.replace(path)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
 
 
 def _speaker_encoder():

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import math
 import os
 import platform
 import socket
@@ -21,9 +22,42 @@ from typing import Callable, Optional, Union
 
 import torch
 
-from soundstorm.engine.config import DecodeConfig
+from soundstorm.engine.config import DecodeConfig, ModelConfig
 from soundstorm.engine.engine import Engine, resolve_dtype
 from soundstorm.engine.flops import forward_gemms
+
+DEFAULT_SECONDS = 10.0
+
+
+def max_seconds(cfg: ModelConfig) -> float:
+    """The longest audio a model holds: the most semantic ids whose frames fit in
+    `max_frames`, in seconds (5.12 for the tiny preset, 30 for small and paper)."""
+    num, den = cfg.semantic_index_fraction()   # semantic ids per frame = num / den
+    ids = ((cfg.max_frames + 1) * num - 1) // den
+    return ids / cfg.semantic_rate
+
+
+def default_seconds(cfg: ModelConfig) -> float:
+    """The audio length commands use when none is given: 10 s, or less if the model holds
+    less."""
+    return min(DEFAULT_SECONDS, max_seconds(cfg))
+
+
+def real_time_text(rtf: float) -> str:
+    """A real-time factor (seconds of compute per second of audio) in words that say which
+    way it goes: "0.31 s per second of audio, 3.23x faster than real time" or "1.11 s per
+    second of audio, 0.90x real time (slower than real time)"."""
+    if not (math.isfinite(rtf) and rtf > 0):
+        return f"{rtf:.3g} s per second of audio"
+    speed = 1 / rtf
+    times = f"{speed:.2f}x" if speed < 100 else f"{speed:,.0f}x"
+    if rtf < 1:
+        pace = f"{times} faster than real time"
+    elif rtf > 1:
+        pace = f"{times} real time (slower than real time)"
+    else:
+        pace = "exactly real time"
+    return f"{rtf:.3g} s per second of audio, {pace}"
 
 
 def synchronize(device: torch.device) -> None:
@@ -56,11 +90,13 @@ def matmul_pass(engine: Engine, batch: int, frames: int) -> Callable[[], float]:
 def bench_inputs(engine: Engine, seconds: float, batch: int, seed: int = 0) -> torch.Tensor:
     """Random semantic ids [batch, S] for `seconds` of audio (S rounded up)."""
     cfg = engine.config
-    if not seconds > 0:
-        raise ValueError(f"seconds must be > 0, got {seconds}")
+    if not (seconds > 0 and math.isfinite(seconds)):
+        raise ValueError(f"seconds must be a finite number > 0, got {seconds}")
     if not isinstance(batch, int) or batch < 1:
         raise ValueError(f"batch must be an int >= 1, got {batch!r}")
-    S = max(1, -int(-seconds * cfg.semantic_rate // 1))
+    # Rounded up, but a length given as S / semantic_rate (5.12 s) is S ids despite the
+    # float product's last bit.
+    S = max(1, math.ceil(seconds * cfg.semantic_rate - 1e-9))
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, cfg.semantic_vocab_size, (batch, S), generator=g)
 
@@ -78,7 +114,7 @@ def measure_decode(engine: Engine, seconds: float, batch: int = 1, repeats: int 
     frames = cfg.frames_for(semantic.shape[1])
     if frames > cfg.max_frames:
         raise ValueError(f"{seconds:g} s is {frames} frames, more than the preset's "
-                         f"max_frames={cfg.max_frames}")
+                         f"max_frames={cfg.max_frames} (at most {max_seconds(cfg):g} s)")
     passes = decode.num_forward_passes(cfg.num_quantizers)
     pass_flops = sum(g.flops for g in forward_gemms(cfg, batch, frames))
     roofline = matmul_pass(engine, batch, frames)
@@ -113,6 +149,8 @@ def measure_decode(engine: Engine, seconds: float, batch: int = 1, repeats: int 
         "real_time_factor": wall / audio, "frames_per_s": batch * frames / wall,
         "gflop_per_pass": pass_flops / 1e9, "achieved_gflops": flops / wall / 1e9,
         "matmul_gflops": pass_flops / statistics.median(matmul_s) / 1e9,
+        "matmul_gflops_min": pass_flops / max(matmul_s) / 1e9,
+        "matmul_gflops_max": pass_flops / min(matmul_s) / 1e9,
         "fraction_of_matmul": statistics.median(fractions),
         "fraction_min": min(fractions), "fraction_max": max(fractions),
     }
@@ -188,13 +226,20 @@ def read_history(path: Union[str, Path]) -> list[dict]:
     if not path.is_file():
         raise FileNotFoundError(f"benchmark history not found: {path}")
     records = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for n, raw in enumerate(path.read_bytes().splitlines(), start=1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ValueError(f"{path}:{n}: not UTF-8 text") from None
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}:{n}: not a JSON record ({e})") from e
+        except RecursionError:
+            raise ValueError(f"{path}:{n}: not a benchmark record (JSON nested too "
+                             f"deeply)") from None
         if not isinstance(record, dict) or not {"settings", "figures"} <= set(record):
             raise ValueError(f"{path}:{n}: not a benchmark record (needs settings and figures)")
         records.append(record)

@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Optional, Sequence
@@ -27,6 +29,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from soundstorm.engine.benchmark import default_seconds, max_seconds, real_time_text
 from soundstorm.engine.config import DecodeConfig, ModelConfig
 from soundstorm.engine.engine import DTYPES, Engine
 from soundstorm.engine.model import CONFIG_FILE, WEIGHTS_FILE, SoundStorm, load_config
@@ -34,6 +37,52 @@ from soundstorm.engine.model import CONFIG_FILE, WEIGHTS_FILE, SoundStorm, load_
 
 class CLIError(Exception):
     """A user-facing error: printed as one line, exit status 2."""
+
+
+class CLIParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line too (exit status 2)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+# -- checked arguments --------------------------------------------------------------------
+def _positive_seconds(value: float, arg: str) -> float:
+    if not (math.isfinite(value) and value > 0):
+        raise CLIError(f"{arg} must be a finite number of seconds > 0, got {value}")
+    return value
+
+
+def _at_least_one(value: int, arg: str) -> int:
+    if value < 1:
+        raise CLIError(f"{arg} must be an integer >= 1, got {value}")
+    return value
+
+
+def _check_device(value: Optional[str]) -> Optional[str]:
+    """--device: a device this machine has (cpu, cuda, cuda:N, mps)."""
+    if value is None:
+        return None
+    try:
+        device = torch.device(value)
+    except (RuntimeError, ValueError):
+        raise CLIError(f"--device {value!r} is not a device; expected cpu, cuda, cuda:N or mps")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise CLIError(f"--device {value}: CUDA is not available on this machine "
+                           f"(torch {torch.__version__}); use --device cpu")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise CLIError(f"--device {value}: this machine has {count} CUDA device(s), "
+                           f"cuda:0 to cuda:{count - 1}")
+    elif device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise CLIError(f"--device {value}: MPS is not available on this machine; "
+                           f"use --device cpu")
+    elif device.type != "cpu":
+        raise CLIError(f"--device {value}: unsupported device type {device.type!r}; "
+                       f"expected cpu, cuda, cuda:N or mps")
+    return value
 
 
 def _parse_steps(text: str, num_quantizers: int) -> tuple[int, ...]:
@@ -46,14 +95,67 @@ def _parse_steps(text: str, num_quantizers: int) -> tuple[int, ...]:
     return steps
 
 
+# -- files ----------------------------------------------------------------------------------
+def _nearest_existing(path: Path) -> Path:
+    """`path` or its closest ancestor that exists (it may be a file)."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _check_output_dir(directory: Path, label: str, checked: Optional[set] = None,
+                      shown: Optional[Path] = None) -> None:
+    """Refuse, before any work, a directory that cannot be created or written in.
+
+    label:   what names the path in the message (`--out`, `batch.jsonl:3 "out"`).
+    checked: directories already found writable (a manifest's many outputs share a few).
+    shown:   the path to show (default: `directory`; an output file in it).
+    """
+    shown = directory if shown is None else shown
+    existing = _nearest_existing(directory)
+    if checked is not None and existing in checked:
+        return
+    if not existing.is_dir():
+        raise CLIError(f"{label} {shown}: {existing} is a file, not a directory")
+    try:  # the one reliable test of writability (permissions, read-only mounts, ACLs)
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=".soundstorm-write-check-")
+    except OSError as e:
+        raise CLIError(f"{label} {shown}: cannot write in {existing} ({e.strerror or e})")
+    os.close(fd)
+    os.unlink(probe)
+    if checked is not None:
+        checked.add(existing)
+
+
+def _check_output_file(path: Path, label: str, checked: Optional[set] = None) -> None:
+    """Refuse, before any work, an output file that cannot be written."""
+    if path.is_dir():
+        raise CLIError(f"{label} {path}: is a directory; expected a file name such as "
+                       f"{path / 'tokens.npy'}")
+    _check_output_dir(path.parent, label, checked, shown=path)
+
+
+def _check_history(path: Path) -> None:
+    """--history is appended to after the measurement: refuse a file that cannot be."""
+    _check_output_file(path, "--history")
+    if path.exists():
+        try:
+            with open(path, "ab"):
+                pass
+        except OSError as e:
+            raise CLIError(f"--history {path}: cannot append to it ({e.strerror or e})")
+
+
 def _load_ids(path: str, what: str, ndim_single: int) -> tuple[torch.Tensor, bool]:
     """Load an integer .npy; returns (tensor with a batch axis, whether one was added)."""
     p = Path(path)
+    if p.is_dir():
+        raise CLIError(f"--{what}: {p} is a directory, expected a .npy file")
     if not p.is_file():
         raise CLIError(f"--{what}: file not found: {p}")
     try:
         arr = np.load(p, allow_pickle=False)
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, EOFError) as e:
         raise CLIError(f"--{what}: {p} is not a readable .npy array ({e})")
     if not np.issubdtype(arr.dtype, np.integer):
         raise CLIError(f"--{what}: {p} holds {arr.dtype}, expected integer ids")
@@ -66,10 +168,39 @@ def _load_ids(path: str, what: str, ndim_single: int) -> tuple[torch.Tensor, boo
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
+    """Write `array` to `path` atomically: a temporary file beside it, renamed over it; the
+    temporary file is removed whatever goes wrong."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.npy")
-    np.save(tmp, array)
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            np.save(f, array)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+# -- manifests ------------------------------------------------------------------------------
+MANIFEST_KEYS = ("semantic", "prompt", "seed", "out")
+
+
+def _manifest_lines(p: Path):
+    """(line number, text) of each non-blank line of a UTF-8 manifest."""
+    try:
+        data = p.read_bytes()
+    except OSError as e:
+        raise CLIError(f"--manifest {p}: cannot read it ({e.strerror or e})")
+    for n, raw in enumerate(data.splitlines(), start=1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise CLIError(f"{p}:{n}: not UTF-8 text (byte {raw[e.start]:#04x} at column "
+                           f"{e.start + 1}); a manifest is UTF-8 JSON lines")
+        if n == 1:
+            line = line.lstrip("\ufeff")
+        if line.strip():
+            yield n, line
 
 
 def _read_manifest(path: str, cfg) -> list[dict]:
@@ -79,34 +210,62 @@ def _read_manifest(path: str, cfg) -> list[dict]:
     if not p.is_file():
         raise CLIError(f"--manifest: file not found: {p}")
     entries = []
-    for n, line in enumerate(p.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
+    for n, line in _manifest_lines(p):
+        where = f"{p}:{n}"
         try:
             entry = json.loads(line)
         except json.JSONDecodeError as e:
-            raise CLIError(f"{p}:{n}: not a JSON object ({e})")
+            raise CLIError(f"{where}: not a JSON object ({e})")
+        except RecursionError:
+            raise CLIError(f"{where}: JSON nested too deeply; expected one flat object")
         if not isinstance(entry, dict) or "semantic" not in entry:
-            raise CLIError(f"{p}:{n}: expected an object with at least \"semantic\"")
-        unknown = sorted(set(entry) - {"semantic", "prompt", "seed", "out"})
+            raise CLIError(f"{where}: expected an object with at least \"semantic\"")
+        unknown = sorted(set(entry) - set(MANIFEST_KEYS))
         if unknown:
-            raise CLIError(f"{p}:{n}: unknown key(s) {unknown}; allowed: semantic, prompt, seed, out")
-        where = f"{p}:{n}"
+            raise CLIError(f"{where}: unknown key(s) {unknown}; allowed: {', '.join(MANIFEST_KEYS)}")
+        for key in ("semantic", "prompt", "out"):
+            if key in entry and not (isinstance(entry[key], str) and entry[key].strip()):
+                raise CLIError(f"{where}: \"{key}\" must be a non-empty path string, got "
+                               f"{json.dumps(entry[key])}" + ("; leave the key out for no prompt"
+                                                             if key == "prompt" else ""))
+        seed = entry.get("seed")
+        if "seed" in entry and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise CLIError(f"{where}: \"seed\" must be an integer, got {json.dumps(seed)}")
         semantic, _ = _load_ids(str(p.parent / entry["semantic"]), f"manifest {where} semantic", 1)
         if semantic.shape[0] != 1:
             raise CLIError(f"{where}: semantic must be one utterance [S], got {tuple(semantic.shape)}")
         request = {"semantic": semantic[0]}
-        if entry.get("prompt"):
+        if "prompt" in entry:
             prompt, _ = _load_ids(str(p.parent / entry["prompt"]), f"manifest {where} prompt", 2)
             request["prompt"] = prompt[0]
         if "seed" in entry:
-            request["seed"] = entry["seed"]
+            request["seed"] = seed
         out = entry.get("out")
         entries.append({"request": request, "out": None if out is None else p.parent / out,
                         "where": where})
     if not entries:
         raise CLIError(f"--manifest: {p} has no entries")
     return entries
+
+
+def _manifest_outputs(entries: list[dict], out_dir: Path) -> list[Path]:
+    """Every entry's output file, checked before any decoding: no two lines write the same
+    file, and each can be written."""
+    outputs = [e["out"] if e["out"] is not None else out_dir / f"{i:05d}.npy"
+               for i, e in enumerate(entries)]
+    writers: dict[Path, list[str]] = {}
+    for e, path in zip(entries, outputs):
+        writers.setdefault(path.resolve(), []).append(e["where"])
+    clashes = [(path, lines) for path, lines in writers.items() if len(lines) > 1]
+    if clashes:
+        path, lines = clashes[0]
+        raise CLIError(f"manifest lines {', '.join(lines)} all write {path}; give each line "
+                       f"its own \"out\"")
+    checked: set = set()
+    for e, path in zip(entries, outputs):
+        label = f"{e['where']}: \"out\"" if e["out"] is not None else f"{e['where']}: output"
+        _check_output_file(path, label, checked)
+    return outputs
 
 
 def cmd_generate_manifest(args: argparse.Namespace, engine: Engine, source: str) -> int:
@@ -117,7 +276,8 @@ def cmd_generate_manifest(args: argparse.Namespace, engine: Engine, source: str)
     cfg = engine.config
     entries = _read_manifest(args.manifest, cfg)
     out_dir = Path(args.out) if args.out else Path(args.manifest).parent
-    steps = _parse_steps(args.steps, cfg.num_quantizers) if args.steps else None
+    outputs = _manifest_outputs(entries, out_dir)
+    steps = _parse_steps(args.steps, cfg.num_quantizers) if args.steps is not None else None
     decode = DecodeConfig(steps_per_level=steps, temperature=args.temperature)
     scheduler = Scheduler(engine, max_batch=args.max_batch, threaded=False)
     handles = []
@@ -139,16 +299,20 @@ def cmd_generate_manifest(args: argparse.Namespace, engine: Engine, source: str)
     wall = time.perf_counter() - start
     bar.close()
     audio_s = 0.0
-    for i, (e, h) in enumerate(zip(entries, handles)):
+    for e, h, path in zip(entries, handles, outputs):
         tokens = h.result()
         audio_s += tokens.shape[0] / cfg.frame_rate
-        _save_npy(e["out"] or out_dir / f"{i:05d}.npy", tokens.cpu().numpy())
+        try:
+            _save_npy(path, tokens.cpu().numpy())
+        except OSError as err:
+            raise CLIError(f"{e['where']}: cannot write {path} ({err.strerror or err})")
+    rtf = wall / audio_s
     summary = {"model": str(source), "utterances": len(handles), "audio_seconds": audio_s,
-               "wall_seconds": round(wall, 4), "real_time_factor": round(wall / audio_s, 4),
+               "wall_seconds": round(wall, 4), "real_time_factor": round(rtf, 4),
                "forward_passes": scheduler.stats.steps, "max_batch": args.max_batch}
     print(f"generated {len(handles)} utterances ({audio_s:g} s of audio) from {source} in "
           f"{wall:.2f} s with {scheduler.stats.steps} batched forward passes: real-time "
-          f"factor {wall / audio_s:.3f}")
+          f"factor {real_time_text(rtf)}")
     if args.json:
         print(json.dumps(summary))
     return 0
@@ -157,25 +321,41 @@ def cmd_generate_manifest(args: argparse.Namespace, engine: Engine, source: str)
 def cmd_generate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    device = _check_device(args.device)
+    if args.manifest:
+        if args.semantic or args.prompt or args.seconds is not None:
+            raise CLIError("--manifest replaces --semantic, --prompt and --seconds")
+        _at_least_one(args.max_batch, "--max-batch")
+        if args.out:
+            _check_output_dir(Path(args.out), "--out")
+    else:
+        if args.seconds is not None:
+            _positive_seconds(args.seconds, "--seconds")
+        _at_least_one(args.batch, "--batch")
+        if args.out:
+            _check_output_file(Path(args.out), "--out")
+    if not math.isfinite(args.temperature):
+        raise CLIError(f"--temperature must be a finite number >= 0, got {args.temperature}")
+
     if args.model:
-        engine = Engine(args.model, device=args.device, dtype=args.dtype, backend=args.backend)
+        engine = Engine(args.model, device=device, dtype=args.dtype, backend=args.backend)
         source = args.model
     else:
-        engine = Engine.from_preset(args.preset, seed=args.init_seed, device=args.device,
+        engine = Engine.from_preset(args.preset, seed=args.init_seed, device=device,
                                     dtype=args.dtype, backend=args.backend)
         source = f"preset {args.preset!r} with random weights"
     cfg = engine.config
     if args.manifest:
-        if args.semantic or args.prompt or args.seconds is not None:
-            raise CLIError("--manifest replaces --semantic, --prompt and --seconds")
         return cmd_generate_manifest(args, engine, source)
 
     if args.semantic:
         semantic, single = _load_ids(args.semantic, "semantic", 1)
     else:
-        seconds = args.seconds if args.seconds is not None else 10.0
-        if seconds <= 0:
-            raise CLIError(f"--seconds must be > 0, got {seconds}")
+        longest = max_seconds(cfg)
+        seconds = args.seconds if args.seconds is not None else default_seconds(cfg)
+        if seconds > longest:
+            raise CLIError(f"--seconds {seconds:g}: this model holds at most {longest:g} s "
+                           f"({cfg.max_frames} frames)")
         S = max(1, round(seconds * cfg.semantic_rate))
         g = torch.Generator().manual_seed(args.seed if args.seed is not None else 0)
         semantic = torch.randint(0, cfg.semantic_vocab_size, (args.batch, S), generator=g)
@@ -186,7 +366,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if prompt.shape[0] == 1 and semantic.shape[0] > 1:
             prompt = prompt.expand(semantic.shape[0], -1, -1)
 
-    steps = _parse_steps(args.steps, cfg.num_quantizers) if args.steps else None
+    steps = _parse_steps(args.steps, cfg.num_quantizers) if args.steps is not None else None
     decode = DecodeConfig(steps_per_level=steps, temperature=args.temperature)
     passes = decode.num_forward_passes(cfg.num_quantizers)
     bar = tqdm(total=passes, desc="decoding", unit="pass", disable=args.quiet, file=sys.stderr)
@@ -198,19 +378,22 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     B, T, Q = tokens.shape
     audio_s = B * T / cfg.frame_rate
+    rtf = wall / audio_s
     summary = {
         "model": str(source), "backend": engine.backend, "device": str(engine.device),
         "dtype": str(engine.dtype).replace("torch.", ""), "batch": B, "frames": T,
         "levels": Q, "audio_seconds": audio_s, "forward_passes": passes,
-        "wall_seconds": round(wall, 4), "real_time_factor": round(wall / audio_s, 4),
+        "wall_seconds": round(wall, 4), "real_time_factor": round(rtf, 4),
     }
     if args.out:
         out = tokens[0] if single else tokens
-        _save_npy(Path(args.out), out.cpu().numpy())
+        try:
+            _save_npy(Path(args.out), out.cpu().numpy())
+        except OSError as e:
+            raise CLIError(f"--out {args.out}: cannot write it ({e.strerror or e})")
         summary["out"] = str(args.out)
     print(f"generated {B} x {T} frames x {Q} levels ({audio_s:g} s of audio) from {source} "
-          f"in {wall:.2f} s with {passes} forward passes: real-time factor "
-          f"{wall / audio_s:.3f} ({audio_s / wall:.2f}x faster than real time)")
+          f"in {wall:.2f} s with {passes} forward passes: real-time factor {real_time_text(rtf)}")
     if args.json:
         print(json.dumps(summary))
     return 0
@@ -254,27 +437,39 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from soundstorm.engine import benchmark
 
-    if args.seconds <= 0:
-        raise CLIError(f"--seconds must be > 0, got {args.seconds}")
-    if args.batch < 1 or args.repeats < 1:
-        raise CLIError(f"--batch and --repeats must be >= 1, got {args.batch} and {args.repeats}")
+    device = _check_device(args.device)
+    if args.seconds is not None:
+        _positive_seconds(args.seconds, "--seconds")
+    _at_least_one(args.batch, "--batch")
+    _at_least_one(args.repeats, "--repeats")
+    cfg = ModelConfig.preset(args.preset)
+    seconds = args.seconds if args.seconds is not None else benchmark.default_seconds(cfg)
+    longest = benchmark.max_seconds(cfg)
+    if seconds > longest:
+        raise CLIError(f"--seconds {seconds:g}: the {args.preset} preset holds at most "
+                       f"{longest:g} s ({cfg.max_frames} frames)")
+    if args.history:
+        _check_history(Path(args.history))
     say = None if args.quiet else (lambda msg: print(f"  {msg}", file=sys.stderr, flush=True))
-    r = benchmark.run_preset(args.preset, args.seconds, args.batch, args.backend, args.dtype,
-                             args.device, args.repeats, progress=say)
+    r = benchmark.run_preset(args.preset, seconds, args.batch, args.backend, args.dtype,
+                             device, args.repeats, progress=say)
     print(f"{r['preset']} preset, {r['seconds']:g} s of audio ({r['frames']} frames), batch "
           f"{r['batch']}, {r['dtype']}, backend {r['backend']} on {r['device']}, "
           f"{r['threads']} threads")
     print(f"  wall time         {r['wall_s']:.3f} s (median of {r['repeats']}; "
           f"min {r['wall_s_min']:.3f}, max {r['wall_s_max']:.3f}; warm-up excluded)")
-    print(f"  real-time factor  {r['real_time_factor']:.4f} "
-          f"({1 / r['real_time_factor']:.2f}x real time), {r['frames_per_s']:.0f} frames/s")
+    print(f"  real-time factor  {real_time_text(r['real_time_factor'])}; "
+          f"{r['frames_per_s']:.0f} frames/s")
     print(f"  forward passes    {r['forward_passes']} ({r['gflop_per_pass']:.1f} GFLOP each)")
     print(f"  achieved          {r['achieved_gflops']:.1f} GFLOP/s")
     print(f"  torch.matmul      {r['matmul_gflops']:.1f} GFLOP/s at the same shapes and dtype")
     print(f"  fraction          {r['fraction_of_matmul']:.2f} of matmul FLOP/s "
           f"(per-round min {r['fraction_min']:.2f}, max {r['fraction_max']:.2f})")
     if args.history:
-        benchmark.append_history(args.history, r)
+        try:
+            benchmark.append_history(args.history, r)
+        except OSError as e:
+            raise CLIError(f"--history {args.history}: cannot append to it ({e.strerror or e})")
         print(f"  appended to       {args.history}")
     if args.json:
         print(json.dumps(r))
@@ -285,15 +480,27 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from soundstorm.demo import ASSETS
     from soundstorm.demo.run import run_demo
 
+    _check_output_dir(Path(args.out), "--out")
+    if args.assets is not None and not Path(args.assets).is_dir():
+        raise CLIError(f"--assets {args.assets}: not a directory (expected model/, codec/, "
+                       f"semantic/ and demo.json)")
     run_demo(args.out, assets=args.assets or ASSETS, utterances=args.utterances,
              prompt_seconds=args.prompt_seconds, max_seconds=args.max_seconds, seed=args.seed,
              ablation=args.ablation, speaker_similarity=args.speaker_similarity,
-             progress=args.progress)
+             progress=not args.quiet)
     return 0
 
 
+def _add_quiet(parser: argparse.ArgumentParser, what: str) -> None:
+    """--quiet (and its alias --no-progress): the same flag and meaning in every command:
+    no progress output on stderr; results and errors are printed as usual."""
+    parser.add_argument("--quiet", "--no-progress", dest="quiet", action="store_true",
+                        help=f"{what}; results are still printed (--no-progress is the same "
+                             f"flag)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = CLIParser(
         prog="soundstorm",
         description="SoundStorm: parallel level-wise decoding of RVQ audio-codec tokens from "
                     "semantic tokens and a voice prompt.")
@@ -321,7 +528,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-batch", type=int, default=8,
                    help="with --manifest: requests per forward pass (default 8)")
     g.add_argument("--seconds", type=float, metavar="S",
-                   help="without --semantic: random semantic ids for S seconds (default 10)")
+                   help="without --semantic: random semantic ids for S seconds (default 10, "
+                        "or the model's longest if it holds less: 5.12 for tiny)")
     g.add_argument("--batch", type=int, default=1, help="with --seconds: batch size (default 1)")
     g.add_argument("--prompt", metavar="NPY",
                    help="voice prompt codec tokens, int [P, Q] or [B, P, Q]")
@@ -337,7 +545,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--backend", default="auto",
                    help="op backend: auto (default), torch or triton")
     g.add_argument("--json", action="store_true", help="also print a JSON summary as the last line")
-    g.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_quiet(g, "no progress bar on stderr")
     g.set_defaults(func=cmd_generate)
 
     i = sub.add_parser("info", help="show a model's configuration and size",
@@ -345,6 +553,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "directory or a preset.")
     i.add_argument("target", metavar="DIR|PRESET")
     i.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_quiet(i, "accepted for uniformity: info shows no progress")
     i.set_defaults(func=cmd_info)
 
     b = sub.add_parser(
@@ -356,7 +565,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "wall time is the median over --repeats rounds.",
         epilog="example: soundstorm bench --preset small --seconds 10 --history bench.jsonl")
     b.add_argument("--preset", default="small", choices=ModelConfig.preset_names())
-    b.add_argument("--seconds", type=float, default=10.0, help="audio length (default 10)")
+    b.add_argument("--seconds", type=float,
+                   help="audio length (default 10, or the preset's longest if it holds less: "
+                        "5.12 for tiny)")
     b.add_argument("--batch", type=int, default=1, help="clips decoded together (default 1)")
     b.add_argument("--backend", default="auto", help="op backend (default auto)")
     b.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
@@ -365,7 +576,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--history", metavar="JSONL",
                    help="append a record (commit, machine, settings, figures) to this file")
     b.add_argument("--json", action="store_true", help="print one JSON object as the last line")
-    b.add_argument("--quiet", action="store_true", help="no progress lines")
+    _add_quiet(b, "no progress lines on stderr")
     b.set_defaults(func=cmd_bench)
 
     d = sub.add_parser(
@@ -390,7 +601,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip the resemblyzer speaker-similarity scores")
     d.add_argument("--assets", metavar="DIR",
                    help="another demo assets directory (model/, codec/, semantic/, demo.json)")
-    d.add_argument("--no-progress", dest="progress", action="store_false")
+    _add_quiet(d, "no progress bars on stderr")
     d.set_defaults(func=cmd_demo)
 
     # Training subcommands: listed here, parsed and run by soundstorm.training.cli, which
@@ -424,9 +635,35 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         return args.func(args)
     except CLIError as e:
-        parser.exit(2, f"soundstorm {args.command}: error: {e}\n")
-    except (ValueError, TypeError, FileNotFoundError, RuntimeError) as e:
-        parser.exit(2, f"soundstorm {args.command}: error: {e}\n")
+        message = str(e)
+    except OSError as e:
+        message = _os_error_message(e, args)
+    except RecursionError:
+        message = "an input file is nested too deeply to read"
+    except (ValueError, TypeError, RuntimeError) as e:
+        message = str(e)
+    parser.exit(2, f"soundstorm {args.command}: error: {message}\n")
+
+
+# Arguments that name files or directories, for naming the one an OS error is about.
+PATH_ARGUMENTS = ("model", "semantic", "prompt", "manifest", "out", "history", "assets")
+
+
+def _os_error_message(e: OSError, args: argparse.Namespace) -> str:
+    """One line for an OS error: the argument whose path it concerns, the path, the reason."""
+    if e.filename is None:
+        return str(e)
+    failed = Path(os.fsdecode(e.filename)).absolute()
+    reason = e.strerror or str(e)
+    for name in PATH_ARGUMENTS:
+        value = getattr(args, name, None)
+        if value is None:
+            continue
+        given = Path(value).absolute()
+        if failed == given or given in failed.parents:
+            where = "" if failed == given else f" ({failed})"
+            return f"--{name} {value}: {reason}{where}"
+    return f"{reason}: {os.fsdecode(e.filename)}"
 
 
 if __name__ == "__main__":

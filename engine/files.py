@@ -17,6 +17,8 @@ def read_format_json(path: Any, format_name: str, format_version: int, what: str
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise error(f"{path} is not valid JSON: {e}") from None
+    except RecursionError:
+        raise error(f"{path} is not a {what}: its JSON is nested too deeply") from None
     if not isinstance(data, dict) or data.get("format") != format_name:
         raise error(f"{path} is not a {what} (expected \"format\": \"{format_name}\")")
     if data.get("format_version") != format_version:

@@ -52,15 +52,108 @@ def test_bad_history_is_reported_with_its_line(tmp_path):
     path.write_text('{"settings": {}, "figures": {}}\nnot json\n')
     with pytest.raises(SystemExit, match="h.jsonl:2: not a JSON record"):
         compare.main([str(path)])
+    path.write_bytes(b'{"settings": {}, "figures": {}}\n' + b"[" * 100_000 + b"\n")
+    with pytest.raises(SystemExit, match="h.jsonl:2: not a benchmark record .JSON nested too deeply"):
+        compare.main([str(path)])
+    path.write_bytes(b'{"settings": {}, "figures": {}}\n{"settings": "\xff"}\n')
+    with pytest.raises(SystemExit, match="h.jsonl:2: not UTF-8 text"):
+        compare.main([str(path)])
 
 
 def test_cli_bench_rejects_bad_settings(capsys):
     with pytest.raises(SystemExit):
         main(["bench", "--preset", "tiny", "--seconds", "0"])
-    assert "--seconds must be > 0" in capsys.readouterr().err
+    assert "--seconds must be a finite number of seconds > 0, got 0" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["bench", "--preset", "tiny", "--seconds", "20"])
-    assert "more than the preset's max_frames=256" in capsys.readouterr().err
+    assert "--seconds 20: the tiny preset holds at most 5.12 s (256 frames)" in \
+        capsys.readouterr().err
+
+
+def test_max_seconds_is_what_a_preset_holds():
+    from soundstorm.engine.benchmark import bench_inputs, default_seconds, max_seconds
+    from soundstorm.engine import Engine
+
+    tiny = ModelConfig.preset("tiny")
+    assert max_seconds(tiny) == 5.12 and default_seconds(tiny) == 5.12
+    assert max_seconds(ModelConfig.preset("small")) == 30 and default_seconds(ModelConfig.preset("paper")) == 10
+    engine = Engine.from_preset("tiny")
+    assert tiny.frames_for(bench_inputs(engine, max_seconds(tiny), 1).shape[1]) == tiny.max_frames
+    assert tiny.frames_for(bench_inputs(engine, 5.13, 1).shape[1]) > tiny.max_frames
+
+
+def history_record(commit: str, rtf: float, spread: float = 0.0, **settings) -> dict:
+    """A synthetic history record: wall time = rtf (1 s of audio), rounds within +-spread."""
+    wall = rtf
+    return {"commit": commit, "machine": {"host": "m"},
+            "settings": {"preset": "tiny", "seconds": 1.0, "batch": 1, "backend": "torch",
+                         "dtype": "float32", "device": "cpu", **settings},
+            "figures": {"wall_s": wall, "wall_s_min": wall * (1 - spread),
+                        "wall_s_max": wall * (1 + spread), "real_time_factor": rtf,
+                        "frames_per_s": 50 / wall, "achieved_gflops": 1 / wall,
+                        "matmul_gflops": 2.0, "fraction_of_matmul": 0.5 / wall,
+                        "fraction_min": 0.5 / wall / (1 + spread),
+                        "fraction_max": 0.5 / wall / (1 - spread)}}
+
+
+def verdicts(text: str) -> dict:
+    """label -> the verdict at the end of its row of the comparison table."""
+    out = {}
+    for line in text.splitlines():
+        for label in ("real-time factor", "frames/s", "fraction of matmul", "torch.matmul"):
+            if line.strip().startswith(label):
+                out[label] = line.split("%")[-1].strip()
+    return out
+
+
+def write_history(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def test_compare_flags_only_changes_beyond_the_noise(tmp_path, capsys):
+    # 8 % slower, but each record's rounds spread 10 %: noise, not a regression
+    h = write_history(tmp_path / "a.jsonl", [history_record("aaa", 1.00, spread=0.10),
+                                             history_record("bbb", 1.08, spread=0.10)])
+    assert compare.main([str(h)]) == 0
+    text = capsys.readouterr().out
+    assert verdicts(text)["real-time factor"] == "within noise", text
+    assert verdicts(text)["frames/s"] == "within noise"
+    assert verdicts(text)["torch.matmul"] == ""            # unchanged
+    assert "±20.0%" in text                                 # (1.1 - 0.9) / 1.0
+    # the same 8 % from records that agree to 1 %: a regression
+    h = write_history(tmp_path / "b.jsonl", [history_record("aaa", 1.00, spread=0.005),
+                                             history_record("bbb", 1.08, spread=0.005)])
+    compare.main([str(h)])
+    assert verdicts(capsys.readouterr().out) == {
+        "real-time factor": "worse", "frames/s": "worse", "torch.matmul": "",
+        "fraction of matmul": "worse"}
+    # faster by 30 %: better, whatever the noise
+    h = write_history(tmp_path / "c.jsonl", [history_record("aaa", 1.00, spread=0.10),
+                                             history_record("bbb", 0.70, spread=0.10)])
+    compare.main([str(h)])
+    assert verdicts(capsys.readouterr().out)["real-time factor"] == "better"
+    # below the threshold nothing is flagged, even from noiseless records
+    h = write_history(tmp_path / "d.jsonl", [history_record("aaa", 1.00),
+                                             history_record("bbb", 1.015)])
+    compare.main([str(h)])
+    assert verdicts(capsys.readouterr().out)["real-time factor"] == ""
+    compare.main([str(h), "--threshold", "1"])
+    assert verdicts(capsys.readouterr().out)["real-time factor"] == "worse"
+
+
+def test_compare_counts_repeated_records_of_a_commit_as_noise(tmp_path, capsys):
+    # each record alone is tight (0.5 %), but three runs of commit aaa range from 0.92 to
+    # 1.08: the newest commit's 1.06 is inside that
+    runs = [history_record("aaa", rtf, spread=0.005) for rtf in (0.92, 1.08, 1.00)]
+    h = write_history(tmp_path / "h.jsonl", runs + [history_record("aaa", 5.0, batch=8),
+                                                   history_record("bbb", 1.06, spread=0.005)])
+    compare.main([str(h), "--against", "aaa"])
+    text = capsys.readouterr().out
+    assert "batch 1" in text and verdicts(text)["real-time factor"] == "within noise", text
+    assert "±17.0%" in text                    # (1.08 * 1.005 - 0.92 * 0.995) / 1.00
+    with pytest.raises(SystemExit):
+        compare.main([str(h), "--threshold", "nan"])
 
 
 def test_rtf_suite_runs_a_tiny_case(tmp_path):
@@ -80,8 +173,12 @@ def test_default_rtf_cases_skip_the_slow_ones():
     ids = {p.id: p.marks for p in test_rtf.cases()}
     assert len(ids) == 3 * 3 * 2 * len(test_rtf.DTYPES) * len(test_rtf.available_backends(test_rtf.DEVICE))
     if test_rtf.DEVICE.type == "cpu":
-        assert not ids["tiny-30s-b8-torch-float32"] and not ids["small-5s-b1-torch-float32"]
+        assert not ids["tiny-5s-b8-torch-float32"] and not ids["small-5s-b1-torch-float32"]
         assert ids["paper-30s-b8-torch-float32"] and ids["small-10s-b1-torch-bfloat16"]
+    # the tiny preset holds 5.12 s: its longer cases are skipped, saying why
+    for length in ("10s", "30s"):
+        (mark,) = ids[f"tiny-{length}-b1-torch-float32"]
+        assert mark.name == "skip" and "tiny preset holds at most 5.12 s" in mark.kwargs["reason"]
 
 
 def test_ar_baseline_generates_every_level():

@@ -120,10 +120,34 @@ def test_encode_resamples_other_rates(codec):
     (torch.full((100,), float("nan")), 16000, ValueError, "NaN"),
     (torch.zeros(100), 0, ValueError, "sr must be a positive integer sample rate in Hz, got 0"),
     (torch.zeros(100), "16k", ValueError, "got '16k'"),
+    (torch.zeros(100), 10**9, ValueError, "sr must be a sample rate from 1000 to 384000 Hz, got 1000000000"),
+    (torch.zeros(100), 1e9, ValueError, "from 1000 to 384000 Hz, got 1000000000.0"),
+    (torch.zeros(100), 999, ValueError, "from 1000 to 384000 Hz, got 999"),
+    (torch.zeros(1), 384000, ValueError, r"1 sample\(s\) at 384000 Hz is shorter than one sample .* no frames"),
 ])
 def test_encode_rejects_bad_input(codec, wav, sr, err, match):
     with pytest.raises(err, match=match):
         codec.encode(wav, sr)
+
+
+@pytest.mark.parametrize("channels", [1, 2])
+def test_encode_refuses_channels_last_audio(codec, tmp_path, channels):
+    """soundfile reads [samples, channels]; encode wants [samples] or [batch, samples]."""
+    sf.write(tmp_path / "a.wav", np.stack([tone(440, 16000, 0.5)] * channels, axis=1), 16000)
+    data, sr = sf.read(tmp_path / "a.wav", dtype="float32", always_2d=True)
+    assert data.shape == (8000, channels)
+    with pytest.raises(ValueError, match=r"shape \(8000, %d\): this looks like 8000 samples of "
+                       r"\w+ audio in the \[samples, channels\] layout .* wav.mean\(axis=1\)"
+                       % channels):
+        codec.encode(data, sr)
+    assert codec.encode(data.mean(axis=1), sr).shape == (1, 25, 3)
+    assert codec.encode(data.T, sr).shape == (channels, 25, 3)   # a channel per clip
+
+
+def test_encode_keeps_short_batches_and_the_extreme_rates(codec):
+    assert codec.encode(torch.zeros(3, 2), 16000).shape == (3, 1, 3)   # 3 clips of 2 samples
+    assert codec.encode(torch.zeros(1000), 1000).shape == (1, 50, 3)
+    assert codec.encode(torch.zeros(384), 384000).shape == (1, 1, 3)
 
 
 @pytest.mark.parametrize("tokens,err,match", [

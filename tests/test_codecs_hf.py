@@ -193,3 +193,16 @@ def test_a_config_json_that_is_not_an_object_is_reported(tmp_path):
     (d / "model.safetensors").write_bytes(b"")
     with pytest.raises(ValueError, match="is not a JSON object"):
         load_codec("mimi", path=d)
+
+
+@pytest.mark.parametrize("content,match", [
+    (b"[" * 100_000, "is not a model config: its JSON is nested too deeply"),
+    (b'{"model_type": "mimi\xff"}', "is not a JSON object"),
+])
+def test_an_unreadable_config_json_is_reported(tmp_path, content, match):
+    d = tmp_path / "w"
+    d.mkdir()
+    (d / "config.json").write_bytes(content)
+    (d / "model.safetensors").write_bytes(b"")
+    with pytest.raises(ValueError, match=match):
+        load_codec("mimi", path=d)

@@ -12,6 +12,12 @@ from typing import Any
 import numpy as np
 import torch
 
+# Sample rates outside this range are a mistake (a rate in kHz, a sample count), not audio.
+MIN_RATE, MAX_RATE = 1_000, 384_000
+# A 2-D array with 1 or 2 columns and at least this many rows is audio in soundfile's
+# [samples, channels] layout, not a batch of clips one or two samples long.
+CHANNELS_LAST_ROWS = 64
+
 
 def require(module: str):
     """Import an optional codec dependency, or say how to install it."""
@@ -26,7 +32,10 @@ def as_batch(wav: Any, name: str = "wav") -> torch.Tensor:
     """Check a waveform and return it as float32 [B, N] on the CPU.
 
     wav: float [N] (one clip) or [B, N] (a batch of equal-length clips), a torch tensor
-         or a numpy array, samples in [-1, 1] by convention.
+         or a numpy array, samples in [-1, 1] by convention. Channels-last audio
+         (soundfile's [samples, channels], 1 or 2 columns and many rows) is refused with a
+         ValueError saying how to pass it: mix it down (`wav.mean(axis=1)`) or transpose
+         it, whichever is meant; nothing is guessed.
     """
     if isinstance(wav, np.ndarray):
         wav = torch.from_numpy(np.ascontiguousarray(wav))
@@ -40,7 +49,15 @@ def as_batch(wav: Any, name: str = "wav") -> torch.Tensor:
     if wav.ndim != 2:
         raise ValueError(f"{name} must have shape [samples] or [batch, samples], "
                          f"got shape {tuple(wav.shape)}")
-    if wav.shape[0] == 0 or wav.shape[1] == 0:
+    rows, columns = wav.shape
+    if columns <= 2 and rows >= CHANNELS_LAST_ROWS:
+        raise ValueError(
+            f"{name} has shape {tuple(wav.shape)}: this looks like {rows} samples of "
+            f"{'mono' if columns == 1 else 'stereo'} audio in the [samples, channels] layout "
+            f"(as soundfile reads it), but the expected layout is [samples] for one clip or "
+            f"[batch, samples] for a batch; pass one mono clip, e.g. wav.mean(axis=1), or wav.T "
+            f"to encode each channel as a clip of its own")
+    if rows == 0 or columns == 0:
         raise ValueError(f"{name} must hold at least one clip of at least one sample, "
                          f"got shape {tuple(wav.shape)}")
     wav = wav.detach().to("cpu", torch.float32)
@@ -50,11 +67,13 @@ def as_batch(wav: Any, name: str = "wav") -> torch.Tensor:
 
 
 def check_rate(sr: Any, name: str = "sr") -> int:
-    """A sample rate: a positive integer number of samples per second."""
+    """A sample rate: an integer number of samples per second in [MIN_RATE, MAX_RATE]."""
     if isinstance(sr, bool) or not isinstance(sr, (int, np.integer)) or sr <= 0:
-        if isinstance(sr, float) and sr.is_integer() and sr > 0:
-            return int(sr)
-        raise ValueError(f"{name} must be a positive integer sample rate in Hz, got {sr!r}")
+        if not (isinstance(sr, float) and sr.is_integer() and sr > 0):
+            raise ValueError(f"{name} must be a positive integer sample rate in Hz, got {sr!r}")
+    if not MIN_RATE <= sr <= MAX_RATE:
+        raise ValueError(f"{name} must be a sample rate from {MIN_RATE} to {MAX_RATE} Hz, "
+                         f"got {sr!r}")
     return int(sr)
 
 

@@ -65,15 +65,21 @@ class Codec(ABC):
     def encode(self, wav: Any, sr: int) -> torch.Tensor:
         """Waveform -> tokens.
 
-        wav: float [N] or [B, N] (torch or numpy) at `sr` Hz; resampled with soxr when
-             `sr != sample_rate`. Clips of different lengths go in zero-padded to the
-             longest; each row is encoded on its own, so cut a row's tokens to
-             `num_frames(its length, sr)` afterwards.
+        wav: float [N] or [B, N] (torch or numpy) at `sr` Hz, `sr` from 1 to 384 kHz;
+             resampled with soxr when `sr != sample_rate`. Channels-last audio
+             ([samples, channels], as soundfile reads it) and input too short to make one
+             frame are refused with a ValueError. Clips of different lengths go in
+             zero-padded to the longest; each row is encoded on its own, so cut a row's
+             tokens to `num_frames(its length, sr)` afterwards.
         Returns int64 [B, T, Q], T = ceil(N' / hop_length) with N' the length at
         `sample_rate`.
         """
         sr = check_rate(sr, "sr")
         wav = as_batch(wav, "wav")
+        if self.num_frames(wav.shape[1], sr) == 0:
+            raise ValueError(f"wav of {wav.shape[1]} sample(s) at {sr} Hz is shorter than one "
+                             f"sample at this {self.name} codec's {self.sample_rate} Hz: it "
+                             f"makes no frames")
         wav = resample(wav, sr, self.sample_rate)
         tokens = self._encode(wav)
         expected = (wav.shape[0], self.num_frames(wav.shape[1]), self.num_quantizers)

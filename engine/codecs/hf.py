@@ -91,9 +91,12 @@ def check_model_directory(user: str, name: str, model_type: str, repo_id: str, p
         raise FileNotFoundError(f"{name} directory {str(directory)!r} has no *.safetensors "
                                 f"file (pickled checkpoints are not loaded): {how(directory)}")
     try:
-        declared = json.loads(config_file.read_text()).get("model_type")
-    except (json.JSONDecodeError, AttributeError) as e:
+        declared = json.loads(config_file.read_text(encoding="utf-8")).get("model_type")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
         raise ValueError(f"{config_file} is not a JSON object: {e}") from None
+    except RecursionError:
+        raise ValueError(f"{config_file} is not a model config: its JSON is nested too "
+                         f"deeply") from None
     if declared != model_type:
         raise ValueError(f"{config_file} declares model_type={declared!r}, but {user} needs "
                          f"model_type={model_type!r}")
