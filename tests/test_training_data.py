@@ -206,8 +206,8 @@ def test_manifest_and_metadata_errors(corpus_dir):
         open_corpus(path)
     meta = (path / "corpus.json").read_text()
     (path / "corpus.json").write_text("[" * 100_000 + "]" * 100_000)
-    with pytest.raises(CorpusError, match="corpus.json is not a soundstorm-tokens corpus .JSON "
-                                          "nested too deeply"):
+    with pytest.raises(CorpusError, match="corpus.json is not a soundstorm-tokens corpus: its "
+                                          "JSON is nested too deeply"):
         open_corpus(path)
     (path / "corpus.json").write_text(meta)
     with pytest.raises(CorpusError, match="corpus directory not found"):

@@ -113,7 +113,7 @@ def _nan_weights(path):
     name = sorted(tensors)[0]
     tensors[name] = torch.full_like(tensors[name], float("nan"))
     save_file(tensors, str(w), metadata={"format": "soundstorm"})
-    return f"its weights hold NaN or infinity ({name})"
+    return f"tensor '{name}' holds"   # the loader's own finite check names the tensor
 
 
 @pytest.mark.parametrize("breakage", [_truncate_weights, _garbage_state, _nan_weights])
