@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 
 .PHONY: setup run test bench gpu-check clean
 
-$(VENV)/.installed: pyproject.toml setup.py
+$(VENV)/.installed: pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h)
 	@# espeak-ng speaks the demo's and the tests' speech; without it the demo stops saying
 	@# how to install it, and the speech tests are skipped (with a reason).
 	@command -v espeak-ng >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
@@ -38,4 +38,4 @@ gpu-check:
 	$(PYTHON) bench/gpu_check.py --out gpu-check.json
 
 clean:
-	rm -rf $(VENV) build *.egg-info soundstorm-out soundstorm-demo .pytest_cache
+	rm -rf $(VENV) build kernels/_C*.so *.egg-info soundstorm-out soundstorm-demo .pytest_cache

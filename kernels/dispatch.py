@@ -18,9 +18,10 @@ from soundstorm.kernels.embedding import summed_embedding_reference
 from soundstorm.kernels.resample import masked_resample_reference
 from soundstorm.kernels.residual_norm import residual_norm_reference
 
-# Backends the project knows of, in order of preference for "auto".
-KNOWN_BACKENDS = ("torch", "triton")
-PLANNED_BACKENDS = ("cpp", "pallas")
+# Backends the project knows of. "auto" chooses between torch and triton only: "cpp" runs
+# only some ops in C++ so far and is asked for by name.
+KNOWN_BACKENDS = ("torch", "triton", "cpp")
+PLANNED_BACKENDS = ("pallas",)
 
 
 def _nothing_to_prepare(max_frames: int, head_dim: int, device: torch.device) -> None:
@@ -89,6 +90,16 @@ def _triton_ops(device: Optional[torch.device]) -> Ops:
     return triton_backend.ops_for(device)
 
 
+def _cpp_ops() -> Ops:
+    try:
+        from soundstorm.kernels import cpp as cpp_backend
+    except ImportError as e:
+        raise RuntimeError(f"backend 'cpp' is not available: the C++ extension "
+                           f"soundstorm.kernels._C does not import ({e}); reinstall the "
+                           f"package on a machine with a C++ compiler") from e
+    return cpp_backend.ops()
+
+
 def get_ops(backend: str = "auto", device: Optional[torch.device] = None,
             dtype: Optional[torch.dtype] = None) -> Ops:
     """Resolve a backend name ("auto" = fastest available on `device` for `dtype`) to
@@ -104,6 +115,10 @@ def get_ops(backend: str = "auto", device: Optional[torch.device] = None,
             raise ValueError(f"backend 'triton' runs float32, float16 and bfloat16 models, "
                              f"got dtype {dtype}; use backend='torch' for {dtype}")
         return _triton_ops(device)
+    if backend == "cpp":
+        if device is not None and torch.device(device).type != "cpu":
+            raise ValueError(f"backend 'cpp' runs on the CPU, not on {device}")
+        return _cpp_ops()
     if backend in PLANNED_BACKENDS:
         raise RuntimeError(
             f"backend {backend!r} is not available in this installation; available on "

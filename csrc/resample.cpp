@@ -1,0 +1,293 @@
+// Confidence-based masked resampling on the CPU: the counterpart of
+// soundstorm.kernels.resample.masked_resample_reference (see its docstring for the
+// semantics). The Python wrapper (soundstorm.kernels.cpp) expands every per-step parameter
+// to one value per row, converts the logits to contiguous float32 and passes CPU tensors
+// as zero-copy numpy views; this file works on those raw buffers.
+//
+// Per row b, per frame t (frames in parallel with OpenMP):
+//   1. load the frame's C logits, sanitising on the way (NaN -> -inf, +inf -> FLT_MAX),
+//      and find their maximum and first argmax (the greedy candidate);
+//   2. if the row samples: candidate = first argmax of logits / temperature + gumbel(hash),
+//      the hash being rng.code_keys for (seed, level, iteration, candidate stream, t, c);
+//   3. confidence = logits[candidate] - logsumexp(logits) + noise_scale * gumbel(hash of
+//      (seed, level, iteration, confidence stream, t)).
+//   A frame with no finite logit gets candidate 0 and confidence -inf.
+// Then per row: keep the num_keep[b] eligible frames ranked first by (confidence
+// descending, frame ascending) -- the order of the reference's two stable sorts -- found
+// by selection (std::nth_element), not a full sort, and write their candidates.
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <stdexcept>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+
+#include "rng.h"
+
+namespace py = pybind11;
+
+namespace soundstorm {
+namespace {
+
+constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
+constexpr float POS_INF = std::numeric_limits<float>::infinity();
+constexpr float FLOAT32_MAX = std::numeric_limits<float>::max();
+
+// Everything one frame needs; filled per row, read by the per-frame kernel.
+struct FrameParams {
+    const float* logits;      // [C] of this frame
+    float* scratch;           // [C] sanitised logits (per thread)
+    int64_t num_codes;
+    bool sample;              // draw the candidate (else argmax)
+    float temperature;        // > 0 where sample
+    uint32_t candidate_key;   // rng.frame_keys(step key of the candidate stream)[t]
+    const float* gumbel;      // [2**23] gumbel value of each 23-bit uniform (see rng.h)
+    bool need_confidence;
+};
+
+struct FrameResult {
+    int64_t candidate;
+    float log_p;              // log-probability of the candidate; -inf for a dead frame
+};
+
+// The per-frame work, written once and compiled twice: for the baseline x86-64 target and
+// for AVX-512 (chosen at run time). The loops are plain so that the compiler vectorises
+// the sanitising, the maximum and the exponentials' sum; the hash-and-gather loop of the
+// sampled candidate stays scalar in effect but benefits from the wider registers.
+#define SOUNDSTORM_FRAME_KERNEL_BODY                                                       \
+    const int64_t C = p.num_codes;                                                         \
+    const float* x = p.logits;                                                             \
+    float* s = p.scratch;                                                                  \
+    /* 1. sanitise and take the maximum (a strict > keeps the first maximum) */            \
+    float best = NEG_INF;                                                                  \
+    int64_t greedy = 0;                                                                    \
+    for (int64_t c = 0; c < C; ++c) {                                                      \
+        float v = x[c];                                                                    \
+        v = std::isnan(v) ? NEG_INF : (v == POS_INF ? FLOAT32_MAX : v);                    \
+        s[c] = v;                                                                          \
+    }                                                                                      \
+    for (int64_t c = 0; c < C; ++c) {                                                      \
+        if (s[c] > best) { best = s[c]; greedy = c; }                                      \
+    }                                                                                      \
+    if (best == NEG_INF) return FrameResult{0, NEG_INF}; /* dead frame */                  \
+    int64_t candidate = greedy;                                                            \
+    /* 2. Gumbel-max: first argmax of s / temperature + gumbel, each step rounded to     */ \
+    /*    float32 as torch does (no fused multiply-add: -ffp-contract=off)             */ \
+    if (p.sample) {                                                                        \
+        float drawn_best = NEG_INF;                                                        \
+        int64_t drawn = 0;                                                                 \
+        for (int64_t c = 0; c < C; ++c) {                                                  \
+            const uint32_t h = rng::mix32(p.candidate_key ^ (uint32_t(c) * rng::GOLDEN32));\
+            const float v = s[c] / p.temperature + p.gumbel[h >> 9];                       \
+            if (v > drawn_best) { drawn_best = v; drawn = c; }                             \
+        }                                                                                  \
+        candidate = drawn;                                                                 \
+    }                                                                                      \
+    if (!p.need_confidence) return FrameResult{candidate, 0.0f};                           \
+    /* 3. log-softmax of the candidate: s[cand] - (max + log(sum exp(s - max))) */         \
+    float sum = 0.0f;                                                                      \
+    for (int64_t c = 0; c < C; ++c) sum += std::exp(s[c] - best);                          \
+    return FrameResult{candidate, s[candidate] - (std::log(sum) + best)};
+
+FrameResult frame_kernel_baseline(const FrameParams& p) { SOUNDSTORM_FRAME_KERNEL_BODY }
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define SOUNDSTORM_HAVE_AVX512_VARIANT 1
+__attribute__((target("avx512f")))
+FrameResult frame_kernel_avx512(const FrameParams& p) { SOUNDSTORM_FRAME_KERNEL_BODY }
+#endif
+
+using FrameKernel = FrameResult (*)(const FrameParams&);
+
+FrameKernel pick_frame_kernel() {
+#ifdef SOUNDSTORM_HAVE_AVX512_VARIANT
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f")) return frame_kernel_avx512;
+#endif
+    return frame_kernel_baseline;
+}
+
+const FrameKernel frame_kernel = pick_frame_kernel();
+
+// --- argument checking ---------------------------------------------------------------
+
+template <typename T>
+using Array = py::array_t<T, py::array::c_style>;
+
+void require(bool ok, const std::string& message) {
+    if (!ok) throw std::invalid_argument("masked_resample: " + message);
+}
+
+template <typename T>
+void require_shape(const Array<T>& a, const char* name, std::vector<py::ssize_t> shape) {
+    bool ok = a.ndim() == py::ssize_t(shape.size());
+    for (size_t i = 0; ok && i < shape.size(); ++i) ok = a.shape(i) == shape[i];
+    if (!ok) {
+        std::string want = "[";
+        for (size_t i = 0; i < shape.size(); ++i)
+            want += (i ? ", " : "") + std::to_string(shape[i]);
+        throw std::invalid_argument(std::string("masked_resample: ") + name +
+                                    " must have shape " + want + "]");
+    }
+}
+
+// --- the op ----------------------------------------------------------------------------
+
+// out: int64 [B, T] holding the current tokens; the kept candidates are written into it.
+void masked_resample(Array<float> logits, Array<int64_t> out, Array<bool> eligible,
+                     py::object num_keep_obj, Array<int64_t> seeds, Array<int64_t> level,
+                     Array<int64_t> iteration, Array<float> temperature,
+                     Array<float> noise_scale, Array<bool> sample, bool any_sample,
+                     bool any_noise, Array<float> gumbel) {
+    require(logits.ndim() == 3, "logits must be [B, T, C]");
+    const int64_t B = logits.shape(0), T = logits.shape(1), C = logits.shape(2);
+    require(C >= 1, "logits need at least one code");
+    require_shape(out, "tokens", {B, T});
+    require_shape(eligible, "eligible", {B, T});
+    require_shape(seeds, "seeds", {B});
+    require_shape(level, "level", {B});
+    require_shape(iteration, "iteration", {B});
+    require_shape(temperature, "temperature", {B});
+    require_shape(noise_scale, "noise_scale", {B});
+    require_shape(sample, "sample", {B});
+    require_shape(gumbel, "gumbel table", {py::ssize_t(1) << 23});
+    const bool keep_all = num_keep_obj.is_none();
+    Array<int64_t> num_keep;
+    if (!keep_all) {
+        num_keep = py::cast<Array<int64_t>>(num_keep_obj);
+        require_shape(num_keep, "num_keep", {B});
+    }
+
+    const float* x = logits.data();
+    int64_t* tok = out.mutable_data();
+    const bool* elig = eligible.data();
+    const int64_t* seed = seeds.data();
+    const int64_t* lvl = level.data();
+    const int64_t* it = iteration.data();
+    const float* temp = temperature.data();
+    const float* scale = noise_scale.data();
+    const bool* samp = sample.data();
+    const float* table = gumbel.data();
+    const int64_t* keep_k = keep_all ? nullptr : num_keep.data();
+
+    std::vector<int64_t> candidate(B * T);
+    std::vector<float> confidence(keep_all ? 0 : B * T);
+
+    py::gil_scoped_release release;
+
+    // Per-frame candidates and confidences, all frames of all rows in parallel.
+    #pragma omp parallel
+    {
+        std::vector<float> scratch(C);
+        #pragma omp for schedule(static)
+        for (int64_t bt = 0; bt < B * T; ++bt) {
+            const int64_t b = bt / T, t = bt % T;
+            if (!elig[bt]) continue;  // never written: candidate and confidence unused
+            FrameParams p;
+            p.logits = x + bt * C;
+            p.scratch = scratch.data();
+            p.num_codes = C;
+            p.sample = any_sample && samp[b];
+            // rows that do not sample may carry temperature 0 (the reference keeps it 1)
+            p.temperature = temp[b] > 0.0f ? temp[b] : 1.0f;
+            p.candidate_key = p.sample
+                ? rng::frame_key(rng::step_key(seed[b], lvl[b], it[b], rng::STREAM_CANDIDATE), t)
+                : 0;
+            p.gumbel = table;
+            p.need_confidence = !keep_all;
+            const FrameResult r = frame_kernel(p);
+            candidate[bt] = r.candidate;
+            if (!keep_all) {
+                float conf = r.log_p;
+                if (any_noise && conf != NEG_INF) {
+                    const uint32_t h = rng::frame_key(
+                        rng::step_key(seed[b], lvl[b], it[b], rng::STREAM_CONFIDENCE), t);
+                    conf = conf + scale[b] * table[h >> 9];
+                }
+                confidence[bt] = conf;
+            }
+        }
+    }
+
+    // Per row: choose the frames to keep and write their candidates.
+    #pragma omp parallel
+    {
+        std::vector<int64_t> frames;
+        #pragma omp for schedule(dynamic, 1)
+        for (int64_t b = 0; b < B; ++b) {
+            const int64_t row = b * T;
+            frames.clear();
+            for (int64_t t = 0; t < T; ++t)
+                if (elig[row + t]) frames.push_back(t);
+            const int64_t n = int64_t(frames.size());
+            int64_t k = keep_all ? n : std::max<int64_t>(0, std::min<int64_t>(keep_k[b], n));
+            if (k < n) {
+                // The reference's order: higher confidence first, ties to the earlier
+                // frame. This is a strict total order, so the first k after selection are
+                // exactly the reference's first k.
+                const float* conf = confidence.data() + row;
+                auto before = [conf](int64_t a, int64_t c) {
+                    return conf[a] > conf[c] || (conf[a] == conf[c] && a < c);
+                };
+                std::nth_element(frames.begin(), frames.begin() + k, frames.end(), before);
+            }
+            for (int64_t i = 0; i < k; ++i) tok[row + frames[i]] = candidate[row + frames[i]];
+        }
+    }
+}
+
+// The hashes of rng.py, exposed so that tests can check them bit for bit.
+py::array_t<int64_t> step_keys(Array<int64_t> seeds, Array<int64_t> level,
+                               Array<int64_t> iteration, int64_t stream) {
+    const int64_t B = seeds.shape(0);
+    require_shape(level, "level", {B});
+    require_shape(iteration, "iteration", {B});
+    py::array_t<int64_t> keys(B);
+    for (int64_t b = 0; b < B; ++b)
+        keys.mutable_data()[b] = rng::step_key(seeds.data()[b], level.data()[b],
+                                               iteration.data()[b], uint32_t(stream));
+    return keys;
+}
+
+py::array_t<int64_t> frame_keys(Array<int64_t> keys, int64_t num_frames) {
+    const int64_t B = keys.shape(0);
+    py::array_t<int64_t> out({B, num_frames});
+    for (int64_t b = 0; b < B; ++b)
+        for (int64_t t = 0; t < num_frames; ++t)
+            out.mutable_data()[b * num_frames + t] = rng::frame_key(uint32_t(keys.data()[b]), t);
+    return out;
+}
+
+py::array_t<int64_t> code_keys(Array<int64_t> fkeys, int64_t num_codes) {
+    const int64_t N = fkeys.size();
+    py::array_t<int64_t> out({N, num_codes});
+    for (int64_t i = 0; i < N; ++i)
+        for (int64_t c = 0; c < num_codes; ++c)
+            out.mutable_data()[i * num_codes + c] =
+                rng::mix32(uint32_t(fkeys.data()[i]) ^ (uint32_t(c) * rng::GOLDEN32));
+    return out;
+}
+
+}  // namespace
+}  // namespace soundstorm
+
+void register_resample(py::module_& m) {
+    m.def("masked_resample", &soundstorm::masked_resample,
+          "Masked resampling in place on `tokens` (see soundstorm.kernels.cpp)",
+          py::arg("logits"), py::arg("tokens"), py::arg("eligible"), py::arg("num_keep"),
+          py::arg("seeds"), py::arg("level"), py::arg("iteration"), py::arg("temperature"),
+          py::arg("noise_scale"), py::arg("sample"), py::arg("any_sample"),
+          py::arg("any_noise"), py::arg("gumbel"));
+    m.def("step_keys", &soundstorm::step_keys);
+    m.def("frame_keys", &soundstorm::frame_keys);
+    m.def("code_keys", &soundstorm::code_keys);
+    m.def("avx512_kernels", []() {
+        return soundstorm::frame_kernel != soundstorm::frame_kernel_baseline;
+    }, "Whether the per-frame kernels run their AVX-512 variant on this CPU");
+}

@@ -1,0 +1,98 @@
+"""Backend "cpp": C++ CPU kernels (csrc/ -> soundstorm.kernels._C) behind the signatures of
+the PyTorch references.
+
+The extension works on raw buffers: CPU tensors go in as zero-copy numpy views (after a
+conversion only where the dtype or layout asks for one). So far masked resampling runs in
+C++; `ops()` takes every other op from the references.
+
+Importing this module raises ImportError when the extension is not built; `get_ops("cpp")`
+turns that into a RuntimeError that says why.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Optional
+
+import torch
+
+from soundstorm.kernels import _C  # noqa: F401  (ImportError when not built)
+from soundstorm.kernels import rng
+from soundstorm.kernels.resample import Scalar
+
+_GUMBEL_BITS = 23
+_gumbel_table: Optional[torch.Tensor] = None
+_gumbel_lock = threading.Lock()
+
+
+def gumbel_table() -> torch.Tensor:
+    """float32 [2**23]: rng.to_gumbel of every hash, indexed by its top 23 bits (the only
+    bits to_gumbel reads). Computed once, by the reference's own float32 logarithm, so the
+    C++ noise equals the reference's bit for bit on every CPU."""
+    global _gumbel_table
+    if _gumbel_table is None:
+        with _gumbel_lock:
+            if _gumbel_table is None:
+                table = torch.empty(1 << _GUMBEL_BITS, dtype=torch.float32)
+                step = 1 << 20
+                for start in range(0, 1 << _GUMBEL_BITS, step):
+                    top = torch.arange(start, start + step, dtype=torch.int64)
+                    table[start:start + step] = rng.to_gumbel(top << (32 - _GUMBEL_BITS))
+                _gumbel_table = table
+    return _gumbel_table
+
+
+def _row_values(value: Scalar, batch: int, dtype: torch.dtype, name: str):
+    v = torch.as_tensor(value, dtype=dtype)
+    if v.device.type != "cpu":
+        raise ValueError(f"backend 'cpp' runs on the CPU; {name} is on {v.device}")
+    if v.dim() > 1 or (v.dim() == 1 and v.shape[0] not in (1, batch)):
+        raise ValueError(f"{name} must be one value or one per row ({batch}), "
+                         f"got shape {tuple(v.shape)}")
+    return v.expand(batch).contiguous().numpy()
+
+
+def masked_resample(logits: torch.Tensor, tokens: torch.Tensor, eligible: torch.Tensor,
+                    num_keep: Optional[torch.Tensor], seeds: torch.Tensor, level: Scalar,
+                    iteration: Scalar, temperature: Scalar, noise_scale: Scalar,
+                    sample: Scalar, any_sample: Optional[bool] = None,
+                    any_noise: Optional[bool] = None) -> torch.Tensor:
+    """The C++ counterpart of `masked_resample_reference` (same arguments and result; see
+    its docstring). Logits of other float dtypes are converted to float32 first."""
+    if logits.dim() != 3:
+        raise ValueError(f"logits must be [B, T, C], got shape {tuple(logits.shape)}")
+    for name, t in (("logits", logits), ("tokens", tokens), ("eligible", eligible),
+                    ("seeds", seeds)):
+        if t.device.type != "cpu":
+            raise ValueError(f"backend 'cpp' runs on the CPU; {name} is on {t.device}")
+    B = logits.shape[0]
+    if any_sample is None:
+        any_sample = isinstance(sample, torch.Tensor) or bool(sample)
+    if any_noise is None:
+        any_noise = isinstance(noise_scale, torch.Tensor) or noise_scale != 0.0
+    out = tokens.to(torch.int64, copy=True).contiguous()
+    keep = None
+    if num_keep is not None:
+        keep = num_keep.to(torch.int64).contiguous().numpy()
+    with torch.no_grad():
+        _C.masked_resample(
+            logits.detach().to(torch.float32).contiguous().numpy(),
+            out.numpy(),
+            eligible.to(torch.bool).contiguous().numpy(),
+            keep,
+            seeds.to(torch.int64).contiguous().numpy(),
+            _row_values(level, B, torch.int64, "level"),
+            _row_values(iteration, B, torch.int64, "iteration"),
+            _row_values(temperature, B, torch.float32, "temperature"),
+            _row_values(noise_scale, B, torch.float32, "noise_scale"),
+            _row_values(sample, B, torch.bool, "sample"),
+            bool(any_sample), bool(any_noise), gumbel_table().numpy())
+    return out
+
+
+def ops():
+    """The Ops of backend "cpp": the C++ kernels where they exist, the references elsewhere."""
+    from dataclasses import replace
+
+    from soundstorm.kernels.dispatch import TORCH_OPS
+    return replace(TORCH_OPS, name="cpp", masked_resample=masked_resample)

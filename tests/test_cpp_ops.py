@@ -1,0 +1,217 @@
+"""Backend "cpp": the C++ kernels equal their PyTorch references token for token (and the
+counter-based hashes bit for bit); dispatch selects them by name only and refuses clearly
+when the extension is not built."""
+
+import copy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import make_model, random_codes, random_semantic
+from soundstorm.engine import DecodeConfig, Engine, ModelConfig
+from soundstorm.kernels import get_ops, rng
+from soundstorm.kernels.resample import masked_resample_reference
+
+try:
+    from soundstorm.kernels import cpp
+    from soundstorm.kernels import _C
+except ImportError as e:  # pragma: no cover - depends on the build
+    pytest.skip(f"the C++ extension soundstorm.kernels._C is not built ({e})",
+                allow_module_level=True)
+
+
+def test_hashes_equal_the_reference_bit_for_bit():
+    seeds = torch.tensor([0, 1, -1, 2 ** 40 + 7, 2 ** 63 - 1, -(2 ** 63), 123456789])
+    level = torch.tensor([1, 2, 3, 70000, 4, 1, 12])
+    iteration = torch.tensor([1, 5, 4096, 3, 1, 9, 2])
+    for stream in (rng.STREAM_CANDIDATE, rng.STREAM_CONFIDENCE):
+        want = rng.step_keys(seeds, level, iteration, stream)
+        got = torch.from_numpy(_C.step_keys(seeds.numpy(), level.numpy(), iteration.numpy(), stream))
+        assert torch.equal(got, want)
+        fk = rng.frame_keys(want, 257)
+        assert torch.equal(torch.from_numpy(_C.frame_keys(want.numpy(), 257)), fk)
+        assert torch.equal(torch.from_numpy(_C.code_keys(fk[:2].numpy(), 1031)).view(2, 257, 1031),
+                           rng.code_keys(fk[:2], 1031))
+
+
+def test_gumbel_table_equals_to_gumbel_bit_for_bit():
+    h = torch.cat([torch.randint(0, 2 ** 32, (200_000,), generator=torch.Generator().manual_seed(1)),
+                   torch.tensor([0, 511, 512, 2 ** 32 - 1, 2 ** 31])])
+    assert torch.equal(cpp.gumbel_table()[h >> 9], rng.to_gumbel(h))
+
+
+def _case(B, T, C, seed, p_eligible=0.7):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(B, T, C, generator=g) * 3
+    eligible = torch.rand(B, T, generator=g) < p_eligible
+    tokens = torch.randint(0, C, (B, T), generator=g)
+    tokens = torch.where(eligible, torch.full_like(tokens, C), tokens)
+    seeds = torch.randint(-(2 ** 62), 2 ** 62, (B,), generator=g)
+    return logits, tokens, eligible, seeds
+
+
+def _both(*args, **kwargs):
+    want = masked_resample_reference(*args, **kwargs)
+    got = cpp.masked_resample(*args, **kwargs)
+    assert got.dtype == torch.int64 and got.shape == want.shape
+    assert torch.equal(got, want), (got != want).nonzero()[:10]
+    return got
+
+
+SHAPES = [(1, 1, 1), (1, 1, 7), (1, 13, 31), (3, 37, 101), (2, 97, 1024), (5, 1, 3)]
+STEPS = [  # sample, temperature, noise_scale
+    (False, 1.0, 0.0),                                      # greedy
+    (True, 0.7, 0.0),                                       # sampled, no confidence noise
+    (True, 1.3, 2.5),                                       # sampled with noise
+    (False, 1.0, 1.0),                                      # greedy with noise
+]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("step", STEPS, ids=["greedy", "sampled", "sampled-noise", "greedy-noise"])
+def test_masked_resample_matches_the_reference(shape, step):
+    B, T, C = shape
+    sample, temperature, noise = step
+    logits, tokens, eligible, seeds = _case(B, T, C, seed=B * 1000 + T * 10 + C)
+    n_elig = eligible.sum(1)
+    for num_keep in (None, torch.zeros(B, dtype=torch.int64), n_elig // 2, n_elig,
+                     n_elig + 5, torch.arange(B) % 3):
+        _both(logits, tokens, eligible, num_keep, seeds, 2, 3, temperature, noise, sample)
+
+
+def test_per_row_parameters_and_flags():
+    B, T, C = 4, 53, 67
+    logits, tokens, eligible, seeds = _case(B, T, C, seed=5)
+    level, iteration = torch.tensor([1, 2, 3, 4]), torch.tensor([5, 1, 2, 9])
+    temperature = torch.tensor([0.0, 0.5, 1.0, 2.0])   # 0 on a row that does not sample
+    noise = torch.tensor([0.0, 1.0, 3.0, 0.5])
+    sample = torch.tensor([False, True, True, True])
+    num_keep = torch.tensor([3, 10, 0, 60])
+    _both(logits, tokens, eligible, num_keep, seeds, level, iteration, temperature, noise, sample)
+    _both(logits, tokens, eligible, None, seeds, level, iteration, temperature, noise, sample)
+    for any_sample in (False, True):
+        for any_noise in (False, True):
+            _both(logits, tokens, eligible, num_keep, seeds, level, iteration, temperature,
+                  noise, sample, any_sample=any_sample, any_noise=any_noise)
+
+
+def test_ragged_eligibility_and_low_precision_logits():
+    B, T, C = 3, 41, 29
+    logits, tokens, _, seeds = _case(B, T, C, seed=9)
+    eligible = torch.zeros(B, T, dtype=torch.bool)
+    eligible[0, :] = True          # all
+    eligible[1, 40] = True         # only the last frame
+    eligible[2, ::7] = True        # sparse; row 3 of nothing below
+    num_keep = torch.tensor([20, 1, 2])
+    for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        _both(logits.to(dtype), tokens, eligible, num_keep, seeds, 1, 1, 0.9, 1.0, True)
+    _both(logits, tokens, torch.zeros_like(eligible), num_keep, seeds, 1, 1, 0.9, 1.0, True)
+
+
+def test_ties_go_to_the_earlier_frame():
+    B, T, C = 2, 31, 5
+    # identical frames: equal candidates and equal confidences (greedy, no noise)
+    logits = torch.randn(1, 1, C).expand(B, T, C).contiguous()
+    logits[1] = 0.0                # a row of all-equal logits: argmax ties too
+    tokens = torch.full((B, T), C)
+    eligible = torch.ones(B, T, dtype=torch.bool)
+    eligible[:, ::4] = False
+    seeds = torch.tensor([3, 4])
+    for k in range(0, T + 1, 5):
+        num_keep = torch.tensor([k, k // 2])
+        got = _both(logits, tokens, eligible, num_keep, seeds, 1, 1, 1.0, 0.0, False)
+        first = eligible[0].nonzero()[:k, 0]
+        assert torch.equal((got[0] != C).nonzero()[:, 0], first)
+
+
+def test_non_finite_logits():
+    B, T, C = 2, 23, 17
+    logits, tokens, eligible, seeds = _case(B, T, C, seed=11, p_eligible=0.9)
+    logits[0, 0] = float("nan")                 # all NaN: dead frame
+    logits[0, 1] = float("-inf")                # all -inf: dead frame
+    logits[0, 2, ::2] = float("nan")
+    logits[0, 2, 1::2] = float("-inf")          # a mix: dead frame
+    logits[0, 3, 5] = float("inf")              # +inf -> the largest finite float32
+    logits[0, 4, 2:4] = float("inf")            # two of them: the first wins greedily
+    logits[1, :, 3] = float("nan")              # NaN in every frame: never drawn
+    logits[1, 5, :] = float("-inf")
+    logits[1, 5, 7] = 0.0                       # one finite code
+    eligible[0, :5] = True
+    eligible[1, 5] = True
+    for num_keep in (None, torch.tensor([2, 1]), torch.tensor([5, 30]), torch.tensor([22, 3])):
+        for step in STEPS:
+            sample, temperature, noise = step
+            _both(logits, tokens, eligible, num_keep, seeds, 1, 2, temperature, noise, sample)
+    # temperature small enough that FLOAT32_MAX / t overflows to +inf
+    _both(logits, tokens, eligible, torch.tensor([3, 3]), seeds, 1, 1, 1e-4, 1.0, True)
+
+
+def test_inputs_are_not_modified_and_errors_are_clear():
+    logits, tokens, eligible, seeds = _case(2, 9, 11, seed=2)
+    logits[0, 0, 0] = float("nan")
+    before = (logits.clone(), tokens.clone(), eligible.clone())
+    cpp.masked_resample(logits, tokens, eligible, torch.tensor([1, 2]), seeds, 1, 1, 1.0, 1.0, True)
+    assert torch.equal(tokens, before[1]) and torch.equal(eligible, before[2])
+    assert torch.equal(logits.nan_to_num(), before[0].nan_to_num())
+    with pytest.raises(ValueError, match=r"eligible must have shape \[2, 9\]"):
+        cpp.masked_resample(logits, tokens, eligible[:, :5], None, seeds, 1, 1, 1.0, 1.0, True)
+    with pytest.raises(ValueError, match=r"level must be one value or one per row \(2\)"):
+        cpp.masked_resample(logits, tokens, eligible, None, seeds, torch.tensor([1, 2, 3]),
+                            1, 1.0, 1.0, True)
+
+
+def test_get_ops_selects_cpp_by_name_only():
+    ops = get_ops("cpp")
+    assert ops.name == "cpp" and ops.masked_resample is cpp.masked_resample
+    torch_ops = get_ops("torch")
+    assert ops.rotary_attention is torch_ops.rotary_attention
+    assert ops.summed_embedding is torch_ops.summed_embedding
+    assert get_ops("auto", torch.device("cpu")).name != "cpp"
+
+
+def test_without_the_extension_cpp_raises_and_the_package_still_imports():
+    code = ("import sys\n"
+            "sys.modules['soundstorm.kernels._C'] = None  # as if it were not built\n"
+            "from soundstorm.engine import Engine\n"
+            "from soundstorm.kernels import get_ops\n"
+            "print('AUTO', get_ops('auto').name)\n"
+            "try:\n"
+            "    get_ops('cpp')\n"
+            "except RuntimeError as e:\n"
+            "    print('ERR', e)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "AUTO torch" in r.stdout
+    assert "ERR backend 'cpp' is not available: the C++ extension soundstorm.kernels._C" in r.stdout
+
+
+@pytest.mark.parametrize("decode", [
+    DecodeConfig(steps_per_level=(4, 1, 1, 1), temperature=0.0, gumbel_scale=0.0),
+    DecodeConfig(steps_per_level=(3, 2, 1, 1)),   # sampled, with annealed Gumbel noise
+], ids=["greedy", "sampled"])
+def test_engine_decodes_the_same_tokens_as_torch(decode):
+    model = make_model(ModelConfig.preset("tiny"), seed=3, sharpen=20.0)
+    ref = Engine(copy.deepcopy(model), backend="torch")
+    eng = Engine(copy.deepcopy(model), backend="cpp")
+    assert eng.backend == "cpp" and eng.model.ops.masked_resample is cpp.masked_resample
+    cfg = ref.config
+    semantic = random_semantic(cfg, 2, 13, seed=4)
+    prompt = random_codes(cfg, 2, 5, cfg.num_quantizers, seed=5)
+    kwargs = dict(semantic_lengths=torch.tensor([13, 9]), prompt=prompt,
+                  prompt_lengths=torch.tensor([5, 3]), decode=decode, seed=[21, 22])
+    assert torch.equal(eng.generate(semantic, **kwargs), ref.generate(semantic, **kwargs))
+
+
+def test_benchmark_script_runs_at_tiny_shapes(capsys):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    try:
+        import bench_cpp
+    finally:
+        sys.path.pop(0)
+    assert bench_cpp.main(["--frames", "7", "--codes", "11", "--batches", "1", "2",
+                           "--rounds", "2", "--inner", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "speed-up" in out and out.count("x\n") == 4
