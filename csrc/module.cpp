@@ -6,6 +6,7 @@
 namespace py = pybind11;
 
 void register_resample(py::module_& m);
+void register_embedding(py::module_& m);
 
 PYBIND11_MODULE(_C, m) {
     m.doc() = "soundstorm C++ CPU kernels (backend 'cpp')";
@@ -15,4 +16,5 @@ PYBIND11_MODULE(_C, m) {
     m.attr("openmp") = false;
 #endif
     register_resample(m);
+    register_embedding(m);
 }

@@ -2,8 +2,8 @@
 the PyTorch references.
 
 The extension works on raw buffers: CPU tensors go in as zero-copy numpy views (after a
-conversion only where the dtype or layout asks for one). So far masked resampling runs in
-C++; `ops()` takes every other op from the references.
+conversion only where the dtype or layout asks for one). So far masked resampling and the
+summed embedding lookup run in C++; `ops()` takes every other op from the references.
 
 Importing this module raises ImportError when the extension is not built; `get_ops("cpp")`
 turns that into a RuntimeError that says why.
@@ -18,6 +18,7 @@ import torch
 
 from soundstorm.kernels import _C  # noqa: F401  (ImportError when not built)
 from soundstorm.kernels import rng
+from soundstorm.kernels.embedding import summed_embedding_reference
 from soundstorm.kernels.resample import Scalar
 
 _GUMBEL_BITS = 23
@@ -90,9 +91,38 @@ def masked_resample(logits: torch.Tensor, tokens: torch.Tensor, eligible: torch.
     return out
 
 
+def summed_embedding(semantic: torch.Tensor, tokens: torch.Tensor,
+                     semantic_table: torch.Tensor, acoustic_table: torch.Tensor,
+                     rate_num: int, rate_den: int) -> torch.Tensor:
+    """The C++ counterpart of `summed_embedding_reference` (same arguments and result, bit
+    for bit). float32 and float64 tables run in C++; float16 and bfloat16 ones, which numpy
+    cannot hold, and tables that need gradients go to the reference."""
+    dtype = semantic_table.dtype
+    if (dtype not in (torch.float32, torch.float64) or acoustic_table.dtype != dtype
+            or torch.is_grad_enabled() and (semantic_table.requires_grad
+                                           or acoustic_table.requires_grad)):
+        return summed_embedding_reference(semantic, tokens, semantic_table, acoustic_table,
+                                          rate_num, rate_den)
+    for name, t in (("semantic", semantic), ("tokens", tokens),
+                    ("semantic_table", semantic_table), ("acoustic_table", acoustic_table)):
+        if t.device.type != "cpu":
+            raise ValueError(f"backend 'cpp' runs on the CPU; {name} is on {t.device}")
+    if tokens.dim() != 3:
+        raise ValueError(f"tokens must be [B, T, Q], got shape {tuple(tokens.shape)}")
+    B, T, _ = tokens.shape
+    out = torch.empty(B, T, semantic_table.shape[-1], dtype=dtype)
+    _C.summed_embedding(semantic.to(torch.int64).contiguous().numpy(),
+                        tokens.to(torch.int64).contiguous().numpy(),
+                        semantic_table.detach().contiguous().numpy(),
+                        acoustic_table.detach().contiguous().numpy(),
+                        int(rate_num), int(rate_den), out.numpy())
+    return out
+
+
 def ops():
     """The Ops of backend "cpp": the C++ kernels where they exist, the references elsewhere."""
     from dataclasses import replace
 
     from soundstorm.kernels.dispatch import TORCH_OPS
-    return replace(TORCH_OPS, name="cpp", masked_resample=masked_resample)
+    return replace(TORCH_OPS, name="cpp", masked_resample=masked_resample,
+                   summed_embedding=summed_embedding)

@@ -1,4 +1,4 @@
-"""Backend "cpp": the C++ kernels equal their PyTorch references token for token (and the
+"""Backend "cpp": the C++ kernels (masked resampling, summed embedding) equal their PyTorch references token for token (and the
 counter-based hashes bit for bit); dispatch selects them by name only and refuses clearly
 when the extension is not built."""
 
@@ -13,6 +13,7 @@ import torch
 from conftest import make_model, random_codes, random_semantic
 from soundstorm.engine import DecodeConfig, Engine, ModelConfig
 from soundstorm.kernels import get_ops, rng
+from soundstorm.kernels.embedding import summed_embedding_reference
 from soundstorm.kernels.resample import masked_resample_reference
 
 try:
@@ -163,12 +164,52 @@ def test_inputs_are_not_modified_and_errors_are_clear():
                             1, 1.0, 1.0, True)
 
 
+EMBEDDING_SHAPES = [  # B, S, T, Q, C, D, rate_num, rate_den
+    (1, 1, 1, 1, 1, 1, 1, 1),
+    (2, 13, 26, 4, 17, 33, 1, 2),
+    (3, 10, 20, 12, 1024, 512, 25, 50),
+    (1, 5, 7, 3, 11, 7, 2, 3),
+]
+
+
+@pytest.mark.parametrize("shape", EMBEDDING_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16],
+                         ids=str)
+def test_summed_embedding_matches_the_reference_bit_for_bit(shape, dtype):
+    B, S, T, Q, C, D, num, den = shape
+    g = torch.Generator().manual_seed(B * 100 + T)
+    semantic = torch.randint(0, 50, (B, S), generator=g)
+    tokens = torch.randint(0, C + 1, (B, T, Q), generator=g)   # C = MASK
+    tokens[0, 0] = C
+    semantic_table = torch.randn(50, D, generator=g).to(dtype)
+    acoustic_table = torch.randn(Q * C + 1, D, generator=g).to(dtype)
+    args = (semantic, tokens, semantic_table, acoustic_table, num, den)
+    want = summed_embedding_reference(*args)
+    got = cpp.summed_embedding(*args)
+    assert got.dtype == want.dtype and torch.equal(got, want)
+
+
+def test_summed_embedding_rejects_bad_ids():
+    semantic_table, acoustic_table = torch.randn(5, 4), torch.randn(2 * 3 + 1, 4)
+    tokens = torch.zeros(1, 4, 2, dtype=torch.int64)
+    with pytest.raises(IndexError, match="semantic id 5 is outside"):
+        cpp.summed_embedding(torch.tensor([[0, 5, 1, 1]]), tokens, semantic_table,
+                             acoustic_table, 1, 1)
+    with pytest.raises(IndexError, match="token -1 is negative"):
+        cpp.summed_embedding(torch.zeros(1, 4, dtype=torch.int64), tokens - 1,
+                             semantic_table, acoustic_table, 1, 1)
+    with pytest.raises(IndexError, match="reads semantic index 3, beyond the 3 semantic ids"):
+        cpp.summed_embedding(torch.zeros(1, 3, dtype=torch.int64), tokens, semantic_table,
+                             acoustic_table, 1, 1)
+
+
 def test_get_ops_selects_cpp_by_name_only():
     ops = get_ops("cpp")
     assert ops.name == "cpp" and ops.masked_resample is cpp.masked_resample
+    assert ops.summed_embedding is cpp.summed_embedding
     torch_ops = get_ops("torch")
     assert ops.rotary_attention is torch_ops.rotary_attention
-    assert ops.summed_embedding is torch_ops.summed_embedding
+    assert ops.conv_module is torch_ops.conv_module
     assert get_ops("auto", torch.device("cpu")).name != "cpp"
 
 
@@ -197,6 +238,7 @@ def test_engine_decodes_the_same_tokens_as_torch(decode):
     ref = Engine(copy.deepcopy(model), backend="torch")
     eng = Engine(copy.deepcopy(model), backend="cpp")
     assert eng.backend == "cpp" and eng.model.ops.masked_resample is cpp.masked_resample
+    assert eng.model.ops.summed_embedding is cpp.summed_embedding
     cfg = ref.config
     semantic = random_semantic(cfg, 2, 13, seed=4)
     prompt = random_codes(cfg, 2, 5, cfg.num_quantizers, seed=5)
