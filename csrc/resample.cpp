@@ -28,6 +28,11 @@
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#define SOUNDSTORM_HAVE_AVX512_VARIANT 1
+#endif
+
 #include "rng.h"
 
 namespace py = pybind11;
@@ -56,51 +61,133 @@ struct FrameResult {
     float log_p;              // log-probability of the candidate; -inf for a dead frame
 };
 
+// exp(x) for x <= 0 (x = -inf included), within a few ulp, in a form that vectorises
+// (the classic Cephes expf: 2**n times a polynomial on the reduced argument). It feeds
+// only the log-sum-exp of the confidence, which no backend rounds exactly like another
+// anyway; the candidates, which must match bit for bit, never go through it.
+static inline __attribute__((always_inline)) float exp_nonpositive(float x) {
+    x = x < -87.0f ? -87.0f : x;                      // exp(-87) ~ 1.6e-38: adds nothing
+    const float t = x * 1.44269504088896341f + 0.5f;  // n = floor(x / ln 2 + 1/2)
+    int n = int(t);
+    n -= float(n) > t;
+    const float z = float(n);
+    x = x - z * 0.693359375f;                         // x - n ln 2, in two parts
+    x = x - z * -2.12194440e-4f;
+    float y = 1.9875691500e-4f;
+    y = y * x + 1.3981999507e-3f;
+    y = y * x + 8.3334519073e-3f;
+    y = y * x + 4.1665795894e-2f;
+    y = y * x + 1.6666665459e-1f;
+    y = y * x + 5.0000001201e-1f;
+    y = y * x * x + x + 1.0f;
+    const float scale = __builtin_bit_cast(float, (n + 127) << 23);  // 2**n, n in [-126, 0]
+    return y * scale;
+}
+
 // The per-frame work, written once and compiled twice: for the baseline x86-64 target and
-// for AVX-512 (chosen at run time). The loops are plain so that the compiler vectorises
-// the sanitising, the maximum and the exponentials' sum; the hash-and-gather loop of the
-// sampled candidate stays scalar in effect but benefits from the wider registers.
-#define SOUNDSTORM_FRAME_KERNEL_BODY                                                       \
-    const int64_t C = p.num_codes;                                                         \
-    const float* x = p.logits;                                                             \
-    float* s = p.scratch;                                                                  \
-    /* 1. sanitise and take the maximum (a strict > keeps the first maximum) */            \
-    float best = NEG_INF;                                                                  \
-    int64_t greedy = 0;                                                                    \
-    for (int64_t c = 0; c < C; ++c) {                                                      \
-        float v = x[c];                                                                    \
-        v = std::isnan(v) ? NEG_INF : (v == POS_INF ? FLOAT32_MAX : v);                    \
-        s[c] = v;                                                                          \
-    }                                                                                      \
-    for (int64_t c = 0; c < C; ++c) {                                                      \
-        if (s[c] > best) { best = s[c]; greedy = c; }                                      \
-    }                                                                                      \
-    if (best == NEG_INF) return FrameResult{0, NEG_INF}; /* dead frame */                  \
-    int64_t candidate = greedy;                                                            \
-    /* 2. Gumbel-max: first argmax of s / temperature + gumbel, each step rounded to     */ \
-    /*    float32 as torch does (no fused multiply-add: -ffp-contract=off)             */ \
-    if (p.sample) {                                                                        \
-        float drawn_best = NEG_INF;                                                        \
-        int64_t drawn = 0;                                                                 \
-        for (int64_t c = 0; c < C; ++c) {                                                  \
-            const uint32_t h = rng::mix32(p.candidate_key ^ (uint32_t(c) * rng::GOLDEN32));\
-            const float v = s[c] / p.temperature + p.gumbel[h >> 9];                       \
-            if (v > drawn_best) { drawn_best = v; drawn = c; }                             \
-        }                                                                                  \
-        candidate = drawn;                                                                 \
-    }                                                                                      \
-    if (!p.need_confidence) return FrameResult{candidate, 0.0f};                           \
-    /* 3. log-softmax of the candidate: s[cand] - (max + log(sum exp(s - max))) */         \
-    float sum = 0.0f;                                                                      \
-    for (int64_t c = 0; c < C; ++c) sum += std::exp(s[c] - best);                          \
-    return FrameResult{candidate, s[candidate] - (std::log(sum) + best)};
+// for AVX-512 (chosen at run time). The loops are kept simple so that the compiler
+// vectorises the sanitising, the maximum and the exponentials.
+// sum over c of exp(s[c] - best), the portable way (the compiler vectorises it).
+static inline __attribute__((always_inline)) float exp_sum(const float* s, int64_t C, float best) {
+    float sum = 0.0f;
+    #pragma omp simd reduction(+ : sum)
+    for (int64_t c = 0; c < C; ++c) sum += exp_nonpositive(s[c] - best);
+    return sum;
+}
 
-FrameResult frame_kernel_baseline(const FrameParams& p) { SOUNDSTORM_FRAME_KERNEL_BODY }
-
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define SOUNDSTORM_HAVE_AVX512_VARIANT 1
+#ifdef SOUNDSTORM_HAVE_AVX512_VARIANT
+// The same with AVX-512 intrinsics, sixteen codes at a time: exp_nonpositive lane-wise.
 __attribute__((target("avx512f")))
-FrameResult frame_kernel_avx512(const FrameParams& p) { SOUNDSTORM_FRAME_KERNEL_BODY }
+float exp_sum_avx512(const float* s, int64_t C, float best) {
+    const __m512 vbest = _mm512_set1_ps(best);
+    __m512 acc = _mm512_setzero_ps();
+    int64_t c = 0;
+    for (; c + 16 <= C; c += 16) {
+        __m512 x = _mm512_sub_ps(_mm512_loadu_ps(s + c), vbest);
+        x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+        const __m512 t = _mm512_add_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                       _mm512_set1_ps(0.5f));
+        const __m512 z = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+        x = _mm512_sub_ps(x, _mm512_mul_ps(z, _mm512_set1_ps(0.693359375f)));
+        x = _mm512_sub_ps(x, _mm512_mul_ps(z, _mm512_set1_ps(-2.12194440e-4f)));
+        __m512 y = _mm512_set1_ps(1.9875691500e-4f);
+        y = _mm512_add_ps(_mm512_mul_ps(y, x), _mm512_set1_ps(1.3981999507e-3f));
+        y = _mm512_add_ps(_mm512_mul_ps(y, x), _mm512_set1_ps(8.3334519073e-3f));
+        y = _mm512_add_ps(_mm512_mul_ps(y, x), _mm512_set1_ps(4.1665795894e-2f));
+        y = _mm512_add_ps(_mm512_mul_ps(y, x), _mm512_set1_ps(1.6666665459e-1f));
+        y = _mm512_add_ps(_mm512_mul_ps(y, x), _mm512_set1_ps(5.0000001201e-1f));
+        y = _mm512_add_ps(_mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(y, x), x), x),
+                          _mm512_set1_ps(1.0f));
+        const __m512i n = _mm512_cvttps_epi32(z);  // z is integral: exact
+        const __m512 scale = _mm512_castsi512_ps(
+            _mm512_slli_epi32(_mm512_add_epi32(n, _mm512_set1_epi32(127)), 23));
+        acc = _mm512_add_ps(acc, _mm512_mul_ps(y, scale));
+    }
+    float sum = _mm512_reduce_add_ps(acc);
+    for (; c < C; ++c) sum += exp_nonpositive(s[c] - best);
+    return sum;
+}
+#endif
+
+template <float (*ExpSum)(const float*, int64_t, float)>
+static inline __attribute__((always_inline)) FrameResult frame_kernel_body(const FrameParams& p) {
+    const int64_t C = p.num_codes;
+    const float* x = p.logits;
+    float* s = p.scratch;
+    // 1. sanitise and take the maximum, then its first index (the greedy candidate).
+    //    `omp simd reduction` lets the compiler vectorise the reductions without -ffast-math.
+    float best = NEG_INF;
+    #pragma omp simd reduction(max : best)
+    for (int64_t c = 0; c < C; ++c) {
+        float v = x[c];
+        v = std::isnan(v) ? NEG_INF : (v == POS_INF ? FLOAT32_MAX : v);
+        s[c] = v;
+        best = v > best ? v : best;
+    }
+    if (best == NEG_INF) return FrameResult{0, NEG_INF};  // dead frame
+    int64_t greedy = 0;
+    while (s[greedy] != best) ++greedy;
+    int64_t candidate = greedy;
+    // 2. Gumbel-max: the first argmax of s / temperature + gumbel, each step rounded to
+    //    float32 as torch does (no fused multiply-add: -ffp-contract=off). The table
+    //    lookups are random reads of a 32 MiB table: the hashes of a block of codes are
+    //    computed and their table entries prefetched before the block is scored.
+    if (p.sample) {
+        constexpr int64_t BLOCK = 64;
+        uint32_t index[BLOCK];
+        float drawn_best = NEG_INF;
+        int64_t drawn = 0;
+        for (int64_t c0 = 0; c0 < C; c0 += BLOCK) {
+            const int64_t n = C - c0 < BLOCK ? C - c0 : BLOCK;
+            for (int64_t i = 0; i < n; ++i) {
+                const uint32_t c = uint32_t(c0 + i);
+                index[i] = rng::mix32(p.candidate_key ^ (c * rng::GOLDEN32)) >> 9;
+            }
+            for (int64_t i = 0; i < n; ++i) __builtin_prefetch(p.gumbel + index[i]);
+            for (int64_t i = 0; i < n; ++i) {
+                const float v = s[c0 + i] / p.temperature + p.gumbel[index[i]];
+                if (v > drawn_best) { drawn_best = v; drawn = c0 + i; }
+            }
+        }
+        candidate = drawn;
+    }
+    if (!p.need_confidence) return FrameResult{candidate, 0.0f};
+    // 3. log-softmax of the candidate: s[candidate] - (max + log(sum exp(s - max)))
+    const float sum = ExpSum(s, C, best);
+    return FrameResult{candidate, s[candidate] - (std::log(sum) + best)};
+}
+
+float exp_sum_baseline(const float* s, int64_t C, float best) { return exp_sum(s, C, best); }
+
+FrameResult frame_kernel_baseline(const FrameParams& p) {
+    return frame_kernel_body<exp_sum_baseline>(p);
+}
+
+#ifdef SOUNDSTORM_HAVE_AVX512_VARIANT
+__attribute__((target("avx512f")))
+FrameResult frame_kernel_avx512(const FrameParams& p) {
+    return frame_kernel_body<exp_sum_avx512>(p);
+}
 #endif
 
 using FrameKernel = FrameResult (*)(const FrameParams&);
@@ -113,7 +200,8 @@ FrameKernel pick_frame_kernel() {
     return frame_kernel_baseline;
 }
 
-const FrameKernel frame_kernel = pick_frame_kernel();
+// Set once at import; tests switch to the baseline to check both variants.
+FrameKernel frame_kernel = pick_frame_kernel();
 
 // --- argument checking ---------------------------------------------------------------
 
@@ -290,4 +378,10 @@ void register_resample(py::module_& m) {
     m.def("avx512_kernels", []() {
         return soundstorm::frame_kernel != soundstorm::frame_kernel_baseline;
     }, "Whether the per-frame kernels run their AVX-512 variant on this CPU");
+    m.def("use_avx512_kernels", [](bool on) {
+        soundstorm::frame_kernel = on ? soundstorm::pick_frame_kernel()
+                                      : soundstorm::frame_kernel_baseline;
+        return soundstorm::frame_kernel != soundstorm::frame_kernel_baseline;
+    }, "Use the AVX-512 variant where the CPU has it (True) or the baseline (False); "
+       "returns whether the AVX-512 variant is now in use");
 }

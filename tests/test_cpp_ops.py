@@ -71,9 +71,20 @@ STEPS = [  # sample, temperature, noise_scale
 ]
 
 
+@pytest.fixture(params=["avx512", "baseline"])
+def kernel_variant(request):
+    """Runs a test with the AVX-512 per-frame kernels (where the CPU has them) and with the
+    portable baseline ones."""
+    avx512 = _C.use_avx512_kernels(request.param == "avx512")
+    if request.param == "avx512" and not avx512:
+        pytest.skip("this CPU has no AVX-512")
+    yield request.param
+    _C.use_avx512_kernels(True)
+
+
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("step", STEPS, ids=["greedy", "sampled", "sampled-noise", "greedy-noise"])
-def test_masked_resample_matches_the_reference(shape, step):
+def test_masked_resample_matches_the_reference(shape, step, kernel_variant):
     B, T, C = shape
     sample, temperature, noise = step
     logits, tokens, eligible, seeds = _case(B, T, C, seed=B * 1000 + T * 10 + C)
@@ -112,7 +123,7 @@ def test_ragged_eligibility_and_low_precision_logits():
     _both(logits, tokens, torch.zeros_like(eligible), num_keep, seeds, 1, 1, 0.9, 1.0, True)
 
 
-def test_ties_go_to_the_earlier_frame():
+def test_ties_go_to_the_earlier_frame(kernel_variant):
     B, T, C = 2, 31, 5
     # identical frames: equal candidates and equal confidences (greedy, no noise)
     logits = torch.randn(1, 1, C).expand(B, T, C).contiguous()
@@ -128,7 +139,7 @@ def test_ties_go_to_the_earlier_frame():
         assert torch.equal((got[0] != C).nonzero()[:, 0], first)
 
 
-def test_non_finite_logits():
+def test_non_finite_logits(kernel_variant):
     B, T, C = 2, 23, 17
     logits, tokens, eligible, seeds = _case(B, T, C, seed=11, p_eligible=0.9)
     logits[0, 0] = float("nan")                 # all NaN: dead frame
