@@ -3,6 +3,7 @@ at the small preset's shapes (T = 500 frames, C = 1024 codes), batch 1 and 8, sa
 (with confidence noise) and greedy.
 
     python bench/bench_cpp.py                  # T=500, C=1024, batches 1 and 8
+    python bench/bench_cpp.py --scale 10             # more peaked logits
     python bench/bench_cpp.py --frames 7 --codes 11 --batches 1 2 --rounds 3
 
 Reference and kernel alternate round by round on the same inputs; each sample is the mean
@@ -30,9 +31,9 @@ def _timed(fn, inner: int) -> float:
 
 
 def bench_case(batch: int, frames: int, codes: int, sampled: bool, rounds: int,
-               inner: int, impl) -> dict:
+               inner: int, impl, scale: float = 3.0) -> dict:
     g = torch.Generator().manual_seed(0)
-    logits = torch.randn(batch, frames, codes, generator=g) * 3
+    logits = torch.randn(batch, frames, codes, generator=g) * scale
     tokens = torch.full((batch, frames), codes, dtype=torch.int64)
     eligible = torch.ones(batch, frames, dtype=torch.bool)
     num_keep = torch.full((batch,), frames // 2, dtype=torch.int64)
@@ -61,6 +62,9 @@ def main(argv=None) -> int:
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--inner", type=int, default=5)
+    p.add_argument("--scale", type=float, default=3.0,
+                   help="standard deviation of the random logits (a trained model's are "
+                        "more peaked: the C++ kernel then skips most Gumbel lookups)")
     a = p.parse_args(argv)
     try:
         from soundstorm.kernels import cpp
@@ -68,13 +72,14 @@ def main(argv=None) -> int:
         print(f"skipped: the C++ extension is not built ({e})")
         return 0
     cpp.gumbel_table()  # built once per process; not part of a call's cost
-    print(f"masked_resample, T={a.frames} C={a.codes}, {torch.get_num_threads()} threads, "
+    print(f"masked_resample, T={a.frames} C={a.codes}, logits N(0, {a.scale:g}**2), "
+          f"{torch.get_num_threads()} threads, "
           f"AVX-512 kernels: {cpp._C.avx512_kernels()}")
     print(f"{'B':>3} {'mode':>8} {'torch ms':>10} {'cpp ms':>10} {'speed-up':>9}")
     for batch in a.batches:
         for sampled in (True, False):
             r = bench_case(batch, a.frames, a.codes, sampled, a.rounds, a.inner,
-                           cpp.masked_resample)
+                           cpp.masked_resample, a.scale)
             print(f"{batch:>3} {'sampled' if sampled else 'greedy':>8} {r['torch_ms']:>10.3f} "
                   f"{r['cpp_ms']:>10.3f} {r['speedup']:>8.2f}x")
     return 0

@@ -53,6 +53,7 @@ struct FrameParams {
     float temperature;        // > 0 where sample
     uint32_t candidate_key;   // rng.frame_keys(step key of the candidate stream)[t]
     const float* gumbel;      // [2**23] gumbel value of each 23-bit uniform (see rng.h)
+    float gumbel_max;         // the table's largest value
     bool need_confidence;
 };
 
@@ -152,21 +153,36 @@ static inline __attribute__((always_inline)) FrameResult frame_kernel_body(const
     //    float32 as torch does (no fused multiply-add: -ffp-contract=off). The table
     //    lookups are random reads of a 32 MiB table: the hashes of a block of codes are
     //    computed and their table entries prefetched before the block is scored.
+    //    No Gumbel value exceeds gumbel_max, so a code with s / temperature + gumbel_max
+    //    below the best value so far can neither win nor tie: its lookup is skipped
+    //    (float addition is monotone, so the skip is exact). The greedy code's value is
+    //    the first bound; with a peaked distribution most lookups are skipped.
     if (p.sample) {
         constexpr int64_t BLOCK = 64;
+        float scaled[BLOCK];
         uint32_t index[BLOCK];
-        float drawn_best = NEG_INF;
-        int64_t drawn = 0;
+        const auto hash = [&](int64_t c) {
+            return rng::mix32(p.candidate_key ^ (uint32_t(c) * rng::GOLDEN32)) >> 9;
+        };
+        float drawn_best = s[greedy] / p.temperature + p.gumbel[hash(greedy)];
+        int64_t drawn = greedy;
         for (int64_t c0 = 0; c0 < C; c0 += BLOCK) {
             const int64_t n = C - c0 < BLOCK ? C - c0 : BLOCK;
+            const float bound = drawn_best;
             for (int64_t i = 0; i < n; ++i) {
-                const uint32_t c = uint32_t(c0 + i);
-                index[i] = rng::mix32(p.candidate_key ^ (c * rng::GOLDEN32)) >> 9;
+                scaled[i] = s[c0 + i] / p.temperature;
+                index[i] = hash(c0 + i);
             }
-            for (int64_t i = 0; i < n; ++i) __builtin_prefetch(p.gumbel + index[i]);
+            for (int64_t i = 0; i < n; ++i)
+                if (!(scaled[i] + p.gumbel_max < bound)) __builtin_prefetch(p.gumbel + index[i]);
             for (int64_t i = 0; i < n; ++i) {
-                const float v = s[c0 + i] / p.temperature + p.gumbel[index[i]];
-                if (v > drawn_best) { drawn_best = v; drawn = c0 + i; }
+                if (scaled[i] + p.gumbel_max < bound) continue;
+                const float v = scaled[i] + p.gumbel[index[i]];
+                // the first maximum wins, as in torch.argmax
+                if (v > drawn_best || (v == drawn_best && c0 + i < drawn)) {
+                    drawn_best = v;
+                    drawn = c0 + i;
+                }
             }
         }
         candidate = drawn;
@@ -232,7 +248,7 @@ void masked_resample(Array<float> logits, Array<int64_t> out, Array<bool> eligib
                      py::object num_keep_obj, Array<int64_t> seeds, Array<int64_t> level,
                      Array<int64_t> iteration, Array<float> temperature,
                      Array<float> noise_scale, Array<bool> sample, bool any_sample,
-                     bool any_noise, Array<float> gumbel) {
+                     bool any_noise, Array<float> gumbel, float gumbel_max) {
     require(logits.ndim() == 3, "logits must be [B, T, C]");
     const int64_t B = logits.shape(0), T = logits.shape(1), C = logits.shape(2);
     require(C >= 1, "logits need at least one code");
@@ -288,6 +304,7 @@ void masked_resample(Array<float> logits, Array<int64_t> out, Array<bool> eligib
                 ? rng::frame_key(rng::step_key(seed[b], lvl[b], it[b], rng::STREAM_CANDIDATE), t)
                 : 0;
             p.gumbel = table;
+            p.gumbel_max = gumbel_max;
             p.need_confidence = !keep_all;
             const FrameResult r = frame_kernel(p);
             candidate[bt] = r.candidate;
@@ -371,7 +388,7 @@ void register_resample(py::module_& m) {
           py::arg("logits"), py::arg("tokens"), py::arg("eligible"), py::arg("num_keep"),
           py::arg("seeds"), py::arg("level"), py::arg("iteration"), py::arg("temperature"),
           py::arg("noise_scale"), py::arg("sample"), py::arg("any_sample"),
-          py::arg("any_noise"), py::arg("gumbel"));
+          py::arg("any_noise"), py::arg("gumbel"), py::arg("gumbel_max"));
     m.def("step_keys", &soundstorm::step_keys);
     m.def("frame_keys", &soundstorm::frame_keys);
     m.def("code_keys", &soundstorm::code_keys);

@@ -23,6 +23,7 @@ from soundstorm.kernels.resample import Scalar
 
 _GUMBEL_BITS = 23
 _gumbel_table: Optional[torch.Tensor] = None
+_gumbel_max = float("inf")
 _gumbel_lock = threading.Lock()
 
 
@@ -30,7 +31,7 @@ def gumbel_table() -> torch.Tensor:
     """float32 [2**23]: rng.to_gumbel of every hash, indexed by its top 23 bits (the only
     bits to_gumbel reads). Computed once, by the reference's own float32 logarithm, so the
     C++ noise equals the reference's bit for bit on every CPU."""
-    global _gumbel_table
+    global _gumbel_table, _gumbel_max
     if _gumbel_table is None:
         with _gumbel_lock:
             if _gumbel_table is None:
@@ -39,6 +40,8 @@ def gumbel_table() -> torch.Tensor:
                 for start in range(0, 1 << _GUMBEL_BITS, step):
                     top = torch.arange(start, start + step, dtype=torch.int64)
                     table[start:start + step] = rng.to_gumbel(top << (32 - _GUMBEL_BITS))
+                # the largest value bounds the noise (the kernel skips lookups with it)
+                _gumbel_max = float(table.max())
                 _gumbel_table = table
     return _gumbel_table
 
@@ -87,7 +90,7 @@ def masked_resample(logits: torch.Tensor, tokens: torch.Tensor, eligible: torch.
             _row_values(temperature, B, torch.float32, "temperature"),
             _row_values(noise_scale, B, torch.float32, "noise_scale"),
             _row_values(sample, B, torch.bool, "sample"),
-            bool(any_sample), bool(any_noise), gumbel_table().numpy())
+            bool(any_sample), bool(any_noise), gumbel_table().numpy(), _gumbel_max)
     return out
 
 

@@ -94,6 +94,17 @@ def test_masked_resample_matches_the_reference(shape, step, kernel_variant):
         _both(logits, tokens, eligible, num_keep, seeds, 2, 3, temperature, noise, sample)
 
 
+def test_peaked_logits_skip_lookups_exactly(kernel_variant):
+    # logits spread far beyond the Gumbel range: most codes cannot win and are skipped
+    B, T, C = 3, 64, 1024
+    logits, tokens, eligible, seeds = _case(B, T, C, seed=21)
+    logits = logits * 15
+    logits[0, :, 100:110] = logits[0, :, 100:101]           # equal top codes: ties
+    for temperature in (0.3, 1.0, 4.0):
+        for num_keep in (None, torch.tensor([5, 20, 64])):
+            _both(logits, tokens, eligible, num_keep, seeds, 3, 2, temperature, 1.0, True)
+
+
 def test_per_row_parameters_and_flags():
     B, T, C = 4, 53, 67
     logits, tokens, eligible, seeds = _case(B, T, C, seed=5)
