@@ -11,6 +11,15 @@ if not torch.cuda.is_available():
 from soundstorm.engine import Engine, ModelConfig, SoundStorm
 
 
+@pytest.fixture
+def one_thread():
+    """Run the test with torch on one thread (bitwise-reproducible training)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_config() -> ModelConfig:
     return ModelConfig.preset("tiny")

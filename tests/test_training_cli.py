@@ -10,7 +10,6 @@ import torch
 from safetensors.torch import load_file
 
 from soundstorm.engine import SoundStorm
-from soundstorm.engine.cli import main
 from soundstorm.engine.model import load_config
 from soundstorm.training import cli as training_cli
 from soundstorm.training.config import TrainConfig
@@ -19,7 +18,10 @@ from soundstorm.training.data import DataPosition, TrainStream
 from soundstorm.training.masking import masked_loss, sample_mask
 from soundstorm.training.trainer import Trainer, load_init_weights
 
-from training_helpers import train_losses
+from training_helpers import cli, train_losses
+
+# Training runs bitwise-reproducibly only with one thread per process.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 COMMON = ["--preset", "tiny", "--batch-size", 4, "--max-seconds", 1, "--min-seconds", 0.2,
           "--warmup-steps", 3, "--log-every", 1, "--no-progress"]
@@ -33,18 +35,6 @@ def corpora(tmp_path_factory):
     write_synthetic_corpus(root / "a", 40, spec, seed=0)
     write_synthetic_corpus(root / "b", 40, spec, seed=1)
     return root
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def cli(*argv):
-    return main([str(a) for a in argv])
 
 
 def fails(capsys, *argv):

@@ -10,13 +10,15 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from soundstorm.engine import Engine, ModelConfig, SoundStorm
-from soundstorm.engine.cli import main
 from soundstorm.training import checkpoint as ckpt
 from soundstorm.training import trainer
 from soundstorm.training.checkpoint import list_checkpoints
 from soundstorm.training.synthetic import SyntheticSpec, write_synthetic_corpus
 
-from training_helpers import train_losses
+from training_helpers import cli, train_losses
+
+# Training runs bitwise-reproducibly only with one thread per process.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 COMMON = ["--preset", "tiny", "--batch-size", 4, "--max-seconds", 1, "--min-seconds", 0.2,
           "--warmup-steps", 3, "--no-progress"]
@@ -28,18 +30,6 @@ def corpus(tmp_path_factory):
     write_synthetic_corpus(root / "train", 40, SyntheticSpec(min_seconds=0.3, max_seconds=1.5),
                            seed=0)
     return root / "train"
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def cli(*argv):
-    return main([str(a) for a in argv])
 
 
 def names(out):

@@ -19,16 +19,9 @@ from soundstorm.training import TrainConfig, train
 from soundstorm.training.corpus import open_corpus
 from soundstorm.training.synthetic import SyntheticSpec, write_synthetic_corpus
 
+
 PROMPT = 50          # 1 s of voice prompt
 FRAMES = 100         # decode 2 s per held-out utterance
-
-
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def decode_agreement(engine, corpus, prompt_frames):

@@ -16,6 +16,13 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 CLI = [sys.executable, "-m", "soundstorm.engine.cli"]
 
 
+def cli(*argv):
+    """`soundstorm ARGV...` in this process; returns its exit status."""
+    from soundstorm.engine.cli import main
+
+    return main([str(a) for a in argv])
+
+
 def run_cli(*argv, check=True, timeout=300):
     r = subprocess.run(CLI + [str(a) for a in argv], capture_output=True, text=True,
                        env=ENV, timeout=timeout)
