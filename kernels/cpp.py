@@ -2,8 +2,9 @@
 the PyTorch references.
 
 The extension works on raw buffers: CPU tensors go in as zero-copy numpy views (after a
-conversion only where the dtype or layout asks for one). So far masked resampling and the
-summed embedding lookup run in C++; `ops()` takes every other op from the references.
+conversion only where the dtype or layout asks for one). Masked resampling, the summed
+embedding lookup, the residual add with its LayerNorm and the inner part of the
+convolution module run in C++; `ops()` takes rotary attention from the reference.
 
 Importing this module raises ImportError when the extension is not built; `get_ops("cpp")`
 turns that into a RuntimeError that says why.
@@ -18,8 +19,10 @@ import torch
 
 from soundstorm.kernels import _C  # noqa: F401  (ImportError when not built)
 from soundstorm.kernels import rng
+from soundstorm.kernels.conv_module import conv_module_reference
 from soundstorm.kernels.embedding import summed_embedding_reference
 from soundstorm.kernels.resample import Scalar
+from soundstorm.kernels.residual_norm import residual_norm_reference
 
 _GUMBEL_BITS = 23
 _gumbel_table: Optional[torch.Tensor] = None
@@ -122,10 +125,71 @@ def summed_embedding(semantic: torch.Tensor, tokens: torch.Tensor,
     return out
 
 
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _on_cpu(**tensors) -> None:
+    for name, t in tensors.items():
+        if t is not None and t.device.type != "cpu":
+            raise ValueError(f"backend 'cpp' runs on the CPU; {name} is on {t.device}")
+
+
+def residual_norm(x: torch.Tensor, delta: torch.Tensor, alpha: float, weight: torch.Tensor,
+                  bias: torch.Tensor, eps: float = 1e-5):
+    """The C++ counterpart of `residual_norm_reference` (same arguments and result, within a
+    few ulp: the kernel accumulates the moments in float64). float32 and float64 run in
+    C++; other dtypes, a LayerNorm without weight or bias, mixed dtypes, tensors that need
+    gradients, and a delta that must be broadcast go to the reference."""
+    dtype = x.dtype
+    if (dtype not in (torch.float32, torch.float64) or weight is None or bias is None
+            or any(t.dtype != dtype for t in (delta, weight, bias))
+            or delta.shape != x.shape or x.dim() < 1
+            or _needs_grad(x, delta, weight, bias)):
+        return residual_norm_reference(x, delta, alpha, weight, bias, eps)
+    _on_cpu(x=x, delta=delta, weight=weight, bias=bias)
+    D = x.shape[-1]
+    y = torch.empty(x.shape, dtype=dtype)
+    out = torch.empty(x.shape, dtype=dtype)
+    _C.residual_norm(x.detach().contiguous().reshape(-1, D).numpy(),
+                     delta.detach().contiguous().reshape(-1, D).numpy(), float(alpha),
+                     weight.detach().contiguous().numpy(), bias.detach().contiguous().numpy(),
+                     float(eps), y.view(-1, D).numpy(), out.view(-1, D).numpy())
+    return y, out
+
+
+def conv_module(h: torch.Tensor, dw_weight: torch.Tensor, dw_bias: torch.Tensor,
+                norm_weight: torch.Tensor, norm_bias: torch.Tensor,
+                frame_mask: Optional[torch.Tensor], eps: float = 1e-5) -> torch.Tensor:
+    """The C++ counterpart of `conv_module_reference` (same arguments and result, within a
+    few ulp). float32 runs in C++; other dtypes, tensors that need gradients and a missing
+    bias or norm parameter go to the reference."""
+    params = (dw_weight, dw_bias, norm_weight, norm_bias)
+    if (h.dtype != torch.float32 or any(p is None or p.dtype != torch.float32 for p in params)
+            or h.dim() != 3 or dw_weight.dim() != 3 or dw_weight.shape[1] != 1
+            or _needs_grad(h, *params)):
+        return conv_module_reference(h, dw_weight, dw_bias, norm_weight, norm_bias,
+                                     frame_mask, eps)
+    _on_cpu(h=h, dw_weight=dw_weight, dw_bias=dw_bias, norm_weight=norm_weight,
+            norm_bias=norm_bias, frame_mask=frame_mask)
+    B, T, E2 = h.shape
+    out = torch.empty(B, T, E2 // 2, dtype=torch.float32)
+    mask = None
+    if frame_mask is not None:
+        mask = frame_mask.detach().to(torch.bool).contiguous().numpy()
+    _C.conv_module(h.detach().contiguous().numpy(),
+                   dw_weight.detach()[:, 0, :].contiguous().numpy(),
+                   dw_bias.detach().contiguous().numpy(),
+                   norm_weight.detach().contiguous().numpy(),
+                   norm_bias.detach().contiguous().numpy(), mask, float(eps), out.numpy())
+    return out
+
+
 def ops():
     """The Ops of backend "cpp": the C++ kernels where they exist, the references elsewhere."""
     from dataclasses import replace
 
     from soundstorm.kernels.dispatch import TORCH_OPS
     return replace(TORCH_OPS, name="cpp", masked_resample=masked_resample,
-                   summed_embedding=summed_embedding)
+                   summed_embedding=summed_embedding, residual_norm=residual_norm,
+                   conv_module=conv_module)

@@ -19,7 +19,7 @@ from soundstorm.kernels.resample import masked_resample_reference
 from soundstorm.kernels.residual_norm import residual_norm_reference
 
 # Backends the project knows of. "auto" chooses between torch and triton only: "cpp" runs
-# only some ops in C++ so far and is asked for by name.
+# on the CPU only, with rotary attention still the reference, and is asked for by name.
 KNOWN_BACKENDS = ("torch", "triton", "cpp")
 PLANNED_BACKENDS = ("pallas",)
 

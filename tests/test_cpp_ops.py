@@ -1,6 +1,7 @@
-"""Backend "cpp": the C++ kernels (masked resampling, summed embedding) equal their PyTorch references token for token (and the
-counter-based hashes bit for bit); dispatch selects them by name only and refuses clearly
-when the extension is not built."""
+"""Backend "cpp": the C++ kernels (masked resampling, summed embedding) equal their PyTorch
+references token for token (and the counter-based hashes bit for bit), the LayerNorm ones
+(residual norm, convolution module) agree within float32 rounding; dispatch selects them by
+name only and refuses clearly when the extension is not built."""
 
 import copy
 import subprocess
@@ -13,8 +14,10 @@ import torch
 from conftest import make_model, random_codes, random_semantic
 from soundstorm.engine import DecodeConfig, Engine, ModelConfig
 from soundstorm.kernels import get_ops, rng
+from soundstorm.kernels.conv_module import conv_module_reference
 from soundstorm.kernels.embedding import summed_embedding_reference
 from soundstorm.kernels.resample import masked_resample_reference
+from soundstorm.kernels.residual_norm import residual_norm_reference
 
 try:
     from soundstorm.kernels import cpp
@@ -225,13 +228,93 @@ def test_summed_embedding_rejects_bad_ids():
                              acoustic_table, 1, 1)
 
 
+def _close(got, want, tol):
+    """Within `tol` relative to the result's magnitude (LayerNorm outputs near zero have no
+    meaningful elementwise relative error; both sides round their moments differently)."""
+    assert got.dtype == want.dtype and got.shape == want.shape
+    scale = max(want.abs().max().item(), 1.0)
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol * scale)
+
+
+@pytest.mark.parametrize("rows", [1, 13, 97], ids=lambda r: f"rows{r}")
+@pytest.mark.parametrize("D", [1, 7, 64, 1024], ids=lambda d: f"D{d}")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_residual_norm_matches_the_reference(rows, D, dtype):
+    g = torch.Generator().manual_seed(rows * 10_000 + D)
+    x = (torch.randn(1, rows, D, generator=g) * 3 + 1).to(dtype)
+    delta = torch.randn(1, rows, D, generator=g).to(dtype)
+    weight = torch.randn(D, generator=g).to(dtype)
+    bias = torch.randn(D, generator=g).to(dtype)
+    tol = 1e-6 if dtype == torch.float32 else 1e-12
+    for alpha in (0.5, 1.0, 0.3):
+        for eps in (1e-5, 1e-2):
+            y_want, n_want = residual_norm_reference(x, delta, alpha, weight, bias, eps)
+            y_got, n_got = cpp.residual_norm(x, delta, alpha, weight, bias, eps)
+            if alpha in (0.5, 1.0):     # exact products: the sum is the same float
+                assert torch.equal(y_got, y_want)
+            _close(y_got, y_want, tol)
+            _close(n_got, n_want, tol)
+
+
+def test_residual_norm_other_layouts_and_dtypes():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 11, 3, 19, generator=g)                # more leading dims
+    delta = torch.randn(2, 19, 3, 11, generator=g).transpose(1, 3)  # not contiguous
+    weight, bias = torch.randn(19, generator=g), torch.randn(19, generator=g)
+    for got, want in zip(cpp.residual_norm(x, delta, 0.5, weight, bias),
+                         residual_norm_reference(x, delta, 0.5, weight, bias)):
+        _close(got, want, 1e-6)
+    # bfloat16 goes to the reference: the same results exactly
+    args = (x.bfloat16(), delta.bfloat16(), 0.5, weight.bfloat16(), bias.bfloat16())
+    for got, want in zip(cpp.residual_norm(*args), residual_norm_reference(*args)):
+        assert torch.equal(got, want)
+
+
+CONV_SHAPES = [  # B, T, E, K
+    (1, 1, 4, 1), (1, 1, 5, 5), (2, 2, 3, 5), (1, 13, 7, 3), (3, 37, 64, 5),
+    (2, 97, 31, 1), (1, 500, 1024, 5),
+]
+
+
+@pytest.mark.parametrize("shape", CONV_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("masked", [False, True], ids=["no-mask", "ragged-mask"])
+def test_conv_module_matches_the_reference(shape, masked):
+    B, T, E, K = shape
+    g = torch.Generator().manual_seed(B * 1000 + T * 10 + K)
+    h = torch.randn(B, T, 2 * E, generator=g) * 2
+    dw_weight, dw_bias = torch.randn(E, 1, K, generator=g), torch.randn(E, generator=g)
+    norm_weight, norm_bias = torch.randn(E, generator=g), torch.randn(E, generator=g)
+    frame_mask = None
+    if masked:   # ragged lengths (one full row), plus a hole inside the first row
+        lengths = torch.randint(1, T + 1, (B,), generator=g)
+        lengths[-1] = T
+        frame_mask = torch.arange(T)[None, :] < lengths[:, None]
+        frame_mask[0, T // 2] = False
+    args = (h, dw_weight, dw_bias, norm_weight, norm_bias, frame_mask)
+    for eps in (1e-5, 1e-1):
+        _close(cpp.conv_module(*args, eps), conv_module_reference(*args, eps), 1e-5)
+
+
+def test_conv_module_fallbacks_and_errors():
+    g = torch.Generator().manual_seed(4)
+    h = torch.randn(2, 9, 10, generator=g)
+    params = (torch.randn(5, 1, 3, generator=g), torch.randn(5, generator=g),
+              torch.randn(5, generator=g), torch.randn(5, generator=g))
+    args64 = (h.double(), *(p.double() for p in params), None)
+    assert torch.equal(cpp.conv_module(*args64), conv_module_reference(*args64))
+    with pytest.raises(ValueError, match=r"frame_mask must be \[B, T\]"):
+        cpp.conv_module(h, *params, torch.ones(2, 8, dtype=torch.bool))
+    with pytest.raises(ValueError, match="kernel size must be odd"):
+        cpp.conv_module(h, torch.randn(5, 1, 2), *params[1:], None)
+
+
 def test_get_ops_selects_cpp_by_name_only():
     ops = get_ops("cpp")
     assert ops.name == "cpp" and ops.masked_resample is cpp.masked_resample
     assert ops.summed_embedding is cpp.summed_embedding
+    assert ops.residual_norm is cpp.residual_norm and ops.conv_module is cpp.conv_module
     torch_ops = get_ops("torch")
     assert ops.rotary_attention is torch_ops.rotary_attention
-    assert ops.conv_module is torch_ops.conv_module
     assert get_ops("auto", torch.device("cpu")).name != "cpp"
 
 
@@ -261,6 +344,8 @@ def test_engine_decodes_the_same_tokens_as_torch(decode):
     eng = Engine(copy.deepcopy(model), backend="cpp")
     assert eng.backend == "cpp" and eng.model.ops.masked_resample is cpp.masked_resample
     assert eng.model.ops.summed_embedding is cpp.summed_embedding
+    assert eng.model.ops.residual_norm is cpp.residual_norm
+    assert eng.model.ops.conv_module is cpp.conv_module
     cfg = ref.config
     semantic = random_semantic(cfg, 2, 13, seed=4)
     prompt = random_codes(cfg, 2, 5, cfg.num_quantizers, seed=5)
@@ -276,6 +361,7 @@ def test_benchmark_script_runs_at_tiny_shapes(capsys):
     finally:
         sys.path.pop(0)
     assert bench_cpp.main(["--frames", "7", "--codes", "11", "--batches", "1", "2",
-                           "--rounds", "2", "--inner", "1"]) == 0
+                           "--rounds", "2", "--inner", "1", "--dim", "6", "--kernel", "3"]) == 0
     out = capsys.readouterr().out
-    assert "speed-up" in out and out.count("x\n") == 4
+    assert "speed-up" in out and out.count("x\n") == 8
+    assert out.count("residual_norm") == 2 and out.count("conv_module") == 2

@@ -1,0 +1,255 @@
+// Row-wise fused ops built around LayerNorm, on the CPU: the counterparts of
+// soundstorm.kernels.residual_norm.residual_norm_reference and
+// soundstorm.kernels.conv_module.conv_module_reference.
+//
+// residual_norm: per row of D values, y = x + alpha * delta, then LayerNorm(y); one pass
+//   over the row writes y, a second (in cache) takes its moments, a third normalises.
+// conv_module: per batch row, GLU over the last dim with padded frames zeroed, then per
+//   frame the depthwise convolution (K centred taps, zeros beyond the ends), LayerNorm over
+//   the channels and swish.
+//
+// LayerNorm's mean and variance are accumulated in double (two passes: the mean, then the
+// squared deviations) and the output is rounded once to the storage type, so results agree
+// with the references to within a few float32 ulp, not bit for bit (the references
+// accumulate in float32 in another order). Rows (frames) are independent: parallel over
+// rows with OpenMP.
+
+#include <cmath>
+#include <cstdint>
+#include <optional>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>  // std::optional arguments (None)
+
+namespace py = pybind11;
+
+namespace soundstorm {
+namespace {
+
+template <typename T>
+using Array = py::array_t<T, py::array::c_style>;
+
+// The per-row work is compiled for AVX-512, AVX2 and the portable baseline, and the loader
+// picks the best the CPU has (GCC's target_clones); the flags stay portable.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define SOUNDSTORM_ROW_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define SOUNDSTORM_ROW_CLONES
+#endif
+#define SOUNDSTORM_INLINE inline __attribute__((always_inline))
+
+[[noreturn]] void fail(const char* op, const std::string& message) {
+    throw std::invalid_argument(std::string(op) + ": " + message);
+}
+
+// 1 / (1 + exp(-x)), as torch.sigmoid and the swish of F.silu compute it.
+SOUNDSTORM_INLINE float sigmoid(float x) { return 1.0f / (1.0f + std::exp(-x)); }
+
+// Mean and 1 / sqrt(variance + eps) of the D values of `row` (biased variance, as
+// LayerNorm), both in double.
+template <typename F>
+SOUNDSTORM_INLINE void row_moments(const F* row, int64_t D, double eps, double& mean, double& rstd) {
+    // `omp simd reduction` lets the compiler vectorise the sums without -ffast-math (the
+    // lanes' partial sums are added at the end).
+    double sum = 0.0;
+    #pragma omp simd reduction(+ : sum)
+    for (int64_t d = 0; d < D; ++d) sum += double(row[d]);
+    mean = sum / double(D);
+    double sq = 0.0;
+    #pragma omp simd reduction(+ : sq)
+    for (int64_t d = 0; d < D; ++d) {
+        const double c = double(row[d]) - mean;
+        sq += c * c;
+    }
+    rstd = 1.0 / std::sqrt(sq / double(D) + eps);
+}
+
+// out[d] = (row[d] - mean) * rstd * weight[d] + bias[d], rounded once to F.
+template <typename F>
+SOUNDSTORM_INLINE void row_normalise(const F* row, int64_t D, double mean, double rstd, const F* weight,
+                          const F* bias, F* out) {
+    #pragma omp simd
+    for (int64_t d = 0; d < D; ++d)
+        out[d] = F((double(row[d]) - mean) * rstd * double(weight[d]) + double(bias[d]));
+}
+
+// One row of residual_norm: yr = xr + a * dr (rounded to F: the stream the next block
+// reads), then nr = LayerNorm(yr).
+template <typename F>
+SOUNDSTORM_INLINE void residual_norm_row_body(const F* xr, const F* dr, F a, const F* w,
+                                              const F* b, double eps, int64_t D, F* yr, F* nr) {
+    for (int64_t d = 0; d < D; ++d) {
+        const F scaled = a * dr[d];
+        yr[d] = xr[d] + scaled;
+    }
+    double mean, rstd;
+    row_moments(yr, D, eps, mean, rstd);
+    row_normalise(yr, D, mean, rstd, w, b, nr);
+}
+
+SOUNDSTORM_ROW_CLONES
+void residual_norm_row(const float* xr, const float* dr, float a, const float* w,
+                       const float* b, double eps, int64_t D, float* yr, float* nr) {
+    residual_norm_row_body(xr, dr, a, w, b, eps, D, yr, nr);
+}
+
+SOUNDSTORM_ROW_CLONES
+void residual_norm_row(const double* xr, const double* dr, double a, const double* w,
+                       const double* b, double eps, int64_t D, double* yr, double* nr) {
+    residual_norm_row_body(xr, dr, a, w, b, eps, D, yr, nr);
+}
+
+// ---------------------------------------------------------------------------------------
+// residual_norm: x, delta [N, D] (the wrapper flattens the leading dims); writes y and its
+// LayerNorm into y_out and norm_out [N, D].
+template <typename F>
+void residual_norm(Array<F> x, Array<F> delta, double alpha, Array<F> weight, Array<F> bias,
+                   double eps, Array<F> y_out, Array<F> norm_out) {
+    const char* op = "residual_norm";
+    if (x.ndim() != 2) fail(op, "x must be [N, D]");
+    const int64_t N = x.shape(0), D = x.shape(1);
+    const auto same = [&](const py::array& a) {
+        return a.ndim() == 2 && a.shape(0) == N && a.shape(1) == D;
+    };
+    if (!same(delta)) fail(op, "delta must have the shape of x");
+    if (!same(y_out) || !same(norm_out)) fail(op, "the outputs must have the shape of x");
+    if (weight.ndim() != 1 || weight.shape(0) != D || bias.ndim() != 1 || bias.shape(0) != D)
+        fail(op, "weight and bias must be [D] with D = " + std::to_string(D));
+
+    const F* xs = x.data();
+    const F* ds = delta.data();
+    const F* w = weight.data();
+    const F* b = bias.data();
+    F* ys = y_out.mutable_data();
+    F* ns = norm_out.mutable_data();
+    // alpha is rounded to the storage type first, as torch.add does with its scalar.
+    const F a = F(alpha);
+
+    py::gil_scoped_release release;
+    #pragma omp parallel for schedule(static)
+    for (int64_t n = 0; n < N; ++n)
+        residual_norm_row(xs + n * D, ds + n * D, a, w, b, eps, D, ys + n * D, ns + n * D);
+}
+
+// GLU of one frame h [2E] into x [E]: a * sigmoid(g) with a, g the two halves.
+SOUNDSTORM_ROW_CLONES
+void glu_frame(const float* h, int64_t E, float* x) {
+    const float* a = h;
+    const float* g = h + E;
+    for (int64_t e = 0; e < E; ++e) x[e] = a[e] * sigmoid(g[e]);
+}
+
+// One frame of conv_module after the GLU: the depthwise convolution of frame t of the gated
+// frames xb [T, E] (taps [K, E]) into acc [E], its LayerNorm over the channels and swish,
+// into y [E].
+SOUNDSTORM_ROW_CLONES
+void conv_frame(const float* xb, int64_t T, int64_t E, int64_t t, const float* taps, int64_t K,
+                const float* db, const float* nw, const float* nb, double eps, float* acc,
+                float* y) {
+    for (int64_t e = 0; e < E; ++e) acc[e] = db[e];
+    // tap k reads frame t + k - K/2; frames outside [0, T) are zeros and skipped
+    for (int64_t k = 0; k < K; ++k) {
+        const int64_t s = t + k - K / 2;
+        if (s < 0 || s >= T) continue;
+        const float* xs = xb + s * E;
+        const float* wk = taps + k * E;
+        for (int64_t e = 0; e < E; ++e) {
+            const float p = xs[e] * wk[e];
+            acc[e] += p;
+        }
+    }
+    double mean, rstd;
+    row_moments(acc, E, eps, mean, rstd);
+    row_normalise(acc, E, mean, rstd, nw, nb, y);
+    for (int64_t e = 0; e < E; ++e) y[e] = y[e] * sigmoid(y[e]);
+}
+
+// ---------------------------------------------------------------------------------------
+// conv_module: h [B, T, 2E], dw_weight [E, K] (the wrapper drops the middle dim of the
+// [E, 1, K] depthwise kernel), dw_bias, norm_weight, norm_bias [E], frame_mask bool [B, T]
+// or None; writes [B, T, E] into out.
+void conv_module(Array<float> h, Array<float> dw_weight, Array<float> dw_bias,
+                 Array<float> norm_weight, Array<float> norm_bias,
+                 std::optional<Array<bool>> frame_mask, double eps, Array<float> out) {
+    const char* op = "conv_module";
+    if (h.ndim() != 3) fail(op, "h must be [B, T, 2E]");
+    const int64_t B = h.shape(0), T = h.shape(1), E2 = h.shape(2);
+    if (E2 % 2) fail(op, "the last dim of h must be even (GLU halves it)");
+    const int64_t E = E2 / 2;
+    if (dw_weight.ndim() != 2 || dw_weight.shape(0) != E)
+        fail(op, "dw_weight must be [E, K] with E = " + std::to_string(E));
+    const int64_t K = dw_weight.shape(1);
+    if (K < 1 || K % 2 == 0) fail(op, "the kernel size must be odd, got " + std::to_string(K));
+    for (const auto* v : {&dw_bias, &norm_weight, &norm_bias})
+        if (v->ndim() != 1 || v->shape(0) != E)
+            fail(op, "dw_bias, norm_weight and norm_bias must be [E] with E = " +
+                         std::to_string(E));
+    if (frame_mask && (frame_mask->ndim() != 2 || frame_mask->shape(0) != B ||
+                       frame_mask->shape(1) != T))
+        fail(op, "frame_mask must be [B, T]");
+    if (out.ndim() != 3 || out.shape(0) != B || out.shape(1) != T || out.shape(2) != E)
+        fail(op, "out must be [B, T, E]");
+
+    const float* hs = h.data();
+    const float* dw = dw_weight.data();
+    const float* db = dw_bias.data();
+    const float* nw = norm_weight.data();
+    const float* nb = norm_bias.data();
+    const bool* mask = frame_mask ? frame_mask->data() : nullptr;
+    float* ys = out.mutable_data();
+
+    // taps[k * E + e] = dw_weight[e, k]: each tap contiguous over the channels.
+    std::vector<float> taps(K * E);
+    for (int64_t e = 0; e < E; ++e)
+        for (int64_t k = 0; k < K; ++k) taps[k * E + e] = dw[e * K + k];
+    // the gated (and masked) frames of the whole batch, [B, T, E]
+    std::vector<float> gated(B * T * E);
+
+    py::gil_scoped_release release;
+    #pragma omp parallel
+    {
+        // 1. GLU: a * sigmoid(g) with a, g the two halves of each frame; zeros for padding.
+        #pragma omp for schedule(static)
+        for (int64_t bt = 0; bt < B * T; ++bt) {
+            float* x = gated.data() + bt * E;
+            if (mask && !mask[bt]) {
+                for (int64_t e = 0; e < E; ++e) x[e] = 0.0f;
+                continue;
+            }
+            glu_frame(hs + bt * E2, E, x);
+        }
+        // (the implicit barrier of `omp for`: every gated frame is written before use)
+
+        // 2. per frame: depthwise convolution, LayerNorm over the channels, swish.
+        std::vector<float> acc(E);
+        #pragma omp for schedule(static)
+        for (int64_t bt = 0; bt < B * T; ++bt) {
+            const int64_t b = bt / T, t = bt % T;
+            conv_frame(gated.data() + b * T * E, T, E, t, taps.data(), K, db, nw, nb, eps,
+                       acc.data(), ys + bt * E);
+        }
+    }
+}
+
+}  // namespace
+}  // namespace soundstorm
+
+void register_norm(py::module_& m) {
+    const char* doc = "y = x + alpha * delta and LayerNorm(y), written into y_out and norm_out "
+                      "(see soundstorm.kernels.cpp)";
+    m.def("residual_norm", &soundstorm::residual_norm<float>, doc, py::arg("x"),
+          py::arg("delta"), py::arg("alpha"), py::arg("weight"), py::arg("bias"),
+          py::arg("eps"), py::arg("y_out"), py::arg("norm_out"));
+    m.def("residual_norm", &soundstorm::residual_norm<double>, doc, py::arg("x"),
+          py::arg("delta"), py::arg("alpha"), py::arg("weight"), py::arg("bias"),
+          py::arg("eps"), py::arg("y_out"), py::arg("norm_out"));
+    m.def("conv_module", &soundstorm::conv_module,
+          "GLU, masking, depthwise convolution, LayerNorm and swish, written into out "
+          "(see soundstorm.kernels.cpp)",
+          py::arg("h"), py::arg("dw_weight"), py::arg("dw_bias"), py::arg("norm_weight"),
+          py::arg("norm_bias"), py::arg("frame_mask"), py::arg("eps"), py::arg("out"));
+}
