@@ -24,8 +24,10 @@ setup: $(VENV)/.installed
 run: setup
 	$(VENV)/bin/soundstorm demo --out soundstorm-demo
 
+# The pytest script, not `python -m pytest`: that would put the checkout itself on sys.path,
+# where its folders (kernels/, engine/) would shadow packages of the same names.
 test: setup
-	$(PY) -m pytest -q
+	$(VENV)/bin/pytest -q
 
 bench: setup
 	$(VENV)/bin/soundstorm bench --preset small --seconds 10

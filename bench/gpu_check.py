@@ -74,7 +74,8 @@ def _installed_here(python: str) -> bool:
 
 def pytest_check(python: str, args: list, timeout: float, env: dict) -> dict:
     """Run pytest on `args`; passed when nothing failed and something ran."""
-    cmd = [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args]
+    # -P: the checkout is not put on sys.path (its kernels/ would shadow a package of that name)
+    cmd = [python, "-P", "-m", "pytest", "-q", "-p", "no:cacheprovider", *args]
     start = time.perf_counter()
     try:
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
