@@ -32,7 +32,7 @@ import torch
 from soundstorm.engine.benchmark import default_seconds, max_seconds, real_time_text
 from soundstorm.engine.config import DecodeConfig, ModelConfig
 from soundstorm.engine.engine import DTYPES, Engine
-from soundstorm.engine.model import CONFIG_FILE, WEIGHTS_FILE, SoundStorm, load_config
+from soundstorm.engine.model import CONFIG_FILE, WEIGHTS_FILE
 
 
 class CLIError(Exception):
