@@ -11,7 +11,7 @@ import torch
 
 from soundstorm.engine import ModelConfig
 from soundstorm.engine.benchmark import read_history
-from soundstorm.engine.cli import main
+from soundstorm.cli import main
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 sys.path.insert(0, str(BENCH))

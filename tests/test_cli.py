@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from soundstorm.engine import Engine
-from soundstorm.engine.cli import main
+from soundstorm.cli import main
 
 from conftest import random_codes, random_semantic
 
@@ -105,7 +105,7 @@ def test_info(tmp_path, tiny_model, capsys):
 
 
 def test_console_script_help():
-    exe = [sys.executable, "-m", "soundstorm.engine.cli"]
+    exe = [sys.executable, "-m", "soundstorm.cli"]
     for argv in ([], ["generate"], ["info"]):
         r = subprocess.run(exe + argv + ["--help"], capture_output=True, text=True)
         assert r.returncode == 0 and "usage: soundstorm" in r.stdout
@@ -232,7 +232,7 @@ def test_output_errors_name_the_argument_and_path(tmp_path, capsys, unwritable_d
 
 
 def test_save_npy_leaves_no_temporary_file(tmp_path):
-    from soundstorm.engine.cli import _save_npy
+    from soundstorm.cli import _save_npy
 
     target = tmp_path / "out.npy"
     target.mkdir()
@@ -255,7 +255,7 @@ def test_a_failed_write_is_one_line_and_leaves_nothing(tmp_path, capsys, monkeyp
 
 
 def test_os_errors_from_inputs_name_their_argument(tmp_path, capsys, monkeypatch):
-    import soundstorm.engine.cli as cli
+    import soundstorm.cli as cli
 
     model = tmp_path / "model"
 
@@ -320,7 +320,7 @@ def test_bench_words_its_speed_the_right_way_round(capsys, monkeypatch, rtf, wor
 
 @pytest.mark.parametrize("flag", ["--quiet", "--no-progress"])
 def test_every_command_takes_quiet_and_no_progress(tmp_path, capsys, flag):
-    from soundstorm.engine.cli import build_parser
+    from soundstorm.cli import build_parser
 
     parser = build_parser()
     for argv in (["generate", "--preset", "tiny"], ["bench"], ["demo"], ["info", "tiny"]):
@@ -399,3 +399,12 @@ def test_deeply_nested_json_in_a_model_or_demo_assets_is_one_line(tmp_path, tiny
     from soundstorm.demo.run import load_assets
     with pytest.raises(ValueError, match="demo.json is not valid demo settings JSON .nested too deeply"):
         load_assets(assets)
+
+
+def test_the_engine_imports_neither_the_command_line_nor_training_nor_the_demo():
+    code = ("import sys, soundstorm.engine, soundstorm.engine.engine, soundstorm.engine.runner;"
+            "print(sorted(m for m in sys.modules if m.split('.')[:2] in "
+            "(['soundstorm', 'cli'], ['soundstorm', 'training'], ['soundstorm', 'demo'])))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]"

@@ -10,7 +10,7 @@ import torch
 
 from soundstorm.demo import ASSETS
 from soundstorm.demo.run import ablation_schedules, load_assets, run_demo
-from soundstorm.engine.cli import main as cli_main
+from soundstorm.cli import main as cli_main
 from soundstorm.engine.config import ModelConfig
 from soundstorm.engine.model import SoundStorm
 from soundstorm.training.audio_list import collect_audio

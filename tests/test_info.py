@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from soundstorm.engine import ModelConfig, model as model_module
-from soundstorm.engine.cli import main
+from soundstorm.cli import main
 
 
 def info(capsys, *argv):

@@ -18,7 +18,7 @@ def test_wheel_maps_the_top_level_folders_into_soundstorm(tmp_path):
     assert build.returncode == 0, build.stderr
     wheel = next(tmp_path.glob("soundstorm-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
-    for module in ("soundstorm/engine/model.py", "soundstorm/engine/cli.py",
+    for module in ("soundstorm/engine/model.py", "soundstorm/cli/__init__.py",
                    "soundstorm/kernels/resample.py", "soundstorm/kernels/triton/attention.py",
                    "soundstorm/training/__init__.py", "soundstorm/engine/codecs/melrvq.py",
                    "soundstorm/training/codec_fit.py", "soundstorm/training/semantic.py",
@@ -35,7 +35,7 @@ def test_wheel_maps_the_top_level_folders_into_soundstorm(tmp_path):
     top = {n.split("/")[0] for n in names}
     assert top <= {"soundstorm"} | {n for n in top if n.startswith("soundstorm-")}, top
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
-    assert "soundstorm = soundstorm.engine.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
+    assert "soundstorm = soundstorm.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
 
     # a regular (non-editable) install of it imports and runs from outside the source tree
     target = tmp_path / "site"

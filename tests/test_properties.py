@@ -340,7 +340,7 @@ def test_command_line_arguments_end_in_a_result_or_a_one_line_error(tmp_path, co
     assume(not any(a in ("--help", "-h") for a in args))
     if command == "bench" and "--preset" not in args:
         args = args + ["--preset", "tiny", "--seconds", "0.2", "--repeats", "1"]
-    r = subprocess.run([sys.executable, "-m", "soundstorm.engine.cli", command, *args],
+    r = subprocess.run([sys.executable, "-m", "soundstorm.cli", command, *args],
                        capture_output=True, text=True, timeout=120, cwd=tmp_path)
     if r.returncode == 0:
         OUTCOMES["command line: result"] += 1

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from soundstorm.engine.cli import main
+from soundstorm.cli import main
 from soundstorm.engine.codecs import load_codec
 from soundstorm.engine.codecs.audio import read_audio
 from soundstorm.training.semantic import (KINDS, HFTokenizer, SemanticTokenizer,

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from soundstorm.engine.cli import main as cli_main
+from soundstorm.cli import main as cli_main
 from soundstorm.training.speech_corpus import (SAMPLE_RATE, VOICES, sentences, speak,
                                                voice_by_name, write_speech_corpus)
 from speech import require_espeak

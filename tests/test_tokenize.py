@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from soundstorm.engine.cli import main as cli_main
+from soundstorm.cli import main as cli_main
 from soundstorm.engine.codecs import load_codec
 from soundstorm.engine.codecs.audio import read_audio
 from soundstorm.training.audio_list import collect_audio

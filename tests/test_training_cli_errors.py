@@ -12,7 +12,7 @@ import pytest
 import soundfile as sf
 import torch
 
-from soundstorm.engine.cli import main
+from soundstorm.cli import main
 from soundstorm.training import paths, trainer
 from soundstorm.training.synthetic import SyntheticSpec, write_synthetic_corpus
 

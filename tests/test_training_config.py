@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from soundstorm.engine import ModelConfig, SoundStorm
-from soundstorm.engine.cli import main
+from soundstorm.cli import main
 from soundstorm.training import checkpoint as ckpt
 from soundstorm.training.config import TrainConfig
 from soundstorm.training.schedule import WarmupExponentialDecay
@@ -163,7 +163,7 @@ def test_help_and_lazy_import(capsys):
         with pytest.raises(SystemExit) as e:
             main([cmd, "--help"])
         assert e.value.code == 0 and "example" in capsys.readouterr().out
-    r = subprocess.run([sys.executable, "-c", "import sys, soundstorm.engine.cli as c; "
+    r = subprocess.run([sys.executable, "-c", "import sys, soundstorm.cli as c; "
                         "c.build_parser(); assert 'soundstorm.training' not in sys.modules"],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from soundstorm.engine.cli import main
+from soundstorm.cli import main
 from soundstorm.training.synthetic import SyntheticSpec, write_synthetic_corpus
 
 from training_helpers import ENV, free_port, train_losses
@@ -36,7 +36,7 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     r = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
          "--master-addr", "127.0.0.1", "--master-port", str(port),
-         "-m", "soundstorm.engine.cli", "train", *map(str, ARGS), *map(str, data),
+         "-m", "soundstorm.cli", "train", *map(str, ARGS), *map(str, data),
          "--out", str(tmp_path / "two")],
         capture_output=True, text=True, env=ENV, timeout=300)
     assert r.returncode == 0, r.stderr[-4000:]

@@ -45,7 +45,7 @@ import torch
 import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot
-from soundstorm.engine.cli import main
+from soundstorm.cli import main
 import soundstorm.training.cli, soundstorm.training.trainer
 torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))])   # imports what the optimizer needs
 print("ready", flush=True)

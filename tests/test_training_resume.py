@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from soundstorm.engine import Engine
-from soundstorm.engine.cli import main
+from soundstorm.cli import main
 from soundstorm.training.checkpoint import list_checkpoints
 from soundstorm.training.synthetic import SyntheticSpec, write_synthetic_corpus
 

@@ -17,7 +17,7 @@ from unittest import mock
 import pytest
 import torch
 
-from soundstorm.engine.cli import main
+from soundstorm.cli import main
 from soundstorm.training import checkpoint, trainer
 from soundstorm.training.synthetic import SyntheticSpec, write_synthetic_corpus
 

@@ -13,12 +13,12 @@ from pathlib import Path
 # One thread per process: the training tests start several processes, and on a small,
 # shared CPU oversubscribed threads make each of them several times slower.
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-CLI = [sys.executable, "-m", "soundstorm.engine.cli"]
+CLI = [sys.executable, "-m", "soundstorm.cli"]
 
 
 def cli(*argv):
     """`soundstorm ARGV...` in this process; returns its exit status."""
-    from soundstorm.engine.cli import main
+    from soundstorm.cli import main
 
     return main([str(a) for a in argv])
 

@@ -179,7 +179,7 @@ def train_parser() -> argparse.ArgumentParser:
                "--out run/\n"
                "  soundstorm train --preset tiny --init-from demo/model --data tokens/ "
                "--steps 200 --out finetune/\n"
-               "  torchrun --nproc-per-node 8 -m soundstorm.engine.cli train --preset paper "
+               "  torchrun --nproc-per-node 8 -m soundstorm.cli train --preset paper "
                "--data tokens/ --val-fraction 0.001 --out run/",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", required=True, choices=TrainConfig.preset_names(),

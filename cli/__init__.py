@@ -664,7 +664,3 @@ def _os_error_message(e: OSError, args: argparse.Namespace) -> str:
             where = "" if failed == given else f" ({failed})"
             return f"--{name} {value}: {reason}{where}"
     return f"{reason}: {os.fsdecode(e.filename)}"
-
-
-if __name__ == "__main__":
-    sys.exit(main())
