@@ -3,6 +3,7 @@ its inputs, plans the schedule and runs the level-wise decoder."""
 
 from __future__ import annotations
 
+import copy
 import reprlib
 import secrets
 import threading
@@ -19,6 +20,7 @@ from soundstorm.engine.longform import StreamChunk
 from soundstorm.engine.runner import StepRunner, modes_for, step_activation_bytes
 from soundstorm.engine.scheduler import RequestHandle, Scheduler, batch_buckets, length_buckets
 from soundstorm.engine.model import SoundStorm, check_memory
+from soundstorm.engine.quantize import QUANTIZE_MODES, quantize_int8
 from soundstorm.kernels import get_ops
 
 DTYPES = {
@@ -79,6 +81,9 @@ class Engine:
                   False runs every step eagerly.
     warmup:       capture every step graph now (`Engine.warmup()`) rather than on first
                   use.
+    quantize:     None (default: float matmuls, the exact path) or "int8": the Conformer's
+                  linear layers run in int8 (`soundstorm.engine.quantize`; CPU, float32
+                  only). A model passed as a module is copied first, never changed.
 
     Every pass of the engine goes through its one `runner` (static buffers per (batch,
     length) bucket, the step graphs and one lock), so the engine may be used from several
@@ -89,8 +94,11 @@ class Engine:
                  device: Union[str, torch.device, None] = None,
                  dtype: Union[str, torch.dtype, None] = None, backend: str = "auto",
                  max_batch: int = 8, cuda_graphs: Optional[bool] = None,
-                 warmup: bool = False):
+                 warmup: bool = False, quantize: Optional[str] = None):
         dtype = resolve_dtype(dtype)
+        if quantize is not None and quantize not in QUANTIZE_MODES:
+            raise ValueError(f"quantize must be None or one of {list(QUANTIZE_MODES)}, "
+                             f"got {quantize!r}")
         if isinstance(model_or_dir, SoundStorm):
             model = model_or_dir
         elif isinstance(model_or_dir, (str, Path)):
@@ -106,16 +114,25 @@ class Engine:
             raise ValueError("the model's weights are on the meta device; load real weights "
                              "(SoundStorm.from_pretrained) before building an Engine")
         self.dtype = dtype or torch.float32
+        if quantize == "int8" and (self.device.type != "cpu" or self.dtype != torch.float32):
+            raise ValueError(f"quantize='int8' runs float32 models on the CPU (torch._int_mm "
+                             f"with per-channel scales), got device {self.device} and dtype "
+                             f"{self.dtype}; use quantize=None there")
         self.ops = get_ops(backend, self.device, self.dtype)
         self.backend = self.ops.name
+        self.quantize = quantize
         if any(p.device != self.device or p.dtype != self.dtype for p in model.parameters()):
             # The weights are copied: check there is room before torch tries.
             count = model.config.num_parameters()
             check_memory(count * torch.empty((), dtype=self.dtype).element_size(),
                          self.device, f"moving a model of {count:,} parameters to "
                          f"{self.device} in {self.dtype}")
+        if quantize is not None and model is model_or_dir:
+            model = copy.deepcopy(model)
         self.model = model.to(device=self.device, dtype=self.dtype).eval()
         self.model.ops = self.ops
+        if quantize == "int8":
+            quantize_int8(self.model, self.ops.int8_linear)
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"max_batch must be an int >= 1, got {max_batch!r}")
         self.max_batch = max_batch

@@ -226,11 +226,16 @@ class SoundStorm(nn.Module):
         sha256 of every tensor in the file's metadata, checked by `from_pretrained`)."""
         from safetensors.torch import save_file
 
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        quantised = next((k for k, v in state.items() if not v.is_floating_point()), None)
+        if quantised is not None:
+            raise ValueError(f"this model is int8-quantised ({quantised!r} is "
+                             f"{state[quantised].dtype}); weights are saved in float: "
+                             f"save the float model it was quantised from")
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         config = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION,
                   "model": self.config.to_dict()}
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         checksums = {k: tensor_sha256(v) for k, v in state.items()}
         metadata = {"format": FORMAT_NAME, CHECKSUM_KEY: json.dumps(checksums, sort_keys=True)}
         # Write to temporary names, then rename: a crash never leaves a half-written model.

@@ -4,7 +4,8 @@ the PyTorch references.
 The extension works on raw buffers: CPU tensors go in as zero-copy numpy views (after a
 conversion only where the dtype or layout asks for one). Masked resampling, the summed
 embedding lookup, the residual add with its LayerNorm and the inner part of the
-convolution module run in C++; `ops()` takes rotary attention from the reference.
+convolution module run in C++, as do the quantisation passes around the int8 linear
+layers' `torch._int_mm`; `ops()` takes rotary attention from the reference.
 
 Importing this module raises ImportError when the extension is not built; `get_ops("cpp")`
 turns that into a RuntimeError that says why.
@@ -21,6 +22,7 @@ from soundstorm.kernels import _C  # noqa: F401  (ImportError when not built)
 from soundstorm.kernels import rng
 from soundstorm.kernels.conv_module import conv_module_reference
 from soundstorm.kernels.embedding import summed_embedding_reference
+from soundstorm.kernels.int8_linear import check_int8_linear_args
 from soundstorm.kernels.resample import Scalar
 from soundstorm.kernels.residual_norm import residual_norm_reference
 
@@ -185,6 +187,27 @@ def conv_module(h: torch.Tensor, dw_weight: torch.Tensor, dw_bias: torch.Tensor,
     return out
 
 
+def int8_linear(x: torch.Tensor, weight: torch.Tensor, w_scale: torch.Tensor,
+                bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """The C++ counterpart of `int8_linear_reference` (same arguments and result, bit for
+    bit): the per-row quantisation and the rescaling (+ bias) are one C++ pass each around
+    the same `torch._int_mm`."""
+    check_int8_linear_args(x, weight, w_scale, bias)
+    _on_cpu(x=x, weight=weight, w_scale=w_scale, bias=bias)
+    N, K = weight.shape
+    lead = x.shape[:-1]
+    x2 = x.detach().reshape(-1, K).contiguous()
+    M = x2.shape[0]
+    xq = torch.empty(M, K, dtype=torch.int8)
+    x_scale = torch.empty(M, dtype=torch.float32)
+    _C.quantize_rows(x2.numpy(), xq.numpy(), x_scale.numpy())
+    acc = torch._int_mm(xq, weight.t())
+    out = torch.empty(M, N, dtype=torch.float32)
+    _C.dequantize(acc.numpy(), x_scale.numpy(), w_scale.detach().contiguous().numpy(),
+                  None if bias is None else bias.detach().contiguous().numpy(), out.numpy())
+    return out.view(*lead, N)
+
+
 def ops():
     """The Ops of backend "cpp": the C++ kernels where they exist, the references elsewhere."""
     from dataclasses import replace
@@ -192,4 +215,4 @@ def ops():
     from soundstorm.kernels.dispatch import TORCH_OPS
     return replace(TORCH_OPS, name="cpp", masked_resample=masked_resample,
                    summed_embedding=summed_embedding, residual_norm=residual_norm,
-                   conv_module=conv_module)
+                   conv_module=conv_module, int8_linear=int8_linear)

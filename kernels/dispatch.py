@@ -15,6 +15,7 @@ import torch
 from soundstorm.kernels.attention import rotary_attention_reference
 from soundstorm.kernels.conv_module import conv_module_reference
 from soundstorm.kernels.embedding import summed_embedding_reference
+from soundstorm.kernels.int8_linear import int8_linear_reference
 from soundstorm.kernels.resample import masked_resample_reference
 from soundstorm.kernels.residual_norm import residual_norm_reference
 
@@ -41,6 +42,8 @@ class Ops:
     conv_module: Callable[..., torch.Tensor]
     masked_resample: Callable[..., torch.Tensor]
     residual_norm: Callable[..., tuple] = residual_norm_reference
+    # the int8 linear layers of `quantize="int8"` engines (`soundstorm.engine.quantize`)
+    int8_linear: Callable[..., torch.Tensor] = int8_linear_reference
     prepare_capture: Callable[[int, int, torch.device], object] = _nothing_to_prepare
 
 

@@ -1,0 +1,135 @@
+// Per-row int8 quantisation of activations and the float32 rescaling of int32 products: the
+// two passes around torch._int_mm in backend "cpp"'s int8 linear layers, counterparts of
+// quantize_rows_reference and dequantize_reference in soundstorm/kernels/int8_linear.py.
+//
+// quantize_rows: per row of K values, amax = max |x| (at least 1e-30), inv = 127 / amax,
+//   q = round_half_even(x * inv) clamped to [-127, 127], scale = amax / 127.
+// dequantize: y[m, n] = float(acc[m, n]) * (x_scale[m] * w_scale[n]) + bias[n].
+//
+// Both equal the references bit for bit: the same float32 operations in the same order
+// (no fused multiply-add: setup.py builds with -ffp-contract=off), and nearbyint rounds
+// half to even in the default rounding mode, as torch.round does. Rows are independent:
+// parallel over rows with OpenMP.
+
+#include <cmath>
+#include <cstdint>
+#include <optional>
+#include <stdexcept>
+#include <string>
+
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+namespace py = pybind11;
+
+namespace soundstorm {
+namespace {
+
+template <typename T>
+using Array = py::array_t<T, py::array::c_style>;
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define SOUNDSTORM_QUANT_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define SOUNDSTORM_QUANT_CLONES
+#endif
+
+constexpr float kQmax = 127.0f;
+constexpr float kMinAmax = 1e-30f;
+
+[[noreturn]] void fail(const char* op, const std::string& message) {
+    throw std::invalid_argument(std::string(op) + ": " + message);
+}
+
+SOUNDSTORM_QUANT_CLONES
+void quantize_row(const float* x, int64_t K, int8_t* q, float* scale) {
+    float amax = 0.0f;
+    #pragma omp simd reduction(max : amax)
+    for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::fabs(x[k]));
+    // NaN compares false: a row with a NaN keeps the largest of its other values, as
+    // torch.amax does not; such rows give garbage either way.
+    if (!(amax >= kMinAmax)) amax = kMinAmax;
+    const float inv = kQmax / amax;
+    #pragma omp simd
+    for (int64_t k = 0; k < K; ++k) {
+        float v = std::nearbyint(x[k] * inv);
+        v = std::min(std::max(v, -kQmax), kQmax);
+        q[k] = static_cast<int8_t>(v);
+    }
+    *scale = amax / kQmax;
+}
+
+SOUNDSTORM_QUANT_CLONES
+void dequantize_row(const int32_t* acc, float xs, const float* ws, const float* bias, int64_t N,
+                    float* y) {
+    if (bias) {
+        #pragma omp simd
+        for (int64_t n = 0; n < N; ++n) {
+            const float s = xs * ws[n];
+            const float v = static_cast<float>(acc[n]) * s;
+            y[n] = v + bias[n];
+        }
+    } else {
+        #pragma omp simd
+        for (int64_t n = 0; n < N; ++n) {
+            const float s = xs * ws[n];
+            y[n] = static_cast<float>(acc[n]) * s;
+        }
+    }
+}
+
+// x float32 [M, K] -> q int8 [M, K], scale float32 [M] (written into the given arrays).
+void quantize_rows(Array<float> x, Array<int8_t> q_out, Array<float> scale_out) {
+    const char* op = "quantize_rows";
+    if (x.ndim() != 2) fail(op, "x must be [M, K]");
+    const int64_t M = x.shape(0), K = x.shape(1);
+    if (q_out.ndim() != 2 || q_out.shape(0) != M || q_out.shape(1) != K)
+        fail(op, "q_out must have the shape of x");
+    if (scale_out.ndim() != 1 || scale_out.shape(0) != M)
+        fail(op, "scale_out must be [M] with M = " + std::to_string(M));
+    const float* xs = x.data();
+    int8_t* qs = q_out.mutable_data();
+    float* ss = scale_out.mutable_data();
+    py::gil_scoped_release release;
+    #pragma omp parallel for schedule(static)
+    for (int64_t m = 0; m < M; ++m) quantize_row(xs + m * K, K, qs + m * K, ss + m);
+}
+
+// acc int32 [M, N], x_scale [M], w_scale [N], bias [N] or None -> out float32 [M, N].
+void dequantize(Array<int32_t> acc, Array<float> x_scale, Array<float> w_scale,
+                std::optional<Array<float>> bias, Array<float> out) {
+    const char* op = "dequantize";
+    if (acc.ndim() != 2) fail(op, "acc must be [M, N]");
+    const int64_t M = acc.shape(0), N = acc.shape(1);
+    if (x_scale.ndim() != 1 || x_scale.shape(0) != M)
+        fail(op, "x_scale must be [M] with M = " + std::to_string(M));
+    if (w_scale.ndim() != 1 || w_scale.shape(0) != N)
+        fail(op, "w_scale must be [N] with N = " + std::to_string(N));
+    if (bias && (bias->ndim() != 1 || bias->shape(0) != N))
+        fail(op, "bias must be [N] with N = " + std::to_string(N));
+    if (out.ndim() != 2 || out.shape(0) != M || out.shape(1) != N)
+        fail(op, "out must be [M, N]");
+    const int32_t* as = acc.data();
+    const float* xs = x_scale.data();
+    const float* ws = w_scale.data();
+    const float* bs = bias ? bias->data() : nullptr;
+    float* ys = out.mutable_data();
+    py::gil_scoped_release release;
+    #pragma omp parallel for schedule(static)
+    for (int64_t m = 0; m < M; ++m) dequantize_row(as + m * N, xs[m], ws, bs, N, ys + m * N);
+}
+
+}  // namespace
+}  // namespace soundstorm
+
+void register_quant(py::module_& m) {
+    m.def("quantize_rows", &soundstorm::quantize_rows,
+          "per-row symmetric int8 codes and scales of x, written into q_out and scale_out "
+          "(see soundstorm.kernels.int8_linear)",
+          py::arg("x"), py::arg("q_out"), py::arg("scale_out"));
+    m.def("dequantize", &soundstorm::dequantize,
+          "float(acc) * (x_scale[m] * w_scale[n]) + bias[n], written into out",
+          py::arg("acc"), py::arg("x_scale"), py::arg("w_scale"), py::arg("bias"),
+          py::arg("out"));
+}
