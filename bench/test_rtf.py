@@ -1,9 +1,11 @@
-"""Real-time-factor suite: preset x audio length x batch x backend x dtype.
+"""Real-time-factor suite: preset x audio length x batch x backend x dtype (x int8).
 
 Each case times the default decode (16 + Q - 1 forward passes) with pytest-benchmark
 (warm-up round excluded) and records in `extra_info`: real-time factor, frames/s, forward
 passes, achieved FLOP/s from the analytic count, torch.matmul FLOP/s at the same shapes and
-dtype, and their ratio. A matmul pass runs before every timed round (pytest-benchmark's
+dtype, and their ratio. On CPU each float32 case of backends torch and cpp has an int8
+twin (`quantize="int8"`, id `...-cpp-int8`) that also records the int8 roofline
+(torch._int_mm at the linear layers' shapes) and its fraction of it. A matmul pass runs before every timed round (pytest-benchmark's
 untimed `setup`), so both see the same machine load; the ratio is the median of per-round
 ratios. A length longer than a preset holds (10 and 30 s at `tiny`, which holds 5.12 s) is
 skipped, saying so.
@@ -27,6 +29,8 @@ PRESETS = ("tiny", "small", "paper")
 SECONDS = (5, 10, 30)
 BATCHES = (1, 8)
 DTYPES = ("float32", "bfloat16") + (("float16",) if DEVICE.type == "cuda" else ())
+# Backends whose engines take quantize="int8" (on the CPU, in float32).
+INT8_BACKENDS = ("torch", "cpp") if DEVICE.type == "cpu" else ()
 # Cases whose whole decode costs more than this many FLOPs are marked slow on CPU
 # (about ten seconds each at this machine's matmul rate).
 CPU_SLOW_FLOPS = 1.5e12
@@ -57,22 +61,28 @@ def cases():
         for seconds in SECONDS:
             for batch in BATCHES:
                 for backend in available_backends(DEVICE):
-                    for dtype in DTYPES:
+                    variants = [(dtype, None) for dtype in DTYPES]
+                    if backend in INT8_BACKENDS:
+                        variants.append(("float32", "int8"))
+                    for dtype, quantize in variants:
                         marks = [pytest.mark.slow] if is_slow(preset, seconds, batch, dtype) else []
                         if too_long(preset, seconds):
                             marks = [pytest.mark.skip(reason=too_long(preset, seconds))]
-                        yield pytest.param(preset, seconds, batch, backend, dtype, marks=marks,
-                                           id=f"{preset}-{seconds}s-b{batch}-{backend}-{dtype}")
+                        name = quantize or dtype
+                        yield pytest.param(preset, seconds, batch, backend, dtype, quantize,
+                                           marks=marks,
+                                           id=f"{preset}-{seconds}s-b{batch}-{backend}-{name}")
 
 
 @functools.lru_cache(maxsize=4)
-def engine_for(preset: str, backend: str, dtype: str) -> Engine:
-    return Engine.from_preset(preset, device=DEVICE, dtype=dtype, backend=backend)
+def engine_for(preset: str, backend: str, dtype: str, quantize) -> Engine:
+    return Engine.from_preset(preset, device=DEVICE, dtype=dtype, backend=backend,
+                              quantize=quantize)
 
 
-@pytest.mark.parametrize("preset,seconds,batch,backend,dtype", list(cases()))
-def test_rtf(benchmark, request, preset, seconds, batch, backend, dtype):
-    engine = engine_for(preset, backend, dtype)
+@pytest.mark.parametrize("preset,seconds,batch,backend,dtype,quantize", list(cases()))
+def test_rtf(benchmark, request, preset, seconds, batch, backend, dtype, quantize):
+    engine = engine_for(preset, backend, dtype, quantize)
     cfg = engine.config
     semantic = bench_inputs(engine, seconds, batch)
     frames = cfg.frames_for(semantic.shape[1])
@@ -80,10 +90,14 @@ def test_rtf(benchmark, request, preset, seconds, batch, backend, dtype):
     pass_flops = forward_flops(cfg, batch, frames)
     roofline = matmul_pass(engine, batch, frames)
     roofline()
+    roofline8 = matmul_pass(engine, batch, frames, int8=True) if quantize else None
     matmul_s: list[float] = []
+    int8_s: list[float] = []
 
     def before_round():
         matmul_s.append(min(roofline() for _ in range(2)))
+        if roofline8 is not None:
+            int8_s.append(min(roofline8() for _ in range(2)))
 
     def decode():
         engine.generate(semantic, seed=0)
@@ -103,6 +117,13 @@ def test_rtf(benchmark, request, preset, seconds, batch, backend, dtype):
         "achieved_gflops": passes * pass_flops / wall / 1e9,
         "matmul_gflops": pass_flops / statistics.median(matmul_s) / 1e9,
         "fraction_of_matmul": statistics.median(ratios),
-        "device": str(DEVICE), "threads": torch.get_num_threads(),
+        "device": str(DEVICE), "threads": torch.get_num_threads(), "quantize": quantize,
     })
+    if roofline8 is not None:
+        int8_s = int8_s[-len(walls):]
+        benchmark.extra_info.update({
+            "int8_matmul_gflops": pass_flops / statistics.median(int8_s) / 1e9,
+            "fraction_of_int8_matmul": statistics.median(
+                [m / (w / passes) for w, m in zip(walls, int8_s)]),
+        })
     assert benchmark.extra_info["forward_passes"] == 16 + cfg.num_quantizers - 1

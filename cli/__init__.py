@@ -5,7 +5,7 @@
   soundstorm generate --preset small --seconds 10          (random weights: speed checks)
   soundstorm info DIR|PRESET
   soundstorm demo [--out soundstorm-demo/]                 (the shipped model, end to end)
-  soundstorm bench --preset small --seconds 10 [--batch N] [--backend B] [--dtype D] [--json]
+  soundstorm bench --preset small --seconds 10 [--batch N] [--backend B] [--dtype D] [--quantize int8] [--json]
   soundstorm train --preset tiny --data corpus/train --out run/     (soundstorm.training)
   soundstorm synthetic-corpus corpus/                               (soundstorm.training)
   soundstorm speech-corpus speech/ --minutes 40                     (soundstorm.training)
@@ -33,6 +33,7 @@ from soundstorm.engine.benchmark import default_seconds, max_seconds, real_time_
 from soundstorm.engine.config import DecodeConfig, ModelConfig
 from soundstorm.engine.engine import DTYPES, Engine
 from soundstorm.engine.model import CONFIG_FILE, WEIGHTS_FILE
+from soundstorm.engine.quantize import QUANTIZE_MODES
 
 
 class CLIError(Exception):
@@ -338,11 +339,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise CLIError(f"--temperature must be a finite number >= 0, got {args.temperature}")
 
     if args.model:
-        engine = Engine(args.model, device=device, dtype=args.dtype, backend=args.backend)
+        engine = Engine(args.model, device=device, dtype=args.dtype, backend=args.backend,
+                        quantize=args.quantize)
         source = args.model
     else:
         engine = Engine.from_preset(args.preset, seed=args.init_seed, device=device,
-                                    dtype=args.dtype, backend=args.backend)
+                                    dtype=args.dtype, backend=args.backend,
+                                    quantize=args.quantize)
         source = f"preset {args.preset!r} with random weights"
     cfg = engine.config
     if args.manifest:
@@ -381,7 +384,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     rtf = wall / audio_s
     summary = {
         "model": str(source), "backend": engine.backend, "device": str(engine.device),
-        "dtype": str(engine.dtype).replace("torch.", ""), "batch": B, "frames": T,
+        "dtype": str(engine.dtype).replace("torch.", ""), "quantize": engine.quantize,
+        "batch": B, "frames": T,
         "levels": Q, "audio_seconds": audio_s, "forward_passes": passes,
         "wall_seconds": round(wall, 4), "real_time_factor": round(rtf, 4),
     }
@@ -416,8 +420,11 @@ def cmd_info(args: argparse.Namespace) -> int:
         raise CLIError(f"{target!r} is neither a model directory (with {CONFIG_FILE}) nor a "
                        f"preset ({', '.join(ModelConfig.preset_names())})")
     params = config.num_parameters()
+    from soundstorm.kernels import available_backends
     info = {"source": where, "parameters": params, "config": config.to_dict(),
-            "default_forward_passes": DecodeConfig().num_forward_passes(config.num_quantizers)}
+            "default_forward_passes": DecodeConfig().num_forward_passes(config.num_quantizers),
+            "cpu_backends": list(available_backends(torch.device("cpu"))),
+            "cpu_quantize": ["none", *QUANTIZE_MODES]}
     if size is not None:
         info["weights_bytes"] = size
         info["weights_checksum"] = "verified" if checksum else "none recorded"
@@ -431,6 +438,8 @@ def cmd_info(args: argparse.Namespace) -> int:
               + ("sha256 checksums verified" if checksum else "no checksums recorded"))
     for key, value in config.to_dict().items():
         print(f"  {key + ':':<20}{value}")
+    print(f"  on this CPU:        backends {', '.join(info['cpu_backends'])} (auto picks "
+          f"{info['cpu_backends'][0]}); --quantize {' or '.join(info['cpu_quantize'])}")
     return 0
 
 
@@ -452,10 +461,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
         _check_history(Path(args.history))
     say = None if args.quiet else (lambda msg: print(f"  {msg}", file=sys.stderr, flush=True))
     r = benchmark.run_preset(args.preset, seconds, args.batch, args.backend, args.dtype,
-                             device, args.repeats, progress=say)
+                             device, args.repeats, progress=say, quantize=args.quantize)
     print(f"{r['preset']} preset, {r['seconds']:g} s of audio ({r['frames']} frames), batch "
-          f"{r['batch']}, {r['dtype']}, backend {r['backend']} on {r['device']}, "
-          f"{r['threads']} threads")
+          f"{r['batch']}, {r['dtype']}" + (f" with {r['quantize']} linear layers"
+                                            if r.get('quantize') else "")
+          + f", backend {r['backend']} on {r['device']}, {r['threads']} threads")
     print(f"  wall time         {r['wall_s']:.3f} s (median of {r['repeats']}; "
           f"min {r['wall_s_min']:.3f}, max {r['wall_s_max']:.3f}; warm-up excluded)")
     print(f"  real-time factor  {real_time_text(r['real_time_factor'])}; "
@@ -465,6 +475,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     print(f"  torch.matmul      {r['matmul_gflops']:.1f} GFLOP/s at the same shapes and dtype")
     print(f"  fraction          {r['fraction_of_matmul']:.2f} of matmul FLOP/s "
           f"(per-round min {r['fraction_min']:.2f}, max {r['fraction_max']:.2f})")
+    if "int8_matmul_gflops" in r:
+        print(f"  int8 roofline     {r['int8_matmul_gflops']:.1f} GFLOP/s: torch._int_mm at the "
+              f"linear layers' shapes, float matmul for attention and the head")
+        print(f"  fraction          {r['fraction_of_int8_matmul']:.2f} of the int8 roofline "
+              f"(per-round min {r['fraction_int8_min']:.2f}, max {r['fraction_int8_max']:.2f})")
     if args.history:
         try:
             benchmark.append_history(args.history, r)
@@ -487,8 +502,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
     run_demo(args.out, assets=args.assets or ASSETS, utterances=args.utterances,
              prompt_seconds=args.prompt_seconds, max_seconds=args.max_seconds, seed=args.seed,
              ablation=args.ablation, speaker_similarity=args.speaker_similarity,
-             progress=not args.quiet)
+             progress=not args.quiet, backend=args.backend, quantize=args.quantize)
     return 0
+
+
+def _add_quantize(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quantize", choices=["none", *QUANTIZE_MODES], default="none",
+                        type=lambda v: v.lower(),
+                        help="none (default: float matmuls, the exact path) or int8: the "
+                             "Conformer's linear layers in int8 (CPU, float32)")
 
 
 def _add_quiet(parser: argparse.ArgumentParser, what: str) -> None:
@@ -543,7 +565,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cpu)")
     g.add_argument("--dtype", choices=sorted(DTYPES), help="compute dtype (default float32)")
     g.add_argument("--backend", default="auto",
-                   help="op backend: auto (default), torch or triton")
+                   help="op backend: auto (default), torch, cpp or triton")
+    _add_quantize(g)
     g.add_argument("--json", action="store_true", help="also print a JSON summary as the last line")
     _add_quiet(g, "no progress bar on stderr")
     g.set_defaults(func=cmd_generate)
@@ -569,8 +592,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="audio length (default 10, or the preset's longest if it holds less: "
                         "5.12 for tiny)")
     b.add_argument("--batch", type=int, default=1, help="clips decoded together (default 1)")
-    b.add_argument("--backend", default="auto", help="op backend (default auto)")
+    b.add_argument("--backend", default="auto",
+                   help="op backend: auto (default), torch, cpp or triton")
     b.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    _add_quantize(b)
     b.add_argument("--device", help="cpu, cuda, ... (default cpu)")
     b.add_argument("--repeats", type=int, default=3, help="timed rounds (default 3)")
     b.add_argument("--history", metavar="JSONL",
@@ -601,6 +626,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip the resemblyzer speaker-similarity scores")
     d.add_argument("--assets", metavar="DIR",
                    help="another demo assets directory (model/, codec/, semantic/, demo.json)")
+    d.add_argument("--backend", default="torch",
+                   help="op backend: torch (default: the shipped figures' path), auto, cpp")
+    _add_quantize(d)
     _add_quiet(d, "no progress bars on stderr")
     d.set_defaults(func=cmd_demo)
 
@@ -632,6 +660,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return training_main(argv[0], argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "quantize", None) == "none":
+        args.quantize = None
     try:
         return args.func(args)
     except CLIError as e:

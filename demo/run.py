@@ -57,8 +57,10 @@ def ablation_schedules(num_quantizers: int) -> Dict[str, tuple]:
     }
 
 
-def load_assets(assets: Any = ASSETS, device: str = "cpu"):
-    """(engine, codec, semantic tokenizer, demo settings) from an assets directory."""
+def load_assets(assets: Any = ASSETS, device: str = "cpu", backend: str = "torch",
+                quantize: Optional[str] = None):
+    """(engine, codec, semantic tokenizer, demo settings) from an assets directory; the
+    engine runs float32 on `backend`, with `quantize` (see `Engine`)."""
     from soundstorm.engine.codecs import load_codec
     from soundstorm.engine.engine import Engine
     from soundstorm.training.semantic import load_semantic
@@ -76,7 +78,8 @@ def load_assets(assets: Any = ASSETS, device: str = "cpu"):
                          ) from None
     if not isinstance(settings, dict):
         raise ValueError(f"{assets / DEMO_FILE} is not a JSON object")
-    engine = Engine(assets / "model", device=device, dtype=torch.float32, backend="torch")
+    engine = Engine(assets / "model", device=device, dtype=torch.float32, backend=backend,
+                    quantize=quantize)
     codec = load_codec("melrvq", path=assets / "codec")
     semantic = load_semantic(assets / "semantic")
     cfg = engine.config
@@ -95,7 +98,8 @@ def load_assets(assets: Any = ASSETS, device: str = "cpu"):
 def run_demo(out: Any = "soundstorm-demo", assets: Any = ASSETS, utterances: int = 8,
              prompt_seconds: float = 3.0, max_seconds: float = 6.0, seed: int = 0,
              ablation: bool = True, speaker_similarity: bool = True, progress: bool = True,
-             log: Callable[[str], None] = print) -> Dict[str, Any]:
+             log: Callable[[str], None] = print, backend: str = "torch",
+             quantize: Optional[str] = None) -> Dict[str, Any]:
     """Run the demo and write its files to `out`; returns the report.
 
     utterances:     held-out sentences to generate (alternating the held-out voices).
@@ -103,6 +107,8 @@ def run_demo(out: Any = "soundstorm-demo", assets: Any = ASSETS, utterances: int
     max_seconds:    held-out sentences are cut to at most this long.
     ablation:       also decode with the greedy and more-iterations schedules.
     speaker_similarity: score voice preservation with resemblyzer (needs it installed).
+    backend, quantize: the engine's (see `Engine`); the shipped figures are backend "torch"
+                    in float32.
     """
     from soundstorm.training.speech_corpus import (VOICES, sentences, speak, require_espeak,
                                                    voice_by_name)
@@ -118,7 +124,7 @@ def run_demo(out: Any = "soundstorm-demo", assets: Any = ASSETS, utterances: int
     encoder = _speaker_encoder() if speaker_similarity else None
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    engine, codec, semantic, settings = load_assets(assets)
+    engine, codec, semantic, settings = load_assets(assets, backend=backend, quantize=quantize)
     cfg = engine.config
     sr = codec.sample_rate
     frames_per_id = float(cfg.frame_rate) / float(cfg.semantic_rate)
@@ -139,7 +145,7 @@ def run_demo(out: Any = "soundstorm-demo", assets: Any = ASSETS, utterances: int
     schedules = ablation_schedules(cfg.num_quantizers)
     if not ablation:
         schedules = {"default": schedules["default"]}
-    log(f"model: {sum(p.numel() for p in engine.model.parameters()) / 1e6:.1f}M parameters, "
+    log(f"model: {cfg.num_parameters() / 1e6:.1f}M parameters, "
         f"{cfg.num_quantizers} levels of {cfg.codebook_size} codes at {cfg.frame_rate:g} Hz; "
         f"held-out voices {[v.name for v in voices]}")
 
@@ -220,8 +226,9 @@ def run_demo(out: Any = "soundstorm-demo", assets: Any = ASSETS, utterances: int
         clips.append(row_clips)
 
     report: Dict[str, Any] = {
-        "model": {"parameters": sum(p.numel() for p in engine.model.parameters()),
+        "model": {"parameters": cfg.num_parameters(),
                   "config": cfg.to_dict(), "backend": engine.backend,
+                  "quantize": engine.quantize,
                   "device": str(engine.device), "threads": torch.get_num_threads()},
         "prompt_seconds": prompt_frames / float(cfg.frame_rate),
         "heldout_voices": [v.name for v in voices],

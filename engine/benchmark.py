@@ -65,22 +65,37 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def matmul_pass(engine: Engine, batch: int, frames: int) -> Callable[[], float]:
-    """A function that runs torch.matmul over one forward pass's products (same shapes,
-    dtype and device as `engine`) and returns the seconds it took."""
+# The products that stay in float when the linear layers are int8 (engine.quantize).
+FLOAT_GEMMS = ("attn_scores", "attn_values", "head")
+
+
+def matmul_pass(engine: Engine, batch: int, frames: int,
+                int8: bool = False) -> Callable[[], float]:
+    """A function that runs one forward pass's products (same shapes, dtype and device as
+    `engine`) and returns the seconds it took: all in torch.matmul, or with `int8` the
+    linear layers' products in torch._int_mm (int8 [m, k] x int8 [k, n] -> int32, the
+    weight a transposed [n, k] matrix as `Int8Linear` holds it) and the rest in
+    torch.matmul, as a `quantize="int8"` engine runs them."""
     cfg, dtype, device = engine.config, engine.dtype, engine.device
     operands = []
     for g in forward_gemms(cfg, batch, frames):
         shape_a = (g.batch, g.m, g.k) if g.batch > 1 else (g.m, g.k)
         shape_b = (g.batch, g.k, g.n) if g.batch > 1 else (g.k, g.n)
+        if int8 and g.name not in FLOAT_GEMMS:
+            a = torch.randint(-127, 128, shape_a, dtype=torch.int8, device=device)
+            operands += [(torch._int_mm, a, torch.randint(
+                -127, 128, (g.n, g.k), dtype=torch.int8, device=device).t())
+                for _ in range(g.count)]
+            continue
         a = torch.randn(shape_a, dtype=dtype, device=device)
-        operands += [(a, torch.randn(shape_b, dtype=dtype, device=device)) for _ in range(g.count)]
+        operands += [(torch.matmul, a, torch.randn(shape_b, dtype=dtype, device=device))
+                     for _ in range(g.count)]
 
     def one_pass() -> float:
         synchronize(device)
         start = time.perf_counter()
-        for a, b in operands:
-            torch.matmul(a, b)
+        for mm, a, b in operands:
+            mm(a, b)
         synchronize(device)
         return time.perf_counter() - start
 
@@ -105,7 +120,9 @@ def measure_decode(engine: Engine, seconds: float, batch: int = 1, repeats: int 
                    decode: Optional[DecodeConfig] = None,
                    progress: Optional[Callable[[str], None]] = None) -> dict:
     """Time `engine.generate` for `batch` clips of `seconds` (warm-up excluded) and the
-    matmul roofline at the same shapes, alternating; returns the figures as a dict."""
+    matmul roofline at the same shapes, alternating; returns the figures as a dict. An
+    engine with int8 linear layers is also timed against the int8 roofline
+    (`matmul_pass(..., int8=True)`)."""
     if not isinstance(repeats, int) or repeats < 1:
         raise ValueError(f"repeats must be an int >= 1, got {repeats!r}")
     cfg = engine.config
@@ -118,6 +135,8 @@ def measure_decode(engine: Engine, seconds: float, batch: int = 1, repeats: int 
     passes = decode.num_forward_passes(cfg.num_quantizers)
     pass_flops = sum(g.flops for g in forward_gemms(cfg, batch, frames))
     roofline = matmul_pass(engine, batch, frames)
+    int8 = getattr(engine, "quantize", None) == "int8"
+    roofline8 = matmul_pass(engine, batch, frames, int8=True) if int8 else None
 
     def decode_once(seed: int) -> float:
         synchronize(engine.device)
@@ -130,20 +149,23 @@ def measure_decode(engine: Engine, seconds: float, batch: int = 1, repeats: int 
         progress("warm-up")
     decode_once(0)
     roofline()
-    walls, matmul_s = [], []
+    walls, matmul_s, int8_s = [], [], []
     for r in range(repeats):
         if progress:
             progress(f"round {r + 1}/{repeats}")
         walls.append(decode_once(r + 1))
         matmul_s.append(min(roofline() for _ in range(3)))
+        if int8:
+            int8_s.append(min(roofline8() for _ in range(3)))
     fractions = [(passes * pass_flops / w) / (pass_flops / m) for w, m in zip(walls, matmul_s)]
 
     wall = statistics.median(walls)
     audio = batch * frames / cfg.frame_rate
     flops = passes * pass_flops
-    return {
+    result = {
         "backend": engine.backend, "device": str(engine.device),
-        "dtype": str(engine.dtype).replace("torch.", ""), "seconds": seconds, "batch": batch,
+        "dtype": str(engine.dtype).replace("torch.", ""),
+        "quantize": getattr(engine, "quantize", None), "seconds": seconds, "batch": batch,
         "frames": frames, "forward_passes": passes, "repeats": repeats,
         "wall_s": wall, "wall_s_min": min(walls), "wall_s_max": max(walls),
         "real_time_factor": wall / audio, "frames_per_s": batch * frames / wall,
@@ -154,13 +176,23 @@ def measure_decode(engine: Engine, seconds: float, batch: int = 1, repeats: int 
         "fraction_of_matmul": statistics.median(fractions),
         "fraction_min": min(fractions), "fraction_max": max(fractions),
     }
+    if int8:
+        fractions8 = [m / (w / passes) for w, m in zip(walls, int8_s)]
+        result.update({
+            "int8_matmul_gflops": pass_flops / statistics.median(int8_s) / 1e9,
+            "fraction_of_int8_matmul": statistics.median(fractions8),
+            "fraction_int8_min": min(fractions8), "fraction_int8_max": max(fractions8),
+        })
+    return result
 
 
 def run_preset(preset: str, seconds: float, batch: int = 1, backend: str = "auto",
                dtype: Union[str, torch.dtype] = "float32", device: Optional[str] = None,
-               repeats: int = 3, progress: Optional[Callable[[str], None]] = None) -> dict:
+               repeats: int = 3, progress: Optional[Callable[[str], None]] = None,
+               quantize: Optional[str] = None) -> dict:
     """`measure_decode` on a randomly initialised model of a preset."""
-    engine = Engine.from_preset(preset, device=device, dtype=resolve_dtype(dtype), backend=backend)
+    engine = Engine.from_preset(preset, device=device, dtype=resolve_dtype(dtype),
+                                backend=backend, quantize=quantize)
     result = measure_decode(engine, seconds, batch, repeats, progress=progress)
     return {"preset": preset, "threads": torch.get_num_threads(), **result}
 
@@ -197,7 +229,7 @@ def source_commit() -> Optional[str]:
     return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
-SETTINGS = ("preset", "seconds", "batch", "backend", "dtype", "device")
+SETTINGS = ("preset", "seconds", "batch", "backend", "dtype", "quantize", "device")
 
 
 def history_record(result: dict) -> dict:

@@ -19,8 +19,8 @@ from soundstorm.kernels.int8_linear import int8_linear_reference
 from soundstorm.kernels.resample import masked_resample_reference
 from soundstorm.kernels.residual_norm import residual_norm_reference
 
-# Backends the project knows of. "auto" chooses between torch and triton only: "cpp" runs
-# on the CPU only, with rotary attention still the reference, and is asked for by name.
+# Backends the project knows of. "auto" picks triton on CUDA, cpp on the CPU when the C++
+# extension is built, torch otherwise.
 KNOWN_BACKENDS = ("torch", "triton", "cpp")
 PLANNED_BACKENDS = ("pallas",)
 
@@ -77,12 +77,23 @@ TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 def available_backends(device: Optional[torch.device] = None,
                        dtype: Optional[torch.dtype] = None) -> tuple[str, ...]:
     """Backends that can run on `device` (with weights and activations of `dtype`, if
-    given) in this installation, fastest first (on CPU the interpreted Triton kernels
-    are far slower than torch, so they come last)."""
+    given) in this installation, fastest first (on CPU: cpp when the C++ extension is
+    built, then torch; the interpreted Triton kernels are far slower, so they come last)."""
     on_cuda = device is not None and torch.device(device).type == "cuda"
+    on_cpu = device is None or torch.device(device).type == "cpu"
+    backends = ("cpp", "torch") if on_cpu and _cpp_built() else ("torch",)
     if (dtype is None or dtype in TRITON_DTYPES) and _triton_usable(device):
-        return ("triton", "torch") if on_cuda else ("torch", "triton")
-    return ("torch",)
+        return ("triton",) + backends if on_cuda else backends + ("triton",)
+    return backends
+
+
+def _cpp_built() -> bool:
+    """Whether the C++ extension of backend "cpp" imports here."""
+    try:
+        from soundstorm.kernels import cpp  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _triton_ops(device: Optional[torch.device]) -> Ops:

@@ -156,25 +156,34 @@ def test_compare_counts_repeated_records_of_a_commit_as_noise(tmp_path, capsys):
         compare.main([str(h), "--threshold", "nan"])
 
 
-def test_rtf_suite_runs_a_tiny_case(tmp_path):
+@pytest.mark.parametrize("case", ["tiny-5s-b1-torch-float32", "tiny-5s-b1-torch-int8"])
+def test_rtf_suite_runs_a_tiny_case(tmp_path, case):
     out = tmp_path / "rtf.json"
     r = subprocess.run([sys.executable, "-m", "pytest", str(BENCH / "test_rtf.py"), "-q",
-                        "-p", "no:cacheprovider", "-k", "tiny-5s-b1-torch-float32",
+                        "-p", "no:cacheprovider", "-k", case,
                         "--rounds", "1", f"--benchmark-json={out}"],
                        capture_output=True, text=True, cwd=BENCH.parent)
     assert r.returncode == 0, r.stdout + r.stderr
     bench = json.loads(out.read_text())["benchmarks"]
     assert len(bench) == 1 and bench[0]["extra_info"]["forward_passes"] == 19
     assert bench[0]["extra_info"]["fraction_of_matmul"] > 0
+    if case.endswith("int8"):
+        assert bench[0]["extra_info"]["quantize"] == "int8"
+        assert bench[0]["extra_info"]["fraction_of_int8_matmul"] > 0
+    else:
+        assert "fraction_of_int8_matmul" not in bench[0]["extra_info"]
 
 
 def test_default_rtf_cases_skip_the_slow_ones():
     import test_rtf
     ids = {p.id: p.marks for p in test_rtf.cases()}
-    assert len(ids) == 3 * 3 * 2 * len(test_rtf.DTYPES) * len(test_rtf.available_backends(test_rtf.DEVICE))
+    backends = test_rtf.available_backends(test_rtf.DEVICE)
+    int8 = len(set(backends) & set(test_rtf.INT8_BACKENDS))
+    assert len(ids) == 3 * 3 * 2 * (len(test_rtf.DTYPES) * len(backends) + int8)
     if test_rtf.DEVICE.type == "cpu":
         assert not ids["tiny-5s-b8-torch-float32"] and not ids["small-5s-b1-torch-float32"]
         assert ids["paper-30s-b8-torch-float32"] and ids["small-10s-b1-torch-bfloat16"]
+        assert not ids["small-10s-b1-cpp-int8"] and not ids["small-10s-b1-torch-int8"]
     # the tiny preset holds 5.12 s: its longer cases are skipped, saying why
     for length in ("10s", "30s"):
         (mark,) = ids[f"tiny-{length}-b1-torch-float32"]

@@ -72,6 +72,11 @@ def test_generate_with_a_preset_and_random_semantic(tmp_path, capsys):
     (["bench", "--preset", "tiny", "--seconds", "10"], r"--seconds 10: the tiny preset holds at most 5.12 s \(256 frames\)"),
     (["generate", "--preset", "tiny", "--temperature", "-1"], "temperature must be >= 0"),
     (["info", "neither"], "'neither' is neither a model directory"),
+    (["generate", "--preset", "tiny", "--quantize", "int8", "--dtype", "bf16"],
+     "quantize='int8' runs float32 models on the CPU"),
+    (["bench", "--preset", "tiny", "--quantize", "int4"],
+     r"argument --quantize: invalid choice: 'int4' \(choose from 'none', 'int8'\)"),
+    (["demo", "--quantize", "fp8"], "argument --quantize: invalid choice: 'fp8'"),
 ])
 def test_errors_are_one_line_with_exit_status_2(capsys, argv, match):
     with pytest.raises(SystemExit) as exc:
@@ -316,6 +321,26 @@ def test_bench_words_its_speed_the_right_way_round(capsys, monkeypatch, rtf, wor
     monkeypatch.setattr(benchmark, "run_preset", fake_run)
     code, out, _ = run_cli(capsys, "bench", "--preset", "tiny", "--seconds", 1, "--quiet")
     assert code == 0 and words in out, out
+
+
+def test_generate_and_bench_take_quantize(capsys):
+    from soundstorm.cli import build_parser
+
+    for argv in (["generate", "--preset", "tiny"], ["bench"], ["demo"]):
+        assert build_parser().parse_args(argv + ["--quantize", "INT8"]).quantize == "int8"
+        assert build_parser().parse_args(argv).quantize == "none"
+    code, out, _ = run_cli(capsys, "generate", "--preset", "tiny", "--seconds", 0.4,
+                           "--backend", "torch", "--quantize", "int8", "--json", "--quiet")
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert code == 0 and summary["quantize"] == "int8" and summary["backend"] == "torch"
+    code, out, _ = run_cli(capsys, "generate", "--preset", "tiny", "--seconds", 0.4,
+                           "--json", "--quiet")
+    assert code == 0 and json.loads(out.strip().splitlines()[-1])["quantize"] is None
+    code, out, _ = run_cli(capsys, "bench", "--preset", "tiny", "--seconds", 0.4,
+                           "--repeats", 1, "--quantize", "int8", "--json", "--quiet")
+    r = json.loads(out.strip().splitlines()[-1])
+    assert code == 0 and r["quantize"] == "int8" and r["fraction_of_int8_matmul"] > 0
+    assert "with int8 linear layers" in out and "of the int8 roofline" in out
 
 
 @pytest.mark.parametrize("flag", ["--quiet", "--no-progress"])

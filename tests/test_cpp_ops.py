@@ -308,14 +308,17 @@ def test_conv_module_fallbacks_and_errors():
         cpp.conv_module(h, torch.randn(5, 1, 2), *params[1:], None)
 
 
-def test_get_ops_selects_cpp_by_name_only():
+def test_get_ops_selects_cpp_by_name_and_auto_on_cpu():
     ops = get_ops("cpp")
     assert ops.name == "cpp" and ops.masked_resample is cpp.masked_resample
     assert ops.summed_embedding is cpp.summed_embedding
     assert ops.residual_norm is cpp.residual_norm and ops.conv_module is cpp.conv_module
     torch_ops = get_ops("torch")
     assert ops.rotary_attention is torch_ops.rotary_attention
-    assert get_ops("auto", torch.device("cpu")).name != "cpp"
+    assert get_ops("auto", torch.device("cpu")).name == "cpp"
+    assert get_ops("auto").name == "cpp"
+    assert get_ops("auto", torch.device("meta")).name == "torch"
+    assert Engine.from_preset("tiny").backend == "cpp"
 
 
 def test_without_the_extension_cpp_raises_and_the_package_still_imports():

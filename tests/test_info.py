@@ -30,6 +30,7 @@ def test_info_checks_the_weights_and_reports_the_checksum(tmp_path, tiny_model, 
     code, out = info(capsys, tmp_path, "--json")
     report = json.loads(out)
     assert code == 0 and report["weights_checksum"] == "verified"
+    assert "torch" in report["cpu_backends"] and report["cpu_quantize"] == ["none", "int8"]
     assert report["parameters"] == tiny_model.num_parameters
     code, out = info(capsys, tmp_path)
     assert "checked; sha256 checksums verified" in out
