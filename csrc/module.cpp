@@ -9,6 +9,7 @@ void register_resample(py::module_& m);
 void register_embedding(py::module_& m);
 void register_norm(py::module_& m);
 void register_quant(py::module_& m);
+void register_rotary(py::module_& m);
 
 PYBIND11_MODULE(_C, m) {
     m.doc() = "soundstorm C++ CPU kernels (backend 'cpp')";
@@ -21,4 +22,5 @@ PYBIND11_MODULE(_C, m) {
     register_embedding(m);
     register_norm(m);
     register_quant(m);
+    register_rotary(m);
 }

@@ -25,6 +25,10 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>  // std::optional arguments (None)
 
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#endif
+
 namespace py = pybind11;
 
 namespace soundstorm {
@@ -137,15 +141,102 @@ void residual_norm(Array<F> x, Array<F> delta, double alpha, Array<F> weight, Ar
 
 // GLU of one frame h [2E] into x [E]: a * sigmoid(g) with a, g the two halves.
 SOUNDSTORM_ROW_CLONES
-void glu_frame(const float* h, int64_t E, float* x) {
+void glu_frame_baseline(const float* h, int64_t E, float* x) {
     const float* a = h;
     const float* g = h + E;
     for (int64_t e = 0; e < E; ++e) x[e] = a[e] * sigmoid(g[e]);
 }
 
+// swish in place: y * sigmoid(y).
+SOUNDSTORM_ROW_CLONES
+void swish_baseline(float* y, int64_t E) {
+    for (int64_t e = 0; e < E; ++e) y[e] = y[e] * sigmoid(y[e]);
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+// exp of 16 floats (Cephes' expf: n = round(x / ln 2), exp(x) = 2^n * exp(r) with
+// r = x - n ln 2 in two parts and a degree-7 polynomial for exp(r)), within 2 ulp of the
+// correctly rounded value for x in [-87.3, 88.7]; x is clamped to that range (below it
+// exp underflows towards 0, above it the sigmoid is 1 either way). NaN stays NaN.
+__attribute__((target("avx512f")))
+inline __m512 exp_avx512(__m512 x) {
+    const __m512 nan_lanes = x;
+    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.7f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    const __m512 e = _mm512_scalef_ps(p, n);
+    const __mmask16 nan = _mm512_cmp_ps_mask(nan_lanes, nan_lanes, _CMP_UNORD_Q);
+    return _mm512_mask_mov_ps(e, nan, nan_lanes);
+}
+
+// 1 / (1 + exp(-x)) of 16 floats (one rounding more than the scalar form's exp).
+__attribute__((target("avx512f")))
+inline __m512 sigmoid_avx512(__m512 x) {
+    const __m512 one = _mm512_set1_ps(1.0f);
+    const __m512 e = exp_avx512(_mm512_sub_ps(_mm512_setzero_ps(), x));
+    return _mm512_div_ps(one, _mm512_add_ps(one, e));
+}
+
+__attribute__((target("avx512f")))
+void glu_frame_avx512(const float* h, int64_t E, float* x) {
+    const float* a = h;
+    const float* g = h + E;
+    int64_t e = 0;
+    for (; e + 16 <= E; e += 16)
+        _mm512_storeu_ps(x + e, _mm512_mul_ps(_mm512_loadu_ps(a + e),
+                                              sigmoid_avx512(_mm512_loadu_ps(g + e))));
+    if (e < E) {
+        const __mmask16 m = static_cast<__mmask16>((1u << (E - e)) - 1u);
+        const __m512 ga = _mm512_maskz_loadu_ps(m, g + e);
+        _mm512_mask_storeu_ps(x + e, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, a + e),
+                                                      sigmoid_avx512(ga)));
+    }
+}
+
+__attribute__((target("avx512f")))
+void swish_avx512(float* y, int64_t E) {
+    int64_t e = 0;
+    for (; e + 16 <= E; e += 16) {
+        const __m512 v = _mm512_loadu_ps(y + e);
+        _mm512_storeu_ps(y + e, _mm512_mul_ps(v, sigmoid_avx512(v)));
+    }
+    if (e < E) {
+        const __mmask16 m = static_cast<__mmask16>((1u << (E - e)) - 1u);
+        const __m512 v = _mm512_maskz_loadu_ps(m, y + e);
+        _mm512_mask_storeu_ps(y + e, m, _mm512_mul_ps(v, sigmoid_avx512(v)));
+    }
+}
+#endif
+
+// The sigmoid loops of conv_module: AVX-512 (a polynomial exp) where the CPU has it, else
+// the scalar std::exp ones; chosen once at load, switchable for the tests.
+struct SigmoidKernels {
+    void (*glu)(const float*, int64_t, float*);
+    void (*swish)(float*, int64_t);
+};
+
+SigmoidKernels pick_sigmoid_kernels(bool avx512) {
+#if defined(__x86_64__) && defined(__GNUC__)
+    __builtin_cpu_init();
+    if (avx512 && __builtin_cpu_supports("avx512f")) return {glu_frame_avx512, swish_avx512};
+#endif
+    return {glu_frame_baseline, swish_baseline};
+}
+
+SigmoidKernels sigmoid_kernels = pick_sigmoid_kernels(true);
+
 // One frame of conv_module after the GLU: the depthwise convolution of frame t of the gated
-// frames xb [T, E] (taps [K, E]) into acc [E], its LayerNorm over the channels and swish,
-// into y [E].
+// frames xb [T, E] (taps [K, E]) into acc [E] and its LayerNorm over the channels into y
+// [E] (the caller applies the swish).
 SOUNDSTORM_ROW_CLONES
 void conv_frame(const float* xb, int64_t T, int64_t E, int64_t t, const float* taps, int64_t K,
                 const float* db, const float* nw, const float* nb, double eps, float* acc,
@@ -165,7 +256,6 @@ void conv_frame(const float* xb, int64_t T, int64_t E, int64_t t, const float* t
     double mean, rstd;
     row_moments(acc, E, eps, mean, rstd);
     row_normalise(acc, E, mean, rstd, nw, nb, y);
-    for (int64_t e = 0; e < E; ++e) y[e] = y[e] * sigmoid(y[e]);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -209,6 +299,8 @@ void conv_module(Array<float> h, Array<float> dw_weight, Array<float> dw_bias,
     // the gated (and masked) frames of the whole batch, [B, T, E]
     std::vector<float> gated(B * T * E);
 
+    const auto glu = sigmoid_kernels.glu;
+    const auto swish = sigmoid_kernels.swish;
     py::gil_scoped_release release;
     #pragma omp parallel
     {
@@ -220,7 +312,7 @@ void conv_module(Array<float> h, Array<float> dw_weight, Array<float> dw_bias,
                 for (int64_t e = 0; e < E; ++e) x[e] = 0.0f;
                 continue;
             }
-            glu_frame(hs + bt * E2, E, x);
+            glu(hs + bt * E2, E, x);
         }
         // (the implicit barrier of `omp for`: every gated frame is written before use)
 
@@ -231,6 +323,7 @@ void conv_module(Array<float> h, Array<float> dw_weight, Array<float> dw_bias,
             const int64_t b = bt / T, t = bt % T;
             conv_frame(gated.data() + b * T * E, T, E, t, taps.data(), K, db, nw, nb, eps,
                        acc.data(), ys + bt * E);
+            swish(ys + bt * E, E);
         }
     }
 }
@@ -247,6 +340,11 @@ void register_norm(py::module_& m) {
     m.def("residual_norm", &soundstorm::residual_norm<double>, doc, py::arg("x"),
           py::arg("delta"), py::arg("alpha"), py::arg("weight"), py::arg("bias"),
           py::arg("eps"), py::arg("y_out"), py::arg("norm_out"));
+    m.def("use_avx512_sigmoid", [](bool on) {
+        soundstorm::sigmoid_kernels = soundstorm::pick_sigmoid_kernels(on);
+        return soundstorm::sigmoid_kernels.glu != soundstorm::glu_frame_baseline;
+    }, "conv_module's GLU and swish with the AVX-512 polynomial exp (where the CPU has it: "
+       "returns whether it is used) or with std::exp", py::arg("on"));
     m.def("conv_module", &soundstorm::conv_module,
           "GLU, masking, depthwise convolution, LayerNorm and swish, written into out "
           "(see soundstorm.kernels.cpp)",

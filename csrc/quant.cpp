@@ -11,6 +11,7 @@
 // half to even in the default rounding mode, as torch.round does. Rows are independent:
 // parallel over rows with OpenMP.
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <optional>
@@ -20,6 +21,10 @@
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#endif
 
 namespace py = pybind11;
 
@@ -42,8 +47,8 @@ constexpr float kMinAmax = 1e-30f;
     throw std::invalid_argument(std::string(op) + ": " + message);
 }
 
-SOUNDSTORM_QUANT_CLONES
-void quantize_row(const float* x, int64_t K, int8_t* q, float* scale) {
+// The portable quantisation of one row; x * inv is rounded half to even by nearbyint.
+void quantize_row_baseline(const float* x, int64_t K, int8_t* q, float* scale) {
     float amax = 0.0f;
     #pragma omp simd reduction(max : amax)
     for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::fabs(x[k]));
@@ -51,7 +56,6 @@ void quantize_row(const float* x, int64_t K, int8_t* q, float* scale) {
     // torch.amax does not; such rows give garbage either way.
     if (!(amax >= kMinAmax)) amax = kMinAmax;
     const float inv = kQmax / amax;
-    #pragma omp simd
     for (int64_t k = 0; k < K; ++k) {
         float v = std::nearbyint(x[k] * inv);
         v = std::min(std::max(v, -kQmax), kQmax);
@@ -59,6 +63,49 @@ void quantize_row(const float* x, int64_t K, int8_t* q, float* scale) {
     }
     *scale = amax / kQmax;
 }
+
+#if defined(__x86_64__) && defined(__GNUC__)
+// The same with AVX-512: 16 lanes per step (the compiler does not vectorise nearbyint),
+// the tail in the baseline's scalar steps. roundscale with imm 0 rounds half to even.
+__attribute__((target("avx512f")))
+void quantize_row_avx512(const float* x, int64_t K, int8_t* q, float* scale) {
+    __m512 vmax = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + 16 <= K; k += 16)
+        vmax = _mm512_max_ps(vmax, _mm512_abs_ps(_mm512_loadu_ps(x + k)));
+    float amax = _mm512_reduce_max_ps(vmax);
+    for (; k < K; ++k) amax = std::max(amax, std::fabs(x[k]));
+    if (!(amax >= kMinAmax)) amax = kMinAmax;
+    const float inv = kQmax / amax;
+    const __m512 vinv = _mm512_set1_ps(inv), hi = _mm512_set1_ps(kQmax),
+                 lo = _mm512_set1_ps(-kQmax);
+    for (k = 0; k + 16 <= K; k += 16) {
+        __m512 v = _mm512_mul_ps(_mm512_loadu_ps(x + k), vinv);
+        v = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        v = _mm512_min_ps(_mm512_max_ps(v, lo), hi);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(q + k),
+                         _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(v)));
+    }
+    for (; k < K; ++k) {
+        float v = std::nearbyint(x[k] * inv);
+        v = std::min(std::max(v, -kQmax), kQmax);
+        q[k] = static_cast<int8_t>(v);
+    }
+    *scale = amax / kQmax;
+}
+#endif
+
+using QuantizeRow = void (*)(const float*, int64_t, int8_t*, float*);
+
+QuantizeRow pick_quantize_row() {
+#if defined(__x86_64__) && defined(__GNUC__)
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f")) return quantize_row_avx512;
+#endif
+    return quantize_row_baseline;
+}
+
+QuantizeRow quantize_row = pick_quantize_row();
 
 SOUNDSTORM_QUANT_CLONES
 void dequantize_row(const int32_t* acc, float xs, const float* ws, const float* bias, int64_t N,
@@ -124,6 +171,12 @@ void dequantize(Array<int32_t> acc, Array<float> x_scale, Array<float> w_scale,
 }  // namespace soundstorm
 
 void register_quant(py::module_& m) {
+    m.def("use_avx512_quantize", [](bool on) {
+        soundstorm::quantize_row = on ? soundstorm::pick_quantize_row()
+                                      : soundstorm::quantize_row_baseline;
+        return soundstorm::quantize_row != soundstorm::quantize_row_baseline;
+    }, "quantize_rows with the AVX-512 row kernel (where the CPU has it: returns whether it "
+       "is used) or the portable one", py::arg("on"));
     m.def("quantize_rows", &soundstorm::quantize_rows,
           "per-row symmetric int8 codes and scales of x, written into q_out and scale_out "
           "(see soundstorm.kernels.int8_linear)",

@@ -5,7 +5,8 @@ The extension works on raw buffers: CPU tensors go in as zero-copy numpy views (
 conversion only where the dtype or layout asks for one). Masked resampling, the summed
 embedding lookup, the residual add with its LayerNorm and the inner part of the
 convolution module run in C++, as do the quantisation passes around the int8 linear
-layers' `torch._int_mm`; `ops()` takes rotary attention from the reference.
+layers' `torch._int_mm`, and the rotary embedding in front of attention, whose products
+stay in torch's `scaled_dot_product_attention`.
 
 Importing this module raises ImportError when the extension is not built; `get_ops("cpp")`
 turns that into a RuntimeError that says why.
@@ -20,6 +21,7 @@ import torch
 
 from soundstorm.kernels import _C  # noqa: F401  (ImportError when not built)
 from soundstorm.kernels import rng
+from soundstorm.kernels.attention import rotary_attention_reference, rotary_tables
 from soundstorm.kernels.conv_module import conv_module_reference
 from soundstorm.kernels.embedding import summed_embedding_reference
 from soundstorm.kernels.int8_linear import check_int8_linear_args
@@ -208,6 +210,48 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, w_scale: torch.Tensor,
     return out.view(*lead, N)
 
 
+_rotary_cache: dict = {}
+_rotary_lock = threading.Lock()
+
+
+def _rotary_tables(frames: int, head_dim: int) -> tuple:
+    """float32 cos, sin [>= frames, head_dim // 2] of `rotary_tables`, kept between calls
+    (row t depends only on t, so the tables of the longest sequence so far serve all)."""
+    tables = _rotary_cache.get(head_dim)
+    if tables is None or tables[0].shape[0] < frames:
+        with _rotary_lock:
+            tables = _rotary_cache.get(head_dim)
+            if tables is None or tables[0].shape[0] < frames:
+                longest = max(frames, 0 if tables is None else tables[0].shape[0])
+                tables = rotary_tables(longest, head_dim, torch.device("cpu"), torch.float32)
+                _rotary_cache[head_dim] = tables
+    return tables
+
+
+def prepare_capture(max_frames: int, head_dim: int, device) -> None:
+    if torch.device(device).type == "cpu" and head_dim % 2 == 0:
+        _rotary_tables(max_frames, head_dim)
+
+
+def rotary_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     key_mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """The C++ counterpart of `rotary_attention_reference` (same arguments and result, bit
+    for bit): q and k are rotated in one C++ pass each, from their strided views of the
+    QKV output into contiguous tensors, with tables kept between calls; the attention
+    itself is torch's `scaled_dot_product_attention`, as in the reference. float32 runs
+    in C++; other dtypes and tensors that need gradients go to the reference."""
+    if (q.dtype != torch.float32 or k.dtype != torch.float32 or q.dim() != 4
+            or k.shape != q.shape or q.shape[-1] % 2 or _needs_grad(q, k, v)):
+        return rotary_attention_reference(q, k, v, key_mask)
+    _on_cpu(q=q, k=k, v=v, key_mask=key_mask)
+    cos, sin = _rotary_tables(q.shape[2], q.shape[3])
+    qr, kr = torch.empty(q.shape), torch.empty(k.shape)
+    _C.rotate(q.detach().numpy(), cos.numpy(), sin.numpy(), qr.numpy())
+    _C.rotate(k.detach().numpy(), cos.numpy(), sin.numpy(), kr.numpy())
+    mask = None if key_mask is None else key_mask[:, None, None, :]
+    return torch.nn.functional.scaled_dot_product_attention(qr, kr, v, attn_mask=mask)
+
+
 def ops():
     """The Ops of backend "cpp": the C++ kernels where they exist, the references elsewhere."""
     from dataclasses import replace
@@ -215,4 +259,5 @@ def ops():
     from soundstorm.kernels.dispatch import TORCH_OPS
     return replace(TORCH_OPS, name="cpp", masked_resample=masked_resample,
                    summed_embedding=summed_embedding, residual_norm=residual_norm,
-                   conv_module=conv_module, int8_linear=int8_linear)
+                   conv_module=conv_module, int8_linear=int8_linear,
+                   rotary_attention=rotary_attention, prepare_capture=prepare_capture)

@@ -14,6 +14,7 @@ import torch
 from conftest import make_model, random_codes, random_semantic
 from soundstorm.engine import DecodeConfig, Engine, ModelConfig
 from soundstorm.kernels import get_ops, rng
+from soundstorm.kernels.attention import rotary_attention_reference
 from soundstorm.kernels.conv_module import conv_module_reference
 from soundstorm.kernels.embedding import summed_embedding_reference
 from soundstorm.kernels.resample import masked_resample_reference
@@ -276,9 +277,20 @@ CONV_SHAPES = [  # B, T, E, K
 ]
 
 
+@pytest.fixture(params=["avx512", "baseline"])
+def sigmoid_variant(request):
+    """Runs a test with conv_module's AVX-512 sigmoid (polynomial exp; where the CPU has
+    it) and with the portable std::exp one."""
+    avx512 = _C.use_avx512_sigmoid(request.param == "avx512")
+    if request.param == "avx512" and not avx512:
+        pytest.skip("this CPU has no AVX-512")
+    yield request.param
+    _C.use_avx512_sigmoid(True)
+
+
 @pytest.mark.parametrize("shape", CONV_SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("masked", [False, True], ids=["no-mask", "ragged-mask"])
-def test_conv_module_matches_the_reference(shape, masked):
+def test_conv_module_matches_the_reference(shape, masked, sigmoid_variant):
     B, T, E, K = shape
     g = torch.Generator().manual_seed(B * 1000 + T * 10 + K)
     h = torch.randn(B, T, 2 * E, generator=g) * 2
@@ -295,6 +307,19 @@ def test_conv_module_matches_the_reference(shape, masked):
         _close(cpp.conv_module(*args, eps), conv_module_reference(*args, eps), 1e-5)
 
 
+def test_conv_module_sigmoid_at_extremes(sigmoid_variant):
+    gates = torch.tensor([-1e4, -100.0, -88.5, -87.0, -20.0, -1e-3, 0.0, 1e-3, 20.0, 87.0,
+                          88.5, 100.0, 1e4, 3.0, -3.0, 0.5, 7.0])
+    E = gates.numel()                                  # 17: one full AVX-512 step and a tail
+    h = torch.cat([torch.linspace(-2, 2, E), gates])[None, None].repeat(1, 3, 1)
+    params = (torch.ones(E, 1, 1), torch.zeros(E), torch.ones(E) * 40, torch.zeros(E))
+    _close(cpp.conv_module(h, *params, None), conv_module_reference(h, *params, None), 1e-5)
+    h[0, 1, E + 2] = float("nan")                      # a NaN gate poisons its frame only
+    got, want = cpp.conv_module(h, *params, None), conv_module_reference(h, *params, None)
+    assert torch.equal(got.isnan(), want.isnan()) and got[0, 1].isnan().all()
+    _close(got[0, ::2], want[0, ::2], 1e-5)
+
+
 def test_conv_module_fallbacks_and_errors():
     g = torch.Generator().manual_seed(4)
     h = torch.randn(2, 9, 10, generator=g)
@@ -308,13 +333,45 @@ def test_conv_module_fallbacks_and_errors():
         cpp.conv_module(h, torch.randn(5, 1, 2), *params[1:], None)
 
 
+ATTENTION_SHAPES = [(1, 1, 1, 2), (1, 13, 3, 6), (2, 37, 2, 16), (3, 97, 4, 64), (1, 500, 8, 64)]
+
+
+@pytest.mark.parametrize("shape", ATTENTION_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("masked", [False, True], ids=["no-mask", "ragged-mask"])
+def test_rotary_attention_equals_the_reference_bit_for_bit(shape, masked):
+    B, T, H, dh = shape
+    g = torch.Generator().manual_seed(B * 1000 + T)
+    # q, k, v as the model passes them: strided views of the QKV output [B, T, 3, H, dh]
+    q, k, v = (torch.randn(B, T, 3, H, dh, generator=g) * 2).permute(2, 0, 3, 1, 4)
+    key_mask = None
+    if masked:
+        lengths = torch.randint(1, T + 1, (B,), generator=g)
+        lengths[-1] = T
+        key_mask = torch.arange(T)[None, :] < lengths[:, None]
+    want = rotary_attention_reference(q, k, v, key_mask)
+    got = cpp.rotary_attention(q, k, v, key_mask)
+    assert got.shape == want.shape and torch.equal(got, want)
+
+
+def test_rotary_attention_tables_grow_and_other_dtypes_go_to_the_reference():
+    for T in (5, 300, 7):                         # longer, then shorter than the kept tables
+        q, k, v = torch.randn(3, 1, 2, T, 8).unbind(0)
+        assert torch.equal(cpp.rotary_attention(q, k, v, None),
+                           rotary_attention_reference(q, k, v, None))
+    q, k, v = torch.randn(3, 1, 2, 9, 8, dtype=torch.float64).unbind(0)
+    assert torch.equal(cpp.rotary_attention(q, k, v, None),
+                       rotary_attention_reference(q, k, v, None))
+    with pytest.raises(ValueError, match=r"rotate: out must have the shape of x"):
+        _C.rotate(q.float().numpy(), *(t.numpy() for t in cpp._rotary_tables(9, 8)),
+                  torch.empty(1, 2, 9, 6).numpy())
+
+
 def test_get_ops_selects_cpp_by_name_and_auto_on_cpu():
     ops = get_ops("cpp")
     assert ops.name == "cpp" and ops.masked_resample is cpp.masked_resample
     assert ops.summed_embedding is cpp.summed_embedding
     assert ops.residual_norm is cpp.residual_norm and ops.conv_module is cpp.conv_module
-    torch_ops = get_ops("torch")
-    assert ops.rotary_attention is torch_ops.rotary_attention
+    assert ops.rotary_attention is cpp.rotary_attention
     assert get_ops("auto", torch.device("cpu")).name == "cpp"
     assert get_ops("auto").name == "cpp"
     assert get_ops("auto", torch.device("meta")).name == "torch"

@@ -91,8 +91,21 @@ cpp = pytest.importorskip("soundstorm.kernels.cpp", reason="the C++ extension is
                           exc_type=ImportError)
 
 
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_cpp_quantise_and_rescale_equal_the_reference_bit_for_bit(shape):
+@pytest.fixture(params=["avx512", "baseline"])
+def quantize_variant(request):
+    """Runs a test with the AVX-512 row quantisation (where the CPU has it) and with the
+    portable one."""
+    from soundstorm.kernels import _C
+    avx512 = _C.use_avx512_quantize(request.param == "avx512")
+    if request.param == "avx512" and not avx512:
+        pytest.skip("this CPU has no AVX-512")
+    yield request.param
+    _C.use_avx512_quantize(True)
+
+
+@pytest.mark.parametrize("shape", SHAPES + [(4, 33, 3), (2, 16, 1)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_cpp_quantise_and_rescale_equal_the_reference_bit_for_bit(shape, quantize_variant):
     from soundstorm.kernels import _C
     M, K, N = shape
     x, w, b = _linear_case(M, K, N, seed=1)
