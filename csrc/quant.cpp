@@ -107,9 +107,9 @@ QuantizeRow pick_quantize_row() {
 
 QuantizeRow quantize_row = pick_quantize_row();
 
-SOUNDSTORM_QUANT_CLONES
-void dequantize_row(const int32_t* acc, float xs, const float* ws, const float* bias, int64_t N,
-                    float* y) {
+template <typename A>
+inline void dequantize_row_body(const A* acc, float xs, const float* ws, const float* bias,
+                                int64_t N, float* y) {
     if (bias) {
         #pragma omp simd
         for (int64_t n = 0; n < N; ++n) {
@@ -143,8 +143,24 @@ void quantize_rows(Array<float> x, Array<int8_t> q_out, Array<float> scale_out) 
     for (int64_t m = 0; m < M; ++m) quantize_row(xs + m * K, K, qs + m * K, ss + m);
 }
 
-// acc int32 [M, N], x_scale [M], w_scale [N], bias [N] or None -> out float32 [M, N].
-void dequantize(Array<int32_t> acc, Array<float> x_scale, Array<float> w_scale,
+SOUNDSTORM_QUANT_CLONES
+void dequantize_row(const int32_t* acc, float xs, const float* ws, const float* bias, int64_t N,
+                    float* y) {
+    dequantize_row_body(acc, xs, ws, bias, N, y);
+}
+
+// The same from sums already converted to float32 (oneDNN's output with unit scales: the
+// conversion rounds as float(acc) does, so the result is the same).
+SOUNDSTORM_QUANT_CLONES
+void dequantize_row(const float* acc, float xs, const float* ws, const float* bias, int64_t N,
+                    float* y) {
+    dequantize_row_body(acc, xs, ws, bias, N, y);
+}
+
+// acc int32 (or float32 holding int32 sums) [M, N], x_scale [M], w_scale [N], bias [N] or
+// None -> out float32 [M, N] (out may be acc itself when acc is float32).
+template <typename A>
+void dequantize(Array<A> acc, Array<float> x_scale, Array<float> w_scale,
                 std::optional<Array<float>> bias, Array<float> out) {
     const char* op = "dequantize";
     if (acc.ndim() != 2) fail(op, "acc must be [M, N]");
@@ -157,7 +173,7 @@ void dequantize(Array<int32_t> acc, Array<float> x_scale, Array<float> w_scale,
         fail(op, "bias must be [N] with N = " + std::to_string(N));
     if (out.ndim() != 2 || out.shape(0) != M || out.shape(1) != N)
         fail(op, "out must be [M, N]");
-    const int32_t* as = acc.data();
+    const A* as = acc.data();
     const float* xs = x_scale.data();
     const float* ws = w_scale.data();
     const float* bs = bias ? bias->data() : nullptr;
@@ -181,8 +197,9 @@ void register_quant(py::module_& m) {
           "per-row symmetric int8 codes and scales of x, written into q_out and scale_out "
           "(see soundstorm.kernels.int8_linear)",
           py::arg("x"), py::arg("q_out"), py::arg("scale_out"));
-    m.def("dequantize", &soundstorm::dequantize,
-          "float(acc) * (x_scale[m] * w_scale[n]) + bias[n], written into out",
-          py::arg("acc"), py::arg("x_scale"), py::arg("w_scale"), py::arg("bias"),
-          py::arg("out"));
+    const char* doc = "float(acc) * (x_scale[m] * w_scale[n]) + bias[n], written into out";
+    m.def("dequantize", &soundstorm::dequantize<int32_t>, doc, py::arg("acc"),
+          py::arg("x_scale"), py::arg("w_scale"), py::arg("bias"), py::arg("out"));
+    m.def("dequantize", &soundstorm::dequantize<float>, doc, py::arg("acc"),
+          py::arg("x_scale"), py::arg("w_scale"), py::arg("bias"), py::arg("out"));
 }

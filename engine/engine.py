@@ -132,7 +132,7 @@ class Engine:
         self.model = model.to(device=self.device, dtype=self.dtype).eval()
         self.model.ops = self.ops
         if quantize == "int8":
-            quantize_int8(self.model, self.ops.int8_linear)
+            quantize_int8(self.model, self.ops)
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"max_batch must be an int >= 1, got {max_batch!r}")
         self.max_batch = max_batch

@@ -10,11 +10,12 @@ own products (scores and values) and the output heads, whose logits the sampler 
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import torch.nn as nn
 
+from soundstorm.kernels import Ops
 from soundstorm.kernels.int8_linear import quantize_weight
 
 # Values of Engine(..., quantize=...): None keeps float matmuls.
@@ -23,34 +24,36 @@ QUANTIZE_MODES = ("int8",)
 
 class Int8Linear(nn.Module):
     """A linear layer with int8 weights [N, K], float32 scales [N] and a float32 bias [N];
-    forward(x float32 [..., K]) -> float32 [..., N] through `linear_fn` (an
-    `Ops.int8_linear`)."""
+    forward(x float32 [..., K]) -> float32 [..., N] through the backend's `int8_linear`."""
 
     def __init__(self, weight: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor],
-                 linear_fn: Callable[..., torch.Tensor]):
+                 ops: Ops):
         super().__init__()
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
         self.register_buffer("weight", weight)
         self.register_buffer("weight_scale", scale)
         self.register_buffer("bias", bias)
-        self.linear_fn = linear_fn
+        self.linear_fn = ops.int8_linear
+        # the backend's packed copy of the weight (not a buffer: it is not saved or moved)
+        self.packed = ops.int8_prepack(weight)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, linear_fn: Callable[..., torch.Tensor]) -> "Int8Linear":
+    def from_linear(cls, linear: nn.Linear, ops: Ops) -> "Int8Linear":
         weight, scale = quantize_weight(linear.weight)
         bias = None if linear.bias is None else linear.bias.detach().to(torch.float32).clone()
-        return cls(weight, scale, bias, linear_fn)
+        return cls(weight, scale, bias, ops)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear_fn(x, self.weight, self.weight_scale, self.bias)
+        return self.linear_fn(x, self.weight, self.weight_scale, self.bias, self.packed)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8"
 
 
-def quantize_int8(model: nn.Module, linear_fn: Callable[..., torch.Tensor]) -> int:
-    """Replace every `nn.Linear` inside `model` (in place) by an `Int8Linear` calling
-    `linear_fn`; returns how many were replaced. The model must be float32 on the CPU."""
+def quantize_int8(model: nn.Module, ops: Ops) -> int:
+    """Replace every `nn.Linear` inside `model` (in place) by an `Int8Linear` running on
+    `ops` (`int8_prepack` once per layer, `int8_linear` per call); returns how many were
+    replaced. The model must be float32 on the CPU."""
     for p in model.parameters():
         if p.device.type != "cpu" or p.dtype != torch.float32:
             raise ValueError(f"int8 quantisation takes a float32 model on the CPU, got "
@@ -58,7 +61,7 @@ def quantize_int8(model: nn.Module, linear_fn: Callable[..., torch.Tensor]) -> i
     targets = [(parent, name, child) for parent in model.modules()
                for name, child in parent.named_children() if isinstance(child, nn.Linear)]
     for parent, name, child in targets:
-        setattr(parent, name, Int8Linear.from_linear(child, linear_fn))
+        setattr(parent, name, Int8Linear.from_linear(child, ops))
     return len(targets)
 
 

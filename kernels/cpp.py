@@ -5,7 +5,7 @@ The extension works on raw buffers: CPU tensors go in as zero-copy numpy views (
 conversion only where the dtype or layout asks for one). Masked resampling, the summed
 embedding lookup, the residual add with its LayerNorm and the inner part of the
 convolution module run in C++, as do the quantisation passes around the int8 linear
-layers' `torch._int_mm`, and the rotary embedding in front of attention, whose products
+layers' products (oneDNN's on prepacked weights), and the rotary embedding in front of attention, whose products
 stay in torch's `scaled_dot_product_attention`.
 
 Importing this module raises ImportError when the extension is not built; `get_ops("cpp")`
@@ -189,11 +189,25 @@ def conv_module(h: torch.Tensor, dw_weight: torch.Tensor, dw_bias: torch.Tensor,
     return out
 
 
+def int8_prepack(weight: torch.Tensor) -> Optional[tuple]:
+    """The int8 weight [N, K] packed once for oneDNN's int8 matrix product (with unit
+    scales and zero points), or None where torch has no oneDNN (then `int8_linear` uses
+    `torch._int_mm`). Packing once saves the repacking `torch._int_mm` does on every call,
+    which costs as much as the product itself when the weights are not in cache."""
+    if not torch.backends.mkldnn.is_available():
+        return None
+    N = weight.shape[0]
+    return (torch.ops.onednn.qlinear_prepack(weight.contiguous(), None),
+            torch.ones(N, dtype=torch.float32), torch.zeros(N, dtype=torch.int64))
+
+
 def int8_linear(x: torch.Tensor, weight: torch.Tensor, w_scale: torch.Tensor,
-                bias: Optional[torch.Tensor]) -> torch.Tensor:
+                bias: Optional[torch.Tensor], packed: Optional[tuple] = None) -> torch.Tensor:
     """The C++ counterpart of `int8_linear_reference` (same arguments and result, bit for
     bit): the per-row quantisation and the rescaling (+ bias) are one C++ pass each around
-    the same `torch._int_mm`."""
+    the int32 product: oneDNN's on the weight `int8_prepack` packed (its output is the
+    sums converted to float32, exactly as the reference converts them), or
+    `torch._int_mm` without one."""
     check_int8_linear_args(x, weight, w_scale, bias)
     _on_cpu(x=x, weight=weight, w_scale=w_scale, bias=bias)
     N, K = weight.shape
@@ -203,8 +217,14 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, w_scale: torch.Tensor,
     xq = torch.empty(M, K, dtype=torch.int8)
     x_scale = torch.empty(M, dtype=torch.float32)
     _C.quantize_rows(x2.numpy(), xq.numpy(), x_scale.numpy())
-    acc = torch._int_mm(xq, weight.t())
-    out = torch.empty(M, N, dtype=torch.float32)
+    if packed is not None:
+        pw, ones, zeros = packed
+        acc = torch.ops.onednn.qlinear_pointwise(xq, 1.0, 0, pw, ones, zeros, None, 1.0, 0,
+                                                 torch.float32, "none", [], "")
+        out = acc                                   # rescaled in place
+    else:
+        acc = torch._int_mm(xq, weight.t())
+        out = torch.empty(M, N, dtype=torch.float32)
     _C.dequantize(acc.numpy(), x_scale.numpy(), w_scale.detach().contiguous().numpy(),
                   None if bias is None else bias.detach().contiguous().numpy(), out.numpy())
     return out.view(*lead, N)
@@ -259,5 +279,5 @@ def ops():
     from soundstorm.kernels.dispatch import TORCH_OPS
     return replace(TORCH_OPS, name="cpp", masked_resample=masked_resample,
                    summed_embedding=summed_embedding, residual_norm=residual_norm,
-                   conv_module=conv_module, int8_linear=int8_linear,
+                   conv_module=conv_module, int8_linear=int8_linear, int8_prepack=int8_prepack,
                    rotary_attention=rotary_attention, prepare_capture=prepare_capture)

@@ -15,7 +15,7 @@ import torch
 from soundstorm.kernels.attention import rotary_attention_reference
 from soundstorm.kernels.conv_module import conv_module_reference
 from soundstorm.kernels.embedding import summed_embedding_reference
-from soundstorm.kernels.int8_linear import int8_linear_reference
+from soundstorm.kernels.int8_linear import int8_linear_reference, no_prepack
 from soundstorm.kernels.resample import masked_resample_reference
 from soundstorm.kernels.residual_norm import residual_norm_reference
 
@@ -42,8 +42,10 @@ class Ops:
     conv_module: Callable[..., torch.Tensor]
     masked_resample: Callable[..., torch.Tensor]
     residual_norm: Callable[..., tuple] = residual_norm_reference
-    # the int8 linear layers of `quantize="int8"` engines (`soundstorm.engine.quantize`)
+    # the int8 linear layers of `quantize="int8"` engines (`soundstorm.engine.quantize`):
+    # int8_prepack(weight) runs once per layer at load, its result is int8_linear's `packed`
     int8_linear: Callable[..., torch.Tensor] = int8_linear_reference
+    int8_prepack: Callable[[torch.Tensor], object] = no_prepack
     prepare_capture: Callable[[int, int, torch.device], object] = _nothing_to_prepare
 
 

@@ -71,12 +71,19 @@ def check_int8_linear_args(x: torch.Tensor, weight: torch.Tensor, w_scale: torch
                          f"{tuple(bias.shape)}")
 
 
+def no_prepack(weight: torch.Tensor) -> None:
+    """`Ops.int8_prepack` of backends that multiply the int8 weight as it is."""
+    return None
+
+
 def int8_linear_reference(x: torch.Tensor, weight: torch.Tensor, w_scale: torch.Tensor,
-                          bias: Optional[torch.Tensor]) -> torch.Tensor:
+                          bias: Optional[torch.Tensor], packed: object = None) -> torch.Tensor:
     """
     x:       float32 [..., K]  activations, quantised here per row
     weight:  int8 [N, K]       from `quantize_weight`, w_scale: float32 [N]
     bias:    float32 [N] or None
+    packed:  what the backend's `int8_prepack` made of `weight` once, at load (a layout its
+             matrix product reads faster); the reference multiplies `weight` itself
     returns  float32 [..., N]
     """
     check_int8_linear_args(x, weight, w_scale, bias)

@@ -124,26 +124,37 @@ def test_cpp_quantise_and_rescale_equal_the_reference_bit_for_bit(shape, quantiz
         _C.dequantize(acc.numpy(), s.numpy(), ws.numpy(), None if bias is None else bias.numpy(),
                       out.numpy())
         assert torch.equal(out, dequantize_reference(acc, s, ws, bias))
+        # from sums already in float32, rescaled in place
+        acc_f = acc.float()
+        _C.dequantize(acc_f.numpy(), s.numpy(), ws.numpy(),
+                      None if bias is None else bias.numpy(), acc_f.numpy())
+        assert torch.equal(acc_f, out)
 
 
-@pytest.mark.parametrize("lead", [(1, 1), (2, 37), (3, 1, 5)], ids=str)
-def test_cpp_int8_linear_equals_the_reference(lead):
-    K, N = 48, 29
+@pytest.mark.parametrize("lead,K,N", [((1, 1), 48, 29), ((2, 37), 7, 5), ((3, 1, 5), 61, 1),
+                                      ((1, 500), 512, 2048)], ids=str)
+def test_cpp_int8_linear_equals_the_reference(lead, K, N):
     g = torch.Generator().manual_seed(2)
     x = torch.randn(*lead, K * 2, generator=g)[..., ::2]          # not contiguous
     wq, ws = quantize_weight(torch.randn(N, K, generator=g))
     b = torch.randn(N, generator=g)
+    packed = cpp.int8_prepack(wq)
+    assert (packed is None) == (not torch.backends.mkldnn.is_available())
     for bias in (b, None):
-        got = cpp.int8_linear(x, wq, ws, bias)
-        assert got.shape == (*lead, N)
-        assert torch.equal(got, int8_linear_reference(x, wq, ws, bias))
+        want = int8_linear_reference(x, wq, ws, bias)
+        for p in (packed, None):                   # oneDNN on the packed weight, _int_mm
+            got = cpp.int8_linear(x, wq, ws, bias, p)
+            assert got.shape == (*lead, N)
+            assert torch.equal(got, want)
     with pytest.raises(ValueError, match="float32 activations"):
         cpp.int8_linear(x.double(), wq, ws, b)
 
 
 def test_every_backend_offers_int8_linear():
     assert get_ops("torch").int8_linear is int8_linear_reference
+    assert get_ops("torch").int8_prepack(torch.zeros(2, 3, dtype=torch.int8)) is None
     assert get_ops("cpp").int8_linear is cpp.int8_linear
+    assert get_ops("cpp").int8_prepack is cpp.int8_prepack
 
 
 # -- the engine ----------------------------------------------------------------------------
@@ -163,6 +174,8 @@ def test_engine_swaps_the_linears_and_leaves_the_model_alone(sharp_model, backen
     assert len(layers) == 8 * sharp_model.config.depth    # FFNs 2 x 2, qkv, out, conv in and out
     assert all(m.weight.dtype == torch.int8 for m in layers)
     assert all(m.linear_fn is engine.ops.int8_linear for m in layers)
+    packed = backend == "cpp" and torch.backends.mkldnn.is_available()
+    assert all((m.packed is not None) == packed for m in layers)
     cfg = sharp_model.config
     sem, tok = random_semantic(cfg, 2, 40, seed=4), random_codes(cfg, 2, 80, cfg.num_quantizers, seed=5)
     lengths = torch.tensor([80, 53])
