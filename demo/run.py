@@ -192,6 +192,8 @@ def run_demo(out: Any = "soundstorm-demo", assets: Any = ASSETS, utterances: int
                                      seed=seed + j)
             gen_s = time.perf_counter() - t0
             generated = tokens[0, prompt_frames:prompt_frames + frames].cpu()
+            np.save(out / "utterances" / f"{j:02d}-{voice.name}-{name}.tokens.npy",
+                    generated.numpy())
             t0 = time.perf_counter()
             audio = codec.decode(generated[None])[0].numpy()
             vocoder_s = time.perf_counter() - t0

@@ -58,6 +58,10 @@ def test_demo_end_to_end(tiny_assets, tmp_path):
     assert gen.frames == truth.frames and 0.5 < gen.duration <= 1.5
     assert (out / "spectrograms.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(list((out / "utterances").glob("*.wav"))) == 4
+    tokens = sorted((out / "utterances").glob("*.tokens.npy"))
+    assert len(tokens) == 2 * 3                          # every utterance, every schedule
+    first = np.load(tokens[0])
+    assert first.dtype == np.int64 and first.shape[1] == 2 and (first >= 0).all()
     assert json.loads((out / "report.json").read_text()) == json.loads(json.dumps(report))
     assert list(report["schedules"]) == ["default", "greedy", "more"]
     for name, steps in ablation_schedules(2).items():
