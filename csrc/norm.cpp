@@ -25,30 +25,14 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>  // std::optional arguments (None)
 
-#if defined(__x86_64__) && defined(__GNUC__)
-#include <immintrin.h>
-#endif
+#include "common.h"
 
 namespace py = pybind11;
 
 namespace soundstorm {
 namespace {
 
-template <typename T>
-using Array = py::array_t<T, py::array::c_style>;
-
-// The per-row work is compiled for AVX-512, AVX2 and the portable baseline, and the loader
-// picks the best the CPU has (GCC's target_clones); the flags stay portable.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define SOUNDSTORM_ROW_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define SOUNDSTORM_ROW_CLONES
-#endif
 #define SOUNDSTORM_INLINE inline __attribute__((always_inline))
-
-[[noreturn]] void fail(const char* op, const std::string& message) {
-    throw std::invalid_argument(std::string(op) + ": " + message);
-}
 
 // 1 / (1 + exp(-x)), as torch.sigmoid and the swish of F.silu compute it.
 SOUNDSTORM_INLINE float sigmoid(float x) { return 1.0f / (1.0f + std::exp(-x)); }
@@ -95,13 +79,13 @@ SOUNDSTORM_INLINE void residual_norm_row_body(const F* xr, const F* dr, F a, con
     row_normalise(yr, D, mean, rstd, w, b, nr);
 }
 
-SOUNDSTORM_ROW_CLONES
+SOUNDSTORM_CLONES
 void residual_norm_row(const float* xr, const float* dr, float a, const float* w,
                        const float* b, double eps, int64_t D, float* yr, float* nr) {
     residual_norm_row_body(xr, dr, a, w, b, eps, D, yr, nr);
 }
 
-SOUNDSTORM_ROW_CLONES
+SOUNDSTORM_CLONES
 void residual_norm_row(const double* xr, const double* dr, double a, const double* w,
                        const double* b, double eps, int64_t D, double* yr, double* nr) {
     residual_norm_row_body(xr, dr, a, w, b, eps, D, yr, nr);
@@ -140,7 +124,7 @@ void residual_norm(Array<F> x, Array<F> delta, double alpha, Array<F> weight, Ar
 }
 
 // GLU of one frame h [2E] into x [E]: a * sigmoid(g) with a, g the two halves.
-SOUNDSTORM_ROW_CLONES
+SOUNDSTORM_CLONES
 void glu_frame_baseline(const float* h, int64_t E, float* x) {
     const float* a = h;
     const float* g = h + E;
@@ -148,7 +132,7 @@ void glu_frame_baseline(const float* h, int64_t E, float* x) {
 }
 
 // swish in place: y * sigmoid(y).
-SOUNDSTORM_ROW_CLONES
+SOUNDSTORM_CLONES
 void swish_baseline(float* y, int64_t E) {
     for (int64_t e = 0; e < E; ++e) y[e] = y[e] * sigmoid(y[e]);
 }
@@ -237,7 +221,7 @@ SigmoidKernels sigmoid_kernels = pick_sigmoid_kernels(true);
 // One frame of conv_module after the GLU: the depthwise convolution of frame t of the gated
 // frames xb [T, E] (taps [K, E]) into acc [E] and its LayerNorm over the channels into y
 // [E] (the caller applies the swish).
-SOUNDSTORM_ROW_CLONES
+SOUNDSTORM_CLONES
 void conv_frame(const float* xb, int64_t T, int64_t E, int64_t t, const float* taps, int64_t K,
                 const float* db, const float* nw, const float* nb, double eps, float* acc,
                 float* y) {

@@ -22,30 +22,15 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
-#if defined(__x86_64__) && defined(__GNUC__)
-#include <immintrin.h>
-#endif
+#include "common.h"
 
 namespace py = pybind11;
 
 namespace soundstorm {
 namespace {
 
-template <typename T>
-using Array = py::array_t<T, py::array::c_style>;
-
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define SOUNDSTORM_QUANT_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define SOUNDSTORM_QUANT_CLONES
-#endif
-
 constexpr float kQmax = 127.0f;
 constexpr float kMinAmax = 1e-30f;
-
-[[noreturn]] void fail(const char* op, const std::string& message) {
-    throw std::invalid_argument(std::string(op) + ": " + message);
-}
 
 // The portable quantisation of one row; x * inv is rounded half to even by nearbyint.
 void quantize_row_baseline(const float* x, int64_t K, int8_t* q, float* scale) {
@@ -143,7 +128,7 @@ void quantize_rows(Array<float> x, Array<int8_t> q_out, Array<float> scale_out) 
     for (int64_t m = 0; m < M; ++m) quantize_row(xs + m * K, K, qs + m * K, ss + m);
 }
 
-SOUNDSTORM_QUANT_CLONES
+SOUNDSTORM_CLONES
 void dequantize_row(const int32_t* acc, float xs, const float* ws, const float* bias, int64_t N,
                     float* y) {
     dequantize_row_body(acc, xs, ws, bias, N, y);
@@ -151,7 +136,7 @@ void dequantize_row(const int32_t* acc, float xs, const float* ws, const float* 
 
 // The same from sums already converted to float32 (oneDNN's output with unit scales: the
 // conversion rounds as float(acc) does, so the result is the same).
-SOUNDSTORM_QUANT_CLONES
+SOUNDSTORM_CLONES
 void dequantize_row(const float* acc, float xs, const float* ws, const float* bias, int64_t N,
                     float* y) {
     dequantize_row_body(acc, xs, ws, bias, N, y);

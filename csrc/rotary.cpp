@@ -17,22 +17,14 @@
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
+#include "common.h"
+
 namespace py = pybind11;
 
 namespace soundstorm {
 namespace {
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define SOUNDSTORM_ROTARY_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define SOUNDSTORM_ROTARY_CLONES
-#endif
-
-[[noreturn]] void fail(const std::string& message) {
-    throw std::invalid_argument("rotate: " + message);
-}
-
-SOUNDSTORM_ROTARY_CLONES
+SOUNDSTORM_CLONES
 void rotate_row(const float* x, int64_t step, const float* c, const float* s, int64_t half,
                 float* out) {
     if (step == 1) {
@@ -57,23 +49,21 @@ void rotate_row(const float* x, int64_t step, const float* c, const float* s, in
 
 // x: float32 [B, H, T, dh], any strides (a view of the QKV output); cos, sin: [T, dh/2]
 // contiguous; out: contiguous [B, H, T, dh].
-void rotate(py::array_t<float> x, py::array_t<float, py::array::c_style> cos,
-            py::array_t<float, py::array::c_style> sin,
-            py::array_t<float, py::array::c_style> out) {
-    if (x.ndim() != 4) fail("x must be [B, H, T, dh]");
+void rotate(py::array_t<float> x, Array<float> cos, Array<float> sin, Array<float> out) {
+    if (x.ndim() != 4) fail("rotate", "x must be [B, H, T, dh]");
     const int64_t B = x.shape(0), H = x.shape(1), T = x.shape(2), dh = x.shape(3);
-    if (dh % 2) fail("the head dim must be even, got " + std::to_string(dh));
+    if (dh % 2) fail("rotate", "the head dim must be even, got " + std::to_string(dh));
     const int64_t half = dh / 2;
     for (const auto* t : {&cos, &sin})
         if (t->ndim() != 2 || t->shape(0) < T || t->shape(1) != half)
-            fail("cos and sin must be [>= T, dh/2] with T = " + std::to_string(T) +
+            fail("rotate", "cos and sin must be [>= T, dh/2] with T = " + std::to_string(T) +
                  ", dh/2 = " + std::to_string(half));
     if (out.ndim() != 4 || out.shape(0) != B || out.shape(1) != H || out.shape(2) != T ||
         out.shape(3) != dh)
-        fail("out must have the shape of x");
+        fail("rotate", "out must have the shape of x");
     const int64_t fs = sizeof(float);
     for (int d = 0; d < 4; ++d)
-        if (x.strides(d) % fs) fail("x's strides must be whole floats");
+        if (x.strides(d) % fs) fail("rotate", "x's strides must be whole floats");
     const int64_t sb = x.strides(0) / fs, sh = x.strides(1) / fs, st = x.strides(2) / fs,
                   sd = x.strides(3) / fs;
     const float* xs = x.data();
