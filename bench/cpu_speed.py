@@ -7,6 +7,7 @@ the same machine load.
     python bench/cpu_speed.py                        # small, 10 s, batch 1, 5 rounds
     python bench/cpu_speed.py --preset tiny --seconds 2 --rounds 2
     python bench/cpu_speed.py --json cpu_speed.json
+    python bench/cpu_speed.py --threads 1 --cpu-time     # on a busy machine
 
 Prints per variant the median wall time, its speed-up over torch float32 (median of the
 per-round ratios) and its fraction of each roofline.
@@ -30,7 +31,10 @@ VARIANTS = (("torch", None), ("cpp", None), ("cpp", "int8"))
 
 
 def measure(preset: str, seconds: float, batch: int, rounds: int, variants=VARIANTS,
-            progress=None) -> dict:
+            progress=None, cpu_time: bool = False) -> dict:
+    """cpu_time: time with the process's CPU time instead of the wall clock (with one
+    thread, a measure of the work done that other processes' load barely moves)."""
+    clock = time.process_time if cpu_time else time.perf_counter
     engines = {f"{b}-{q or 'float32'}": Engine.from_preset(preset, backend=b, quantize=q)
                for b, q in variants}
     first = next(iter(engines.values()))
@@ -43,9 +47,9 @@ def measure(preset: str, seconds: float, batch: int, rounds: int, variants=VARIA
     int8 = matmul_pass(first, batch, frames, int8=True)
 
     def timed(fn) -> float:
-        start = time.perf_counter()
+        start = clock()
         fn()
-        return time.perf_counter() - start
+        return clock() - start
 
     for engine in engines.values():                 # warm-up
         engine.generate(semantic, seed=0)
@@ -57,11 +61,12 @@ def measure(preset: str, seconds: float, batch: int, rounds: int, variants=VARIA
             progress(f"round {r + 1}/{rounds}")
         for name, engine in engines.items():
             walls[name].append(timed(lambda: engine.generate(semantic, seed=r + 1)))
-        roof["float32"].append(passes * min(fp32() for _ in range(2)))
-        roof["int8"].append(passes * min(int8() for _ in range(2)))
+        roof["float32"].append(passes * min(timed(fp32) for _ in range(2)))
+        roof["int8"].append(passes * min(timed(int8) for _ in range(2)))
     base = walls["torch-float32"]
     out = {"preset": preset, "seconds": seconds, "batch": batch, "frames": frames,
            "forward_passes": passes, "threads": torch.get_num_threads(), "rounds": rounds,
+           "clock": "process CPU time" if cpu_time else "wall",
            "roofline_s": {k: statistics.median(v) for k, v in roof.items()}, "variants": {}}
     for name, w in walls.items():
         out["variants"][name] = {
@@ -81,16 +86,23 @@ def main(argv=None) -> int:
     p.add_argument("--seconds", type=float, default=10.0)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    p.add_argument("--cpu-time", action="store_true",
+                   help="time with the process's CPU time (use with --threads 1 on a busy "
+                        "machine)")
     p.add_argument("--json", metavar="PATH", help="also write the figures to this file")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     r = measure(args.preset, args.seconds, args.batch, args.rounds,
-                progress=lambda m: print(f"  {m}", file=sys.stderr, flush=True))
+                progress=lambda m: print(f"  {m}", file=sys.stderr, flush=True),
+                cpu_time=args.cpu_time)
     print(f"{r['preset']} preset, {r['seconds']:g} s ({r['frames']} frames), batch "
           f"{r['batch']}, {r['forward_passes']} passes, {r['threads']} threads, "
-          f"{r['rounds']} rounds")
+          f"{r['rounds']} rounds, {r['clock']}")
     print(f"  roofline per decode: float32 matmul {r['roofline_s']['float32']:.3f} s, "
           f"int8 (_int_mm for the linear layers) {r['roofline_s']['int8']:.3f} s")
-    print(f"  {'variant':<14} {'wall s':>8} {'GFLOP/s':>8} {'vs torch':>9} "
+    print(f"  {'variant':<14} {'time s':>8} {'GFLOP/s':>8} {'vs torch':>9} "
           f"{'of fp32 mm':>11} {'of int8 mm':>11}")
     for name, v in r["variants"].items():
         print(f"  {name:<14} {v['wall_s']:>8.3f} {v['gflops']:>8.1f} "

@@ -5,6 +5,7 @@ run-to-run spread.
 
     python bench/int8_quality.py                          # 8 utterances, seeds 0 and 1
     python bench/int8_quality.py --utterances 2 --seeds 0 --no-speaker-similarity
+    python bench/int8_quality.py --reuse             # finish an interrupted run
 
 Prints (and writes to --out/int8_quality.json):
 - token agreement of int8 with float32 over every generated token of every utterance:
@@ -12,6 +13,7 @@ Prints (and writes to --out/int8_quality.json):
   (the default schedule 16,1,...,1, the same seed on both sides);
 - the demo's figures (level-1 accuracy, mel distance, speaker similarity) of float32 and
   int8 side by side, per seed, with float32's spread over its seeds.
+The runs go seed by seed (float32, then int8), each in its own folder under --out.
 """
 
 from __future__ import annotations
@@ -55,14 +57,25 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--no-speaker-similarity", dest="speaker_similarity", action="store_false")
     p.add_argument("--assets", default=str(ASSETS))
+    p.add_argument("--reuse", action="store_true",
+                   help="reuse runs already in --out (same backend, quantize, utterances)")
     args = p.parse_args(argv)
     out = Path(args.out)
     reports, dirs = {}, {}
-    for quantize in (None, "int8"):
-        for seed in args.seeds:
+    for seed in args.seeds:
+        for quantize in (None, "int8"):
             name = f"{quantize or 'float32'}-seed{seed}"
-            print(f"== {name}", file=sys.stderr, flush=True)
             dirs[name] = out / name
+            done = dirs[name] / "report.json"
+            if args.reuse and done.is_file():
+                report = json.loads(done.read_text())
+                if (report["model"].get("quantize") == quantize
+                        and report["model"]["backend"] == args.backend
+                        and len(report["utterances"]) == args.utterances):
+                    print(f"== {name}: reusing {done}", file=sys.stderr, flush=True)
+                    reports[name] = report
+                    continue
+            print(f"== {name}", file=sys.stderr, flush=True)
             reports[name] = run_demo(dirs[name], assets=args.assets,
                                      utterances=args.utterances, seed=seed,
                                      speaker_similarity=args.speaker_similarity,

@@ -264,3 +264,19 @@ def test_graph_memory_table(capsys):
     assert paper8["private_pools_bytes"] > 4 * 2 ** 30 > 2 ** 30 > paper8["shared_pool_bytes"]
     with pytest.raises(SystemExit):
         graph_memory.main(["--max-batch", "0"])
+
+
+def test_cpu_speed_compares_the_cpu_variants_side_by_side(capsys, tmp_path):
+    import cpu_speed
+    pytest.importorskip("soundstorm.kernels.cpp", reason="the C++ extension is not built",
+                        exc_type=ImportError)
+    assert cpu_speed.main(["--preset", "tiny", "--seconds", "0.4", "--batch", "2",
+                           "--rounds", "1", "--cpu-time", "--json", tmp_path / "r.json"]) == 0
+    out = capsys.readouterr().out
+    for name in ("torch-float32", "cpp-float32", "cpp-int8", "of int8 mm"):
+        assert name in out
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert set(r["variants"]) == {"torch-float32", "cpp-float32", "cpp-int8"}
+    assert r["batch"] == 2 and r["clock"] == "process CPU time"
+    assert r["variants"]["torch-float32"]["speedup_over_torch_float32"] == 1.0
+    assert all(v["fraction_of_int8_matmul"] > 0 for v in r["variants"].values())
