@@ -90,7 +90,7 @@ def test_warmup_allocates_every_bucket_and_names_the_modes(model, tiny_config):
     assert report["modes"] == [StepMode(True, False, True), StepMode(False, True, False)]
     assert report["graphs"] == 0 and report["pool_bytes"] is None     # CPU: nothing to capture
     assert report["pool_bytes_estimate"] == step_activation_bytes(
-        tiny_config, 4, 256, torch.float32, "torch")
+        tiny_config, 4, 256, torch.float32, engine.backend)
     small = Engine(copy.deepcopy(model), max_batch=2).warmup(max_frames=70)
     assert small["buckets"] == [(1, 64), (1, 128), (2, 64), (2, 128)]
     with pytest.raises(ValueError, match=r"max_frames must be an int in 1..256"):
