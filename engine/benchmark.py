@@ -237,7 +237,9 @@ def history_record(result: dict) -> dict:
     return {
         "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "commit": source_commit(), "machine": machine_info(),
-        "settings": {k: result[k] for k in SETTINGS if k in result},
+        # quantize only when set: float records compare with those written before it existed
+        "settings": {k: result[k] for k in SETTINGS
+                     if k in result and not (k == "quantize" and result[k] is None)},
         "figures": {k: v for k, v in result.items() if k not in SETTINGS},
     }
 
