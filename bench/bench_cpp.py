@@ -1,8 +1,8 @@
 """The C++ kernels of backend "cpp" vs the PyTorch references on the CPU, at the small
 preset's shapes: masked resampling (T = 500 frames, C = 1024 codes, batch 1 and 8, sampled
-with confidence noise and greedy), then the residual add with its LayerNorm (D = 512) and
-the inner part of the convolution module (E = 1024 channels, K = 5 taps, half the rows
-padded).
+with confidence noise and greedy), then the residual add with its LayerNorm (D = 512), the
+inner part of the convolution module (E = 1024 channels, K = 5 taps, half the rows
+padded), rotary attention (8 heads of 64) and the int8 linear layer (512 -> 2048).
 
     python bench/bench_cpp.py                  # T=500, C=1024, batches 1 and 8
     python bench/bench_cpp.py --scale 10             # more peaked logits
@@ -23,7 +23,9 @@ import time
 
 import torch
 
+from soundstorm.kernels.attention import rotary_attention_reference
 from soundstorm.kernels.conv_module import conv_module_reference
+from soundstorm.kernels.int8_linear import int8_linear_reference, quantize_weight
 from soundstorm.kernels.resample import masked_resample_reference
 from soundstorm.kernels.residual_norm import residual_norm_reference
 
@@ -91,6 +93,14 @@ def bench_norm_ops(batch: int, frames: int, dim: int, expansion: int, kernel: in
                  torch.randn(E, generator=g), torch.randn(E, generator=g), frame_mask)
     torch.testing.assert_close(cpp.conv_module(*conv_args), conv_module_reference(*conv_args),
                                rtol=1e-5, atol=1e-5)
+    heads = max(1, dim // 64)
+    qkv = torch.randn(batch, frames, 3, heads, dim // heads, generator=g)
+    attn_args = (*qkv.permute(2, 0, 3, 1, 4), frame_mask)   # strided views, as in the model
+    assert torch.equal(cpp.rotary_attention(*attn_args), rotary_attention_reference(*attn_args))
+    wq, ws = quantize_weight(torch.randn(2 * E, dim, generator=g))
+    lin_args = (x, wq, ws, torch.randn(2 * E, generator=g))
+    packed = cpp.int8_prepack(wq)
+    assert torch.equal(cpp.int8_linear(*lin_args, packed), int8_linear_reference(*lin_args))
     rows = []
     with torch.no_grad():
         rows.append(("residual_norm", *_compare(lambda: residual_norm_reference(*norm_args),
@@ -98,6 +108,12 @@ def bench_norm_ops(batch: int, frames: int, dim: int, expansion: int, kernel: in
                                                 rounds, inner)))
         rows.append(("conv_module", *_compare(lambda: conv_module_reference(*conv_args),
                                               lambda: cpp.conv_module(*conv_args),
+                                              rounds, inner)))
+        rows.append(("rotary_attn", *_compare(lambda: rotary_attention_reference(*attn_args),
+                                              lambda: cpp.rotary_attention(*attn_args),
+                                              rounds, inner)))
+        rows.append(("int8_linear", *_compare(lambda: int8_linear_reference(*lin_args),
+                                              lambda: cpp.int8_linear(*lin_args, packed),
                                               rounds, inner)))
     return rows
 
@@ -133,7 +149,9 @@ def main(argv=None) -> int:
                            cpp.masked_resample, a.scale)
             print(f"{batch:>3} {'sampled' if sampled else 'greedy':>8} {r['torch_ms']:>10.3f} "
                   f"{r['cpp_ms']:>10.3f} {r['speedup']:>8.2f}x")
-    print(f"\nLayerNorm ops, T={a.frames} D={a.dim} E={a.dim * a.expansion} K={a.kernel}")
+    print(f"\nLayer ops, T={a.frames} D={a.dim} E={a.dim * a.expansion} K={a.kernel}, "
+          f"heads of 64 (int8_linear: D -> 2E; torch._int_mm against oneDNN on the "
+          f"packed weight)")
     print(f"{'B':>3} {'op':>14} {'torch ms':>10} {'cpp ms':>10} {'speed-up':>9}")
     for batch in a.batches:
         for name, torch_ms, cpp_ms, speedup in bench_norm_ops(

@@ -423,5 +423,6 @@ def test_benchmark_script_runs_at_tiny_shapes(capsys):
     assert bench_cpp.main(["--frames", "7", "--codes", "11", "--batches", "1", "2",
                            "--rounds", "2", "--inner", "1", "--dim", "6", "--kernel", "3"]) == 0
     out = capsys.readouterr().out
-    assert "speed-up" in out and out.count("x\n") == 8
+    assert "speed-up" in out and out.count("x\n") == 12
     assert out.count("residual_norm") == 2 and out.count("conv_module") == 2
+    assert out.count("rotary_attn") == 2 and out.count("int8_linear") == 3
