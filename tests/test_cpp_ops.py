@@ -370,7 +370,9 @@ def test_get_ops_selects_cpp_by_name_and_auto_on_cpu():
     ops = get_ops("cpp")
     assert ops.name == "cpp" and ops.masked_resample is cpp.masked_resample
     assert ops.summed_embedding is cpp.summed_embedding
-    assert ops.residual_norm is cpp.residual_norm and ops.conv_module is cpp.conv_module
+    assert ops.conv_module is cpp.conv_module
+    # torch's add + LayerNorm is faster than the C++ residual_norm: the Ops keep torch's
+    assert ops.residual_norm is residual_norm_reference
     assert ops.rotary_attention is cpp.rotary_attention
     assert get_ops("auto", torch.device("cpu")).name == "cpp"
     assert get_ops("auto").name == "cpp"
@@ -404,7 +406,7 @@ def test_engine_decodes_the_same_tokens_as_torch(decode):
     eng = Engine(copy.deepcopy(model), backend="cpp")
     assert eng.backend == "cpp" and eng.model.ops.masked_resample is cpp.masked_resample
     assert eng.model.ops.summed_embedding is cpp.summed_embedding
-    assert eng.model.ops.residual_norm is cpp.residual_norm
+    assert eng.model.ops.residual_norm is residual_norm_reference
     assert eng.model.ops.conv_module is cpp.conv_module
     cfg = ref.config
     semantic = random_semantic(cfg, 2, 13, seed=4)
