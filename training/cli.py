@@ -498,15 +498,22 @@ def speech_corpus_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="soundstorm speech-corpus",
         description="Speak a reproducible English corpus with espeak-ng: 12 voices (accent, "
-                    "voice variant, pitch, speed), 2 of them held out of training, sentences "
-                    "from a seeded generator. Writes OUT/train.jsonl and OUT/heldout.jsonl "
+                    "voice variant, pitch, speed), 2 of them held out of training, or with "
+                    "--voices N that many voices drawn from every English accent x voice "
+                    "variant, each at its own pitch, speed and formant warp; sentences from a "
+                    "seeded generator. Writes OUT/train.jsonl and OUT/heldout.jsonl "
                     "(manifests for `soundstorm tokenize`) and 16 kHz WAVs under OUT/audio.",
         epilog="example: soundstorm speech-corpus speech/ --minutes 40 && soundstorm tokenize "
                "speech/ --codec melrvq --codec-path codec/ --semantic semantic/ "
                "--out tokens/")
     p.add_argument("out", metavar="OUT", help="directory to create (must be new or empty)")
     p.add_argument("--minutes", type=float, default=40.0,
-                   help="training audio, shared by the 10 training voices (40)")
+                   help="training audio, shared by the training voices (40)")
+    p.add_argument("--voices", type=int, metavar="N",
+                   help="draw N voices (seeded by --seed) instead of the twelve fixed ones")
+    p.add_argument("--heldout-voices", type=int, default=8, metavar="M",
+                   help="with --voices: how many of them are held out of training (8); their "
+                        "voice variants are used by no training voice")
     p.add_argument("--heldout-utterances", type=int, default=24,
                    help="utterances per held-out voice (24), at most as many as each "
                         "training voice speaks")
@@ -519,15 +526,25 @@ def cmd_speech_corpus(argv: Sequence[str]) -> int:
     parser = speech_corpus_parser()
     args = parser.parse_args(argv)
     prog = "soundstorm speech-corpus"
-    from soundstorm.training.speech_corpus import write_speech_corpus
+    from soundstorm.training.speech_corpus import VOICES, voice_population, write_speech_corpus
 
+    if args.voices is None:
+        voices = VOICES
+    else:
+        try:
+            voices = voice_population(args.voices, heldout=args.heldout_voices, seed=args.seed)
+        except (TypeError, ValueError) as e:
+            parser.error(f"--voices {args.voices} --heldout-voices {args.heldout_voices}: {e}")
     _check_outputs(prog, {"OUT": args.out})
     summary = _run(prog, {"OUT": args.out}, lambda: write_speech_corpus(
         args.out, minutes=args.minutes, heldout_utterances=args.heldout_utterances,
-        seed=args.seed, progress=_progress(args)), errors=(ValueError, TypeError, RuntimeError))
+        seed=args.seed, voices=voices, progress=_progress(args)),
+        errors=(ValueError, TypeError, RuntimeError))
     t, h = summary["train"], summary["heldout"]
-    line = (f"spoke {t['utterances']} training utterances ({t['minutes']:.1f} min) and "
-            f"{h['utterances']} held-out ones ({h['minutes']:.1f} min) to {args.out}")
+    held = sum(v["heldout"] for v in summary["voices"])
+    line = (f"spoke {t['utterances']} training utterances ({t['minutes']:.1f} min, "
+            f"{len(summary['voices']) - held} voices) and {h['utterances']} held-out ones "
+            f"({h['minutes']:.1f} min, {held} voices) to {args.out}")
     if h["utterances_per_voice"] < h["requested_per_voice"]:
         line += (f"; {h['utterances_per_voice']} per held-out voice, not "
                  f"{h['requested_per_voice']}: no more than each training voice speaks")
