@@ -10,6 +10,7 @@
   soundstorm synthetic-corpus corpus/                               (soundstorm.training)
   soundstorm speech-corpus speech/ --minutes 40                     (soundstorm.training)
   soundstorm fit-codec AUDIO... --out codec/                        (soundstorm.training)
+  soundstorm fit-vocoder codec/ AUDIO...                            (soundstorm.training)
   soundstorm fit-semantic AUDIO... --out semantic/                  (soundstorm.training)
   soundstorm tokenize speech/train.jsonl --codec melrvq --codec-path codec/ --semantic sem/ --out tokens/
 """
@@ -614,6 +615,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="speak a reproducible espeak-ng corpus (the demo's training data)")
     sub.add_parser("fit-codec", add_help=False,
                    help="fit the built-in melrvq codec on audio")
+    sub.add_parser("fit-vocoder", add_help=False,
+                   help="train the melrvq codec's learned vocoder on audio")
     sub.add_parser("fit-semantic", add_help=False,
                    help="fit a semantic tokenizer (mfcc, hubert, w2v-bert k-means) on audio")
     sub.add_parser("tokenize", add_help=False,
@@ -621,8 +624,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-TRAINING_COMMANDS = ("train", "synthetic-corpus", "speech-corpus", "fit-codec", "fit-semantic",
-                     "tokenize")
+TRAINING_COMMANDS = ("train", "synthetic-corpus", "speech-corpus", "fit-codec", "fit-vocoder",
+                     "fit-semantic", "tokenize")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

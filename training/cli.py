@@ -493,6 +493,56 @@ def cmd_fit_codec(argv: Sequence[str]) -> int:
     return 0
 
 
+def fit_vocoder_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="soundstorm fit-vocoder",
+        description="Train the learned vocoder of a melrvq codec (ConvNeXt blocks predicting "
+                    "STFT magnitude and phase, inverted by an iSTFT) on audio. It learns to "
+                    "decode the codec's frames at every number of levels; the codec then "
+                    "decodes with it instead of Griffin-Lim (load with vocoder=False for "
+                    "Griffin-Lim).",
+        epilog="example: soundstorm fit-vocoder codec/ speech/ --steps 3000")
+    p.add_argument("codec", metavar="CODEC", help="melrvq codec directory (from fit-codec)")
+    p.add_argument("inputs", nargs="+", metavar="AUDIO", help=_AUDIO_HELP)
+    p.add_argument("--out", metavar="DIR",
+                   help="write the codec with its vocoder here (default: into CODEC)")
+    p.add_argument("--steps", type=int, default=3000, help="optimiser steps (3000)")
+    p.add_argument("--batch-size", type=int, default=16, help="segments per step (16)")
+    p.add_argument("--segment-frames", type=int, default=48,
+                   help="frames per training segment (48 = 0.96 s at 50 Hz)")
+    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (1e-3)")
+    p.add_argument("--dim", type=int, default=256, help="channels of the network (256)")
+    p.add_argument("--layers", type=int, default=8, help="ConvNeXt blocks (8)")
+    p.add_argument("--seed", type=int, default=0, help="seed of initialisation and draws (0)")
+    _audio_flags(p)
+    add_progress_flags(p)
+    return p
+
+
+def cmd_fit_vocoder(argv: Sequence[str]) -> int:
+    parser = fit_vocoder_parser()
+    args = parser.parse_args(argv)
+    prog = "soundstorm fit-vocoder"
+    from soundstorm.training.audio_list import collect_audio
+    from soundstorm.training.vocoder_fit import fit_vocoder
+
+    out = args.out if args.out is not None else args.codec
+    _check_outputs(prog, {"--out": out})
+    arguments = {"CODEC": args.codec, "AUDIO": args.inputs, "--out": out}
+    items = _run(prog, arguments, lambda: collect_audio(args.inputs, split=args.split))
+    summary = _run(prog, arguments, lambda: fit_vocoder(
+        args.codec, [item.path for item in items], out_dir=out, steps=args.steps,
+        batch_size=args.batch_size, segment_frames=args.segment_frames,
+        learning_rate=args.lr, config={"dim": args.dim, "intermediate_dim": 3 * args.dim,
+                                       "layers": args.layers},
+        seed=args.seed, progress=_progress(args)),
+        errors=(ValueError, TypeError, FloatingPointError))
+    print(f"trained a vocoder ({summary['parameters']:,} parameters, {summary['steps']} steps, "
+          f"loss {summary['first_loss']:.3f} -> {summary['final_loss']:.3f}) on "
+          f"{summary['clips']} clips: {out}")
+    return 0
+
+
 # -- speech-corpus --------------------------------------------------------------------
 def speech_corpus_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -643,6 +693,7 @@ def cmd_tokenize(argv: Sequence[str]) -> int:
 
 COMMANDS = {"train": cmd_train, "synthetic-corpus": cmd_synthetic,
             "speech-corpus": cmd_speech_corpus, "fit-codec": cmd_fit_codec,
+            "fit-vocoder": cmd_fit_vocoder,
             "fit-semantic": cmd_fit_semantic, "tokenize": cmd_tokenize}
 
 
