@@ -12,7 +12,7 @@ skips it). Writes results.json, error_vs_q.png and WAV files of a held-out sente
 (original, each q, each decoder) to --out.
 
     python bench/codec_quality.py --out bench-results/codec-quality
-    python bench/codec_quality.py --voices 60 --minutes 10 --vocoder-steps 3000
+    python bench/codec_quality.py --voices 60 --minutes 10 --vocoder-steps 2000
 """
 
 from __future__ import annotations

@@ -501,18 +501,18 @@ def fit_vocoder_parser() -> argparse.ArgumentParser:
                     "decode the codec's frames at every number of levels; the codec then "
                     "decodes with it instead of Griffin-Lim (load with vocoder=False for "
                     "Griffin-Lim).",
-        epilog="example: soundstorm fit-vocoder codec/ speech/ --steps 3000")
+        epilog="example: soundstorm fit-vocoder codec/ speech/ --steps 2000")
     p.add_argument("codec", metavar="CODEC", help="melrvq codec directory (from fit-codec)")
     p.add_argument("inputs", nargs="+", metavar="AUDIO", help=_AUDIO_HELP)
     p.add_argument("--out", metavar="DIR",
                    help="write the codec with its vocoder here (default: into CODEC)")
-    p.add_argument("--steps", type=int, default=3000, help="optimiser steps (3000)")
-    p.add_argument("--batch-size", type=int, default=16, help="segments per step (16)")
-    p.add_argument("--segment-frames", type=int, default=48,
-                   help="frames per training segment (48 = 0.96 s at 50 Hz)")
+    p.add_argument("--steps", type=int, default=2000, help="optimiser steps (2000)")
+    p.add_argument("--batch-size", type=int, default=8, help="segments per step (8)")
+    p.add_argument("--segment-frames", type=int, default=32,
+                   help="frames per training segment (32 = 0.64 s at 50 Hz)")
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (1e-3)")
-    p.add_argument("--dim", type=int, default=256, help="channels of the network (256)")
-    p.add_argument("--layers", type=int, default=8, help="ConvNeXt blocks (8)")
+    p.add_argument("--dim", type=int, default=128, help="channels of the network (128)")
+    p.add_argument("--layers", type=int, default=6, help="ConvNeXt blocks (6)")
     p.add_argument("--seed", type=int, default=0, help="seed of initialisation and draws (0)")
     _audio_flags(p)
     add_progress_flags(p)

@@ -89,8 +89,8 @@ class _Clips:
 
 
 def fit_vocoder(codec_dir: Union[str, Path], audio: Iterable[Any],
-                out_dir: Optional[Union[str, Path]] = None, steps: int = 3000,
-                batch_size: int = 16, segment_frames: int = 48, learning_rate: float = 1e-3,
+                out_dir: Optional[Union[str, Path]] = None, steps: int = 2000,
+                batch_size: int = 8, segment_frames: int = 32, learning_rate: float = 1e-3,
                 config: Union[VocoderConfig, Dict[str, Any], None] = None,
                 levels: Optional[Sequence[int]] = None, seed: int = 0,
                 progress: bool = True, log_every: int = 25) -> Dict[str, Any]:

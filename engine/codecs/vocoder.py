@@ -30,9 +30,9 @@ class VocoderConfig:
     must equal the codec's (one STFT frame per codec frame)."""
 
     n_mels: int = 80
-    dim: int = 256
-    intermediate_dim: int = 768
-    layers: int = 8
+    dim: int = 128               # small enough to train in minutes on a CPU
+    intermediate_dim: int = 384
+    layers: int = 6
     kernel_size: int = 7
     n_fft: int = 1280
     hop_length: int = 320
