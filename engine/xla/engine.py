@@ -1,0 +1,193 @@
+"""`XlaEngine`: the engine's `generate` on the XLA path: the checkpoint's weights as JAX
+arrays, the whole decode of a batch as one jitted program, rows split over a device mesh.
+
+Inputs are checked by the torch engine's own `prepare` (same errors, same starting state),
+the schedule is planned by the torch decoder's planner, and the result has the same form
+(int64 [B, T, Q], -1 past each row's length)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import numpy as np
+
+from soundstorm.engine.config import DecodeConfig, ModelConfig
+from soundstorm.engine.scheduler import length_buckets
+
+# Implementations of the two ops the decode can run as Pallas kernels.
+KERNELS = ("jnp", "pallas")
+
+
+def require_jax() -> None:
+    """Raise a clear error when JAX is not installed."""
+    import importlib.util
+
+    if importlib.util.find_spec("jax") is None:
+        raise RuntimeError("backend 'xla' needs JAX, which is not installed; install it with "
+                           "pip install 'soundstorm[xla]'")
+
+
+class XlaEngine:
+    """SoundStorm inference on XLA (CPU here, TPU where there is one).
+
+    model_or_dir: a model directory (config.json + model.safetensors) or a torch
+                  `SoundStorm` module (its weights are copied).
+    devices:      None (JAX's default device), an int n (the first n devices), or a
+                  sequence of `jax.Device`: rows are split over them (data parallel, each
+                  device decodes B / n rows; B is padded up to a multiple of n).
+    kernels:      "jnp" (XLA's own fusion) or "pallas" (the Pallas kernels for the summed
+                  embedding and the top-k selection; interpreted off TPU, so slow there).
+    exact_noise:  read Gumbel noise from the 2**23-entry table computed by torch, so the
+                  noise equals the torch reference's bit for bit (default); False computes
+                  -log(-log(u)) in XLA (a few ulp away, no 32 MiB table).
+    """
+
+    backend = "xla"
+
+    def __init__(self, model_or_dir, devices: Union[None, int, Sequence] = None,
+                 kernels: str = "jnp", exact_noise: bool = True):
+        require_jax()
+        import jax
+
+        from soundstorm.engine.xla.params import load_params, params_from_state
+
+        if isinstance(model_or_dir, (str, Path)):
+            config, params = load_params(model_or_dir)
+        elif hasattr(model_or_dir, "state_dict") and isinstance(
+                getattr(model_or_dir, "config", None), ModelConfig):
+            config = model_or_dir.config
+            params = params_from_state(model_or_dir.state_dict(), config)
+        else:
+            raise TypeError("model_or_dir must be a SoundStorm model or a model directory, "
+                            f"got {type(model_or_dir).__name__}")
+        if kernels not in KERNELS:
+            raise ValueError(f"kernels must be one of {list(KERNELS)}, got {kernels!r}")
+        if not isinstance(exact_noise, bool):
+            raise TypeError(f"exact_noise must be a bool, got {exact_noise!r}")
+        self.config = config
+        self.kernels = kernels
+        self.devices = _resolve_devices(devices, jax.devices())
+        self.mesh = jax.sharding.Mesh(np.array(self.devices), ("data",))
+        replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+        self.params = jax.device_put(params, replicated)
+        self.table = None
+        if exact_noise:
+            from soundstorm.kernels.pallas.rng import gumbel_table
+
+            self.table = jax.device_put(gumbel_table(), replicated)
+        self.dtype = "float32"
+        self.device = self.devices[0]
+        self._buckets = length_buckets(config.max_frames)
+
+    @classmethod
+    def from_preset(cls, name: str, seed: int = 0, **kwargs) -> "XlaEngine":
+        """An engine over a randomly initialised model of a preset (the same weights as
+        `Engine.from_preset(name, seed)`)."""
+        import torch
+
+        from soundstorm.engine.model import SoundStorm
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = SoundStorm(ModelConfig.preset(name))
+        return cls(model, **kwargs)
+
+    # `Engine.prepare` reads only `self.config`: the same checks and errors here.
+    from soundstorm.engine.engine import Engine as _Engine
+    prepare = _Engine.prepare
+    del _Engine
+
+    def _ops(self):
+        if self.kernels == "jnp":
+            return None, None
+        from soundstorm.kernels.pallas.embedding import summed_embedding
+        from soundstorm.kernels.pallas.select import select
+
+        return summed_embedding, select
+
+    def inputs(self, semantic, semantic_lengths=None, prompt=None, prompt_lengths=None,
+               decode: Optional[DecodeConfig] = None, seed=None):
+        """`generate`'s arguments checked and laid out for the program: (batch, arrays,
+        schedule), arrays padded to the length bucket and to a multiple of the devices
+        and placed on the mesh (rows split)."""
+        import jax
+
+        from soundstorm.engine.xla.decode import plan
+        from soundstorm.kernels.pallas.rng import split_seeds
+
+        batch = self.prepare(semantic, semantic_lengths, prompt, prompt_lengths, decode, seed)
+        cfg = self.config
+        B, T, Q = batch.tokens.shape
+        Tb = self._buckets.fit(T)
+        n = len(self.devices)
+        Bp = -(-B // n) * n
+        num, den = cfg.semantic_index_fraction()
+        S = ((Tb - 1) * num) // den + 1
+        tokens = np.full((Bp, Tb, Q), cfg.mask_id, np.int32)
+        tokens[:B, :T] = batch.tokens.numpy()
+        sem = np.zeros((Bp, S), np.int32)
+        s = min(S, batch.semantic.shape[1])
+        sem[:B, :s] = batch.semantic.numpy()[:, :s]
+        lengths = np.ones(Bp, np.int32)
+        lengths[:B] = batch.frames
+        seeds = np.zeros(Bp, np.int64)
+        seeds[:B] = batch.seeds.numpy()
+        lo, hi = split_seeds(seeds)
+        to_decode = list(batch.to_decode) + [0] * (Bp - B)
+        schedule = plan(to_decode, batch.steps_per_level, batch.decode)
+        rows = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec("data"))
+        steps = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(None, "data"))
+        arrays = [jax.device_put(a, rows) for a in (sem, tokens, lengths, lo, hi)]
+        replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+        sched = tuple(jax.device_put(a, steps if i == 5 else replicated)
+                      for i, a in enumerate(schedule.arrays()))
+        return batch, arrays, sched
+
+    def generate(self, semantic, semantic_lengths=None, prompt=None, prompt_lengths=None,
+                 decode: Optional[DecodeConfig] = None, seed=None, on_step=None):
+        """`Engine.generate` on XLA: same arguments, checks, errors and result (a torch
+        int64 [B, T, Q], frames past a row's length -1). Without `on_step` the whole
+        decode is one program; with it, each iteration is one program and `on_step(level,
+        iteration, tokens)` sees the tokens between them."""
+        import torch
+
+        from soundstorm.engine.xla.decode import decode_all, decode_one
+
+        if on_step is not None and not callable(on_step):
+            raise TypeError(f"on_step must be callable, got {on_step!r}")
+        batch, (sem, tokens, lengths, lo, hi), sched = self.inputs(
+            semantic, semantic_lengths, prompt, prompt_lengths, decode, seed)
+        embedding, select = self._ops()
+        B, T, Q = batch.tokens.shape
+        valid = batch.frame_valid.numpy()[..., None]
+        if on_step is None:
+            out = decode_all(self.params, self.config, sem, tokens, lengths, lo, hi, sched,
+                             self.table, embedding, select)
+        else:
+            out = tokens
+            for index in range(sched[0].shape[0]):
+                out = decode_one(self.params, self.config, sem, out, lengths, lo, hi, sched,
+                                 np.int32(index), self.table, embedding, select)
+                now = np.where(valid, np.asarray(out)[:B, :T], -1)
+                on_step(int(sched[0][index]), int(sched[1][index]), torch.from_numpy(
+                    now.astype(np.int64)))
+        result = np.where(valid, np.asarray(out)[:B, :T], -1).astype(np.int64)
+        return torch.from_numpy(result)
+
+
+def _resolve_devices(devices, available) -> list:
+    if devices is None:
+        return [available[0]]
+    if isinstance(devices, bool):
+        raise TypeError(f"devices must be None, an int or a sequence of jax devices, got "
+                        f"{devices!r}")
+    if isinstance(devices, int):
+        if not 1 <= devices <= len(available):
+            raise ValueError(f"devices = {devices} is out of range; this machine has "
+                             f"{len(available)} JAX device(s)")
+        return list(available[:devices])
+    devices = list(devices)
+    if not devices:
+        raise ValueError("devices is empty; give at least one jax device")
+    return devices
