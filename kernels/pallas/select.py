@@ -19,8 +19,9 @@ KEY_BITS = 32
 def order_keys(confidence: jax.Array) -> jax.Array:
     """float32 -> uint32 with the same order (-inf lowest of the finite-or--inf values,
     above key 0; -0.0 and 0.0 equal, as they compare)."""
-    confidence = jnp.where(confidence == 0, jnp.float32(0), confidence)
     bits = jax.lax.bitcast_convert_type(confidence, jnp.uint32)
+    # -0.0 as 0.0, by its bits: XLA may flush subnormals to zero in a float comparison
+    bits = jnp.where(bits == jnp.uint32(0x80000000), jnp.uint32(0), bits)
     return jnp.where(bits >> 31 == 1, ~bits, bits | jnp.uint32(0x80000000))
 
 
