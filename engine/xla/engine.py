@@ -20,12 +20,12 @@ KERNELS = ("jnp", "pallas")
 
 
 def require_jax() -> None:
-    """Raise a clear error when JAX is not installed."""
-    import importlib.util
-
-    if importlib.util.find_spec("jax") is None:
-        raise RuntimeError("backend 'xla' needs JAX, which is not installed; install it with "
-                           "pip install 'soundstorm[xla]'")
+    """Raise a clear error when JAX cannot be imported."""
+    try:
+        import jax  # noqa: F401
+    except ImportError as e:
+        raise RuntimeError(f"backend 'xla' needs JAX, which does not import here ({e}); "
+                           "install it with pip install 'soundstorm[xla]'") from e
 
 
 class XlaEngine:
@@ -33,6 +33,8 @@ class XlaEngine:
 
     model_or_dir: a model directory (config.json + model.safetensors) or a torch
                   `SoundStorm` module (its weights are copied).
+    Also built by `Engine(model_or_dir, backend="xla")` (see `xla_engine`).
+
     devices:      None (JAX's default device), an int n (the first n devices), or a
                   sequence of `jax.Device`: rows are split over them (data parallel, each
                   device decodes B / n rows; B is padded up to a multiple of n).
@@ -67,6 +69,7 @@ class XlaEngine:
             raise TypeError(f"exact_noise must be a bool, got {exact_noise!r}")
         self.config = config
         self.kernels = kernels
+        self.max_batch = 8
         self.devices = _resolve_devices(devices, jax.devices())
         self.mesh = jax.sharding.Mesh(np.array(self.devices), ("data",))
         replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
@@ -76,8 +79,11 @@ class XlaEngine:
             from soundstorm.kernels.pallas.rng import gumbel_table
 
             self.table = jax.device_put(gumbel_table(), replicated)
-        self.dtype = "float32"
-        self.device = self.devices[0]
+        import torch
+
+        # What the torch side sees: float32 weights, results on the host.
+        self.dtype = torch.float32
+        self.device = torch.device("cpu")
         self._buckets = length_buckets(config.max_frames)
 
     @classmethod
@@ -174,6 +180,36 @@ class XlaEngine:
                     now.astype(np.int64)))
         result = np.where(valid, np.asarray(out)[:B, :T], -1).astype(np.int64)
         return torch.from_numpy(result)
+
+
+def xla_engine(model_or_dir, device=None, dtype=None, max_batch: int = 8,
+               cuda_graphs: Optional[bool] = None, warmup: bool = False,
+               **kwargs) -> XlaEngine:
+    """`Engine(..., backend="xla")`: an `XlaEngine` from `Engine`'s arguments. device: None
+    or "cpu" (where results land; the XLA devices are `devices=`), dtype: None or float32;
+    cuda_graphs and warmup do not apply (the program compiles on first use per shape);
+    max_batch is kept for callers that read it (one program decodes every row).
+    Other keywords go to `XlaEngine` (devices, kernels, exact_noise)."""
+    import torch
+
+    from soundstorm.engine.engine import resolve_dtype
+
+    if device is not None and torch.device(device).type != "cpu":
+        raise ValueError(f"backend 'xla' returns tokens on the host; device must be None or "
+                         f"'cpu', got {device!r} (choose XLA devices with devices=)")
+    if resolve_dtype(dtype) not in (None, torch.float32):
+        raise ValueError(f"backend 'xla' runs float32 weights, got dtype {dtype!r}")
+    if cuda_graphs:
+        raise ValueError("cuda_graphs does not apply to backend 'xla' (one XLA program per "
+                         "decode)")
+    if warmup:
+        raise ValueError("warmup does not apply to backend 'xla': the decode compiles on "
+                         "first use of each (batch, length) shape")
+    if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+        raise ValueError(f"max_batch must be an int >= 1, got {max_batch!r}")
+    engine = XlaEngine(model_or_dir, **kwargs)
+    engine.max_batch = max_batch
+    return engine
 
 
 def _resolve_devices(devices, available) -> list:
