@@ -70,6 +70,7 @@ class XlaEngine:
         self.config = config
         self.kernels = kernels
         self.max_batch = 8
+        self._kernel_ops = None
         self.devices = _resolve_devices(devices, jax.devices())
         self.mesh = jax.sharding.Mesh(np.array(self.devices), ("data",))
         replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
@@ -105,12 +106,21 @@ class XlaEngine:
     del _Engine
 
     def _ops(self):
+        """(embedding, select) for the program: None for the `jnp` references, else the
+        Pallas kernels, interpreted off TPU. Made once: they are static arguments of the
+        jitted decode, so a new object would compile it again."""
         if self.kernels == "jnp":
             return None, None
-        from soundstorm.kernels.pallas.embedding import summed_embedding
-        from soundstorm.kernels.pallas.select import select
+        if self._kernel_ops is None:
+            import functools
 
-        return summed_embedding, select
+            from soundstorm.kernels.pallas.embedding import summed_embedding
+            from soundstorm.kernels.pallas.select import select
+
+            interpret = any(d.platform != "tpu" for d in self.devices)
+            self._kernel_ops = (functools.partial(summed_embedding, interpret=interpret),
+                                functools.partial(select, interpret=interpret))
+        return self._kernel_ops
 
     def inputs(self, semantic, semantic_lengths=None, prompt=None, prompt_lengths=None,
                decode: Optional[DecodeConfig] = None, seed=None):

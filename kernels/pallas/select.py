@@ -10,6 +10,8 @@ whenever the row has at least k eligible frames (all of them otherwise)."""
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -51,3 +53,70 @@ def select_reference(confidence: jax.Array, eligible: jax.Array,
     at = eligible & (keys == v)
     room = num_keep[:, None] - jnp.sum(above, axis=1, keepdims=True, dtype=jnp.int32)
     return above | (at & (jnp.cumsum(at, axis=1, dtype=jnp.int32) <= room))
+
+
+# -- Pallas kernel ---------------------------------------------------------------------
+ROW_TILE = 8        # rows per program: the sublane count of a TPU vreg
+FRAME_TILE = 128    # frames are padded to a multiple of the lane count
+INT_MIN = -(2 ** 31)
+
+
+def _signed_keys(confidence):
+    """float32 -> int32 with the same order, in int32 arithmetic only (Mosaic compares
+    signed integers): the unsigned key of `order_keys` with its top bit flipped."""
+    bits = jax.lax.bitcast_convert_type(confidence, jnp.int32)
+    bits = jnp.where(bits == INT_MIN, 0, bits)                      # -0.0 -> 0.0
+    return jnp.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+
+
+def _count(mask):
+    """Per-row count [R, 1] as float32 (exact below 2**24 frames; Mosaic reduces floats)."""
+    return jnp.sum(mask.astype(jnp.float32), axis=1, keepdims=True)
+
+
+def _select_kernel(conf_ref, eligible_ref, keep_n_ref, out_ref, *, index_bits: int):
+    keys = _signed_keys(conf_ref[...])
+    eligible = eligible_ref[...] != 0
+    k = keep_n_ref[...].astype(jnp.float32)                          # [R, 1]
+    # The k-th largest key, bit by bit from the top, in the unsigned order (a candidate
+    # pattern c compares as the signed value c ^ INT_MIN).
+    v = jnp.zeros(k.shape, jnp.int32)
+    for i in range(KEY_BITS):
+        cand = v | jnp.int32(jnp.uint32(1 << (KEY_BITS - 1 - i)).view(jnp.int32))
+        ok = _count(eligible & (keys >= (cand ^ INT_MIN))) >= k
+        v = jnp.where(ok, cand, v)
+    v = v ^ INT_MIN
+    above = eligible & (keys > v)
+    at = eligible & (keys == v)
+    room = k - _count(above)
+    # Of the frames at the threshold, the earliest `room`: the largest frame bound j with
+    # #(at & frame < j) <= room, again by bisection (no cumulative sum on the TPU).
+    frame = jax.lax.broadcasted_iota(jnp.int32, keys.shape, 1)
+    j = jnp.zeros(k.shape, jnp.int32)
+    for i in range(index_bits):
+        cand = j | (1 << (index_bits - 1 - i))
+        ok = _count(at & (frame < cand)) <= room
+        j = jnp.where(ok, cand, j)
+    out_ref[...] = (above | (at & (frame < j))).astype(jnp.int32)
+
+
+def select(confidence: jax.Array, eligible: jax.Array, num_keep: jax.Array,
+           interpret: bool = False) -> jax.Array:
+    """`select_reference` as a Pallas kernel: one program per 8 rows, each row whole in
+    VMEM (frames padded to a multiple of 128), 32 + log2(frames) counting passes.
+    Same arguments and result as `select_reference`; `interpret` runs it on any backend."""
+    from jax.experimental import pallas as pl
+
+    B, T = confidence.shape
+    Bp, Tp = -(-B // ROW_TILE) * ROW_TILE, -(-T // FRAME_TILE) * FRAME_TILE
+    conf = jnp.pad(confidence.astype(jnp.float32), ((0, Bp - B), (0, Tp - T)))
+    elig = jnp.pad(eligible.astype(jnp.int32), ((0, Bp - B), (0, Tp - T)))
+    k = jnp.pad(num_keep.astype(jnp.int32), (0, Bp - B))[:, None]
+    rows = pl.BlockSpec((ROW_TILE, Tp), lambda i: (i, 0))
+    kernel = functools.partial(_select_kernel, index_bits=max(1, (Tp).bit_length()))
+    out = pl.pallas_call(
+        kernel, grid=(Bp // ROW_TILE,),
+        in_specs=[rows, rows, pl.BlockSpec((ROW_TILE, 1), lambda i: (i, 0))],
+        out_specs=rows, out_shape=jax.ShapeDtypeStruct((Bp, Tp), jnp.int32),
+        interpret=interpret)(conf, elig, k)
+    return out[:B, :T] != 0
