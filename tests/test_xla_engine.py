@@ -10,12 +10,12 @@ import torch
 
 pytest.importorskip("jax")
 
-from soundstorm.cli import main  # noqa: E402
 from soundstorm.engine import DecodeConfig, Engine  # noqa: E402
 from soundstorm.engine.xla import XlaEngine  # noqa: E402
 from soundstorm.kernels import get_ops  # noqa: E402
 
 from conftest import random_codes, random_semantic  # noqa: E402
+from test_cli import run_cli  # noqa: E402
 
 
 def test_engine_with_backend_xla_is_an_xla_engine_from_a_directory(tmp_path, tiny_model):
@@ -62,27 +62,21 @@ def test_on_step_sees_every_iteration_and_the_final_tokens(tiny_model):
                                             decode=DecodeConfig(steps_per_level=(3, 1, 2, 1))))
 
 
-def _cli(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
 def test_cli_generate_and_bench_with_backend_xla(tmp_path, tiny_model, capsys):
     tiny_model.save_pretrained(tmp_path / "model")
     cfg = tiny_model.config
     np.save(tmp_path / "sem.npy", random_semantic(cfg, 1, 12)[0].numpy())
-    code, out, _ = _cli(capsys, "generate", "--model", tmp_path / "model", "--semantic",
+    code, out, _ = run_cli(capsys, "generate", "--model", tmp_path / "model", "--semantic",
                         tmp_path / "sem.npy", "--seed", 4, "--backend", "xla", "--out",
                         tmp_path / "tok.npy", "--json", "--quiet")
     assert code == 0 and json.loads(out.strip().splitlines()[-1])["backend"] == "xla"
     want = Engine(tmp_path / "model", backend="torch").generate(
         random_semantic(cfg, 1, 12), seed=4)[0]
     np.testing.assert_array_equal(np.load(tmp_path / "tok.npy"), want.numpy())
-    code, out, _ = _cli(capsys, "bench", "--preset", "tiny", "--seconds", "0.4",
+    code, out, _ = run_cli(capsys, "bench", "--preset", "tiny", "--seconds", "0.4",
                         "--backend", "xla", "--repeats", 1, "--quiet", "--json")
     assert code == 0 and json.loads(out.strip().splitlines()[-1])["backend"] == "xla"
     with pytest.raises(SystemExit) as exit_info:
-        _cli(capsys, "generate", "--preset", "tiny", "--manifest", tmp_path / "x.jsonl",
+        run_cli(capsys, "generate", "--preset", "tiny", "--manifest", tmp_path / "x.jsonl",
              "--backend", "xla")
     assert exit_info.value.code == 2 and "--backend xla" in capsys.readouterr().err
