@@ -39,7 +39,8 @@ class XlaEngine:
                   sequence of `jax.Device`: rows are split over them (data parallel, each
                   device decodes B / n rows; B is padded up to a multiple of n).
     kernels:      "jnp" (XLA's own fusion) or "pallas" (the Pallas kernels for the summed
-                  embedding and the top-k selection; interpreted off TPU, so slow there).
+                  embedding, attention and the top-k selection; interpreted off TPU, so
+                  slow there).
     exact_noise:  read Gumbel noise from the 2**23-entry table computed by torch, so the
                   noise equals the torch reference's bit for bit (default); False computes
                   -log(-log(u)) in XLA (a few ulp away, no 32 MiB table).
@@ -106,20 +107,22 @@ class XlaEngine:
     del _Engine
 
     def _ops(self):
-        """(embedding, select) for the program: None for the `jnp` references, else the
-        Pallas kernels, interpreted off TPU. Made once: they are static arguments of the
+        """(embedding, select, attention) for the program: None for the `jnp` references,
+        else the Pallas kernels, interpreted off TPU. Made once: they are static arguments of the
         jitted decode, so a new object would compile it again."""
         if self.kernels == "jnp":
-            return None, None
+            return None, None, None
         if self._kernel_ops is None:
             import functools
 
+            from soundstorm.kernels.pallas.attention import flash_attention
             from soundstorm.kernels.pallas.embedding import summed_embedding
             from soundstorm.kernels.pallas.select import select
 
             interpret = any(d.platform != "tpu" for d in self.devices)
             self._kernel_ops = (functools.partial(summed_embedding, interpret=interpret),
-                                functools.partial(select, interpret=interpret))
+                                functools.partial(select, interpret=interpret),
+                                functools.partial(flash_attention, interpret=interpret))
         return self._kernel_ops
 
     def inputs(self, semantic, semantic_lengths=None, prompt=None, prompt_lengths=None,
@@ -174,17 +177,17 @@ class XlaEngine:
             raise TypeError(f"on_step must be callable, got {on_step!r}")
         batch, (sem, tokens, lengths, lo, hi), sched = self.inputs(
             semantic, semantic_lengths, prompt, prompt_lengths, decode, seed)
-        embedding, select = self._ops()
+        embedding, select, attention = self._ops()
         B, T, Q = batch.tokens.shape
         valid = batch.frame_valid.numpy()[..., None]
         if on_step is None:
             out = decode_all(self.params, self.config, sem, tokens, lengths, lo, hi, sched,
-                             self.table, embedding, select)
+                             self.table, embedding, select, attention)
         else:
             out = tokens
             for index in range(sched[0].shape[0]):
                 out = decode_one(self.params, self.config, sem, out, lengths, lo, hi, sched,
-                                 np.int32(index), self.table, embedding, select)
+                                 np.int32(index), self.table, embedding, select, attention)
                 now = np.where(valid, np.asarray(out)[:B, :T], -1)
                 on_step(int(sched[0][index]), int(sched[1][index]), torch.from_numpy(
                     now.astype(np.int64)))

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from soundstorm.engine.config import ModelConfig
+from soundstorm.kernels.pallas.attention import attention_reference
 from soundstorm.kernels.pallas.embedding import summed_embedding_reference
 
 ROTARY_BASE = 10000.0
@@ -41,13 +42,6 @@ def rotate(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return jnp.concatenate((x1 * cos - x2 * sin, x2 * cos + x1 * sin), axis=-1)
 
 
-def attention(q, k, v, key_mask):
-    """q, k, v [B, H, T, dh] (rotated q, k); key_mask bool [B, T] -> [B, H, T, dh]."""
-    scores = jnp.einsum("bhqd,bhkd->bhqk", q, k) / jnp.sqrt(jnp.float32(q.shape[-1]))
-    scores = jnp.where(key_mask[:, None, None, :], scores, -jnp.inf)
-    return jnp.einsum("bhqk,bhkd->bhqd", jax.nn.softmax(scores, axis=-1), v)
-
-
 def conv_inner(h, dw_weight, dw_bias, norm_weight, norm_bias, frame_mask):
     """GLU, padding zeroed, depthwise conv (dw_weight [K, E]), LayerNorm, swish:
     [B, T, 2E] -> [B, T, E]."""
@@ -59,7 +53,7 @@ def conv_inner(h, dw_weight, dw_bias, norm_weight, norm_bias, frame_mask):
     return jax.nn.silu(layer_norm(y, norm_weight, norm_bias))
 
 
-def block(x, p, frame_mask, cos, sin, heads: int):
+def block(x, p, lengths, frame_mask, cos, sin, heads: int, attention=attention_reference):
     """One Conformer block: x + FFN/2, + MHSA, + Conv, + FFN/2, LayerNorm. x [B, T, D]."""
     B, T, D = x.shape
 
@@ -71,7 +65,7 @@ def block(x, p, frame_mask, cos, sin, heads: int):
     h = layer_norm(x, p["attn.norm.weight"], p["attn.norm.bias"])
     qkv = linear(h, p["attn.qkv.weight"], p["attn.qkv.bias"]).reshape(B, T, 3, heads, -1)
     q, k, v = jnp.transpose(qkv, (2, 0, 3, 1, 4))
-    y = attention(rotate(q, cos, sin), rotate(k, cos, sin), v, frame_mask)
+    y = attention(rotate(q, cos, sin), rotate(k, cos, sin), v, lengths)
     x = x + linear(jnp.transpose(y, (0, 2, 1, 3)).reshape(B, T, D), p["attn.out.weight"],
                    p["attn.out.bias"])
     h = layer_norm(x, p["conv.norm.weight"], p["conv.norm.bias"])
@@ -83,16 +77,18 @@ def block(x, p, frame_mask, cos, sin, heads: int):
     return layer_norm(x, p["norm.weight"], p["norm.bias"])
 
 
-Embedding = Callable[..., jax.Array]
+Op = Callable[..., jax.Array]
 
 
 def hidden(params, config: ModelConfig, semantic: jax.Array, tokens: jax.Array,
-           lengths: jax.Array, embedding: Optional[Embedding] = None) -> jax.Array:
+           lengths: jax.Array, embedding: Optional[Op] = None,
+           attention: Optional[Op] = None) -> jax.Array:
     """Final hidden states float32 [B, T, D] (after the last LayerNorm).
 
     semantic int32 [B, S]; tokens int32 [B, T, Q] (MASK = codebook_size); lengths int32 [B]
-    real frames per row (1..T). `embedding` replaces the summed-embedding reference (same
-    signature, e.g. the Pallas kernel)."""
+    real frames per row (1..T). `embedding` and `attention` replace the `jnp` references
+    `summed_embedding_reference` and `attention_reference` (same signatures: the Pallas
+    kernels)."""
     B, T, _ = tokens.shape
     num, den = config.semantic_index_fraction()
     embed = embedding or summed_embedding_reference
@@ -102,7 +98,8 @@ def hidden(params, config: ModelConfig, semantic: jax.Array, tokens: jax.Array,
     cos, sin = rotary_tables(T, config.head_dim)
 
     def layer(x, p):
-        return block(x, p, frame_mask, cos, sin, config.heads), None
+        return block(x, p, lengths, frame_mask, cos, sin, config.heads,
+                     attention or attention_reference), None
 
     x, _ = jax.lax.scan(layer, x, params["blocks"])
     return layer_norm(x, params["norm.weight"], params["norm.bias"])
@@ -117,10 +114,10 @@ def head(params, h: jax.Array, level) -> jax.Array:
 
 
 def forward(params, config: ModelConfig, semantic, tokens, lengths, level,
-            embedding: Optional[Embedding] = None) -> jax.Array:
+            embedding: Optional[Op] = None, attention: Optional[Op] = None) -> jax.Array:
     """Logits float32 [B, T, C] of `level` (see `hidden` and `head`); level None gives
     every head, [B, T, Q, C]."""
-    h = hidden(params, config, semantic, tokens, lengths, embedding)
+    h = hidden(params, config, semantic, tokens, lengths, embedding, attention)
     if level is None:
         return jnp.einsum("btd,qcd->btqc", h, params["head_weight"]) + params["head_bias"]
     return head(params, h, level)
