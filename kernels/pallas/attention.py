@@ -4,7 +4,7 @@ HBM). Rotary embeddings are applied before (XLA fuses them into the QKV projecti
 epilogue), so both take rotated q and k, as `soundstorm.kernels.attention` computes them.
 
 Why a kernel: the reference writes the [B, H, T, T] float32 scores and reads them back,
-147 MB per layer for one 30 s row of the paper's model (16 heads, 1500 frames), several
+144 MB per layer for one 30 s row of the paper's model (16 heads, 1500 frames), several
 times the layer's weights; the kernel reads q, k, v once and skips key blocks past a
 row's length."""
 
