@@ -32,3 +32,6 @@ def test_tpu_prediction_adds_up_and_bfloat16_reads_fewer_bytes():
     assert fp32["bandwidth_limit_ms"] == pytest.approx(2 * bf16["bandwidth_limit_ms"], rel=0.05)
     assert fp32["compute_limit_ms"] == pytest.approx(bf16["compute_limit_ms"])
     assert bf16["roofline_limit_ms"] <= bf16["ms_per_decode"]
+    # the scores of XLA's own attention: 2 x 16 heads x 1500^2 x 4 bytes x 12 layers a pass
+    assert bf16["xla_attention_extra_ms"] == pytest.approx(
+        27 * 2 * 16 * 1500 ** 2 * 4 * 12 / (1.2e12 * 0.8) * 1e3)
