@@ -19,7 +19,7 @@ from soundstorm.kernels.pallas.resample import masked_resample_reference  # noqa
 from soundstorm.kernels.pallas.select import select_reference  # noqa: E402
 from soundstorm.kernels.resample import masked_resample_reference as torch_resample  # noqa: E402
 
-from conftest import make_model, random_codes, random_semantic  # noqa: E402
+from conftest import random_codes, random_semantic  # noqa: E402
 from test_decode import check_invariants  # noqa: E402
 
 SEEDS = [0, 1, 2 ** 40 + 7, 2 ** 63 - 1]
@@ -36,7 +36,8 @@ def test_hashes_are_bit_identical_to_torch():
 
 
 def test_gumbel_noise_is_bit_identical_with_the_table_and_close_without():
-    h = torch.cat([torch.randint(0, 2 ** 32, (100_000,), generator=torch.Generator().manual_seed(1)),
+    g = torch.Generator().manual_seed(1)
+    h = torch.cat([torch.randint(0, 2 ** 32, (100_000,), generator=g),
                    torch.tensor([0, 511, 512, 2 ** 32 - 1, 2 ** 31])])
     hj = jnp.asarray(h.numpy().astype(np.uint32))
     want = torch_rng.to_gumbel(h).numpy()
@@ -161,3 +162,16 @@ def test_engine_arguments_are_checked(tiny_model):
         XlaEngine(tiny_model, devices=99)
     with pytest.raises(TypeError, match="model_or_dir must be"):
         XlaEngine(42)
+
+
+def test_computed_noise_keeps_the_invariants_and_mostly_the_tokens(tiny_model, tiny_config):
+    engine = XlaEngine(tiny_model, exact_noise=False)
+    assert engine.table is None
+    kw = _batch(tiny_config)
+    out, _ = check_invariants(engine, kw["semantic"], kw["semantic_lengths"], kw["prompt"],
+                              kw["prompt_lengths"], DecodeConfig(), seed=9)
+    exact = XlaEngine(tiny_model).generate(**kw, decode=DecodeConfig(), seed=9)
+    real = exact >= 0
+    # the noise differs in its last bits only: a draw changes where two candidates tie
+    # within an ulp, so nearly every token is the same
+    assert (out == exact)[real].double().mean() > 0.9

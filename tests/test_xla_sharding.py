@@ -35,7 +35,8 @@ shards = [tuple(s.data.shape) for s in arrays[1].addressable_shards]
 a, b = one.generate(semantic, **kw), four.generate(semantic, **kw)
 torch_tokens = Engine(model, backend="torch").generate(semantic, **kw)
 print(json.dumps({"devices": len(jax.devices()), "shards": shards,
-                  "equal": bool(torch.equal(a, b)), "torch_equal": bool(torch.equal(b, torch_tokens))}))
+                  "equal": bool(torch.equal(a, b)),
+                  "torch_equal": bool(torch.equal(b, torch_tokens))}))
 """
 
 
