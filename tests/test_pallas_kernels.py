@@ -18,6 +18,9 @@ from soundstorm.kernels.pallas.attention import (attention_reference,  # noqa: E
                                                  flash_attention)
 from soundstorm.kernels.pallas.embedding import (summed_embedding,  # noqa: E402
                                                  summed_embedding_reference)
+from soundstorm.kernels.pallas import rng  # noqa: E402
+from soundstorm.kernels.pallas.resample import (candidates, masked_resample,  # noqa: E402
+                                                masked_resample_reference)
 from soundstorm.kernels.pallas.select import select, select_reference  # noqa: E402
 
 from conftest import random_semantic  # noqa: E402
@@ -95,6 +98,29 @@ def test_attention_kernel_equals_its_reference_and_torch(B, H, T, dh, lengths):
     np.testing.assert_allclose(want, ref.numpy(), rtol=2e-5, atol=2e-5)
 
 
+@pytest.mark.parametrize("sample,noise,keep_all", [(True, 1.0, False), (False, 0.5, False),
+                                                   (False, 0.0, False), (True, 0.3, True)])
+@pytest.mark.parametrize("B,T,C", [(4, 23, 37), (1, 1, 1), (2, 130, 129)])
+def test_resample_kernels_equal_the_reference_with_computed_noise(B, T, C, sample, noise,
+                                                                  keep_all):
+    g = torch.Generator().manual_seed(T + C)
+    logits = torch.randn(B, T, C, generator=g) * 3
+    if T > 7 and C > 5:
+        logits[0, 2] = float("nan")                 # a dead frame
+        logits[-1, 5, 3] = float("inf")
+        logits[0, 7, :5] = -float("inf")
+    tokens = torch.where(torch.rand(B, T, generator=g) < 0.6, C, 0)
+    eligible = (tokens == C) & (torch.rand(B, T, generator=g) < 0.9)
+    num_keep = torch.randint(0, T + 2, (B,), generator=g)
+    lo, hi = rng.split_seeds([0, 1, 2 ** 40 + 7, 2 ** 63 - 1][:B])
+    args = (jnp.asarray(logits.numpy()), jnp.asarray(tokens.numpy(), jnp.int32),
+            jnp.asarray(eligible.numpy()), jnp.asarray(num_keep.numpy(), jnp.int32), keep_all,
+            jnp.asarray(lo), jnp.asarray(hi), 2, 3, 0.7, noise, sample)
+    want = np.asarray(masked_resample_reference(*args, None))
+    got = np.asarray(masked_resample(*args, interpret=INTERPRET))
+    np.testing.assert_array_equal(got, want)
+
+
 def test_kernels_lower_for_tpu():
     conf, eligible = _confidences(5, 200, seed=0)
     assert _lowers_for_tpu(select, jnp.asarray(conf), jnp.asarray(eligible),
@@ -102,6 +128,9 @@ def test_kernels_lower_for_tpu():
     emb = functools.partial(summed_embedding, rate_num=1, rate_den=2)
     assert _lowers_for_tpu(emb, jnp.zeros((2, 7), jnp.int32), jnp.zeros((2, 13, 3), jnp.int32),
                            jnp.zeros((5, 128)), jnp.zeros((22, 128)))
+    seeds = jnp.zeros(2, jnp.uint32)
+    assert _lowers_for_tpu(lambda x, lo, hi: candidates(x, lo, hi, 2, 3, 0.7, 0.5, True),
+                           jnp.zeros((2, 300, 1024)), seeds, seeds)
     qkv = jnp.zeros((2, 4, 300, 64))
     assert _lowers_for_tpu(flash_attention, qkv, qkv, qkv, jnp.array([300, 5], jnp.int32))
 
@@ -109,23 +138,24 @@ def test_kernels_lower_for_tpu():
 def test_decode_with_the_kernels_equals_the_jnp_decode(tiny_model, tiny_config):
     semantic = random_semantic(tiny_config, 2, 9, seed=2)
     decode = DecodeConfig(steps_per_level=(2, 1, 1, 1))
-    want = XlaEngine(tiny_model).generate(semantic, seed=[5, 6], decode=decode)
+    want = XlaEngine(tiny_model, exact_noise=False).generate(semantic, seed=[5, 6],
+                                                            decode=decode)
     got = XlaEngine(tiny_model, kernels="pallas").generate(semantic, seed=[5, 6], decode=decode)
     assert torch.equal(got, want)
 
 
 @pytest.mark.parametrize("kernels", ["jnp", "pallas"])
 def test_whole_decode_lowers_for_tpu(tiny_model, tiny_config, kernels):
-    engine = XlaEngine(tiny_model)
+    engine = XlaEngine(tiny_model, kernels=kernels)
     _, arrays, schedule = engine.inputs(random_semantic(tiny_config, 2, 9), seed=1)
-    embedding = select_fn = attention = None
+    embedding = resample = attention = None
     if kernels == "pallas":                                # compiled, not interpreted
-        embedding, select_fn, attention = summed_embedding, select, flash_attention
+        embedding, resample, attention = summed_embedding, masked_resample, flash_attention
     cfg = tiny_config
 
     def program(params, semantic, tokens, lengths, lo, hi, sched, table):
         return decode_all(params, cfg, semantic, tokens, lengths, lo, hi, sched, table,
-                          embedding, select_fn, attention)
+                          embedding, resample, attention)
 
     exported = jax.export.export(jax.jit(program), platforms=["tpu"])(
         *_spec((engine.params, *arrays, schedule, engine.table)))

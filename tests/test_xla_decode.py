@@ -158,6 +158,9 @@ def test_bad_input_raises_as_the_torch_engine_does(engines, tiny_config):
 def test_engine_arguments_are_checked(tiny_model):
     with pytest.raises(ValueError, match="kernels must be one of"):
         XlaEngine(tiny_model, kernels="cuda")
+    with pytest.raises(ValueError, match="exact_noise=True needs kernels='jnp'"):
+        XlaEngine(tiny_model, kernels="pallas", exact_noise=True)
+    assert XlaEngine(tiny_model, kernels="pallas").table is None
     with pytest.raises(ValueError, match="devices = 99 is out of range"):
         XlaEngine(tiny_model, devices=99)
     with pytest.raises(TypeError, match="model_or_dir must be"):

@@ -59,7 +59,7 @@ def plan(to_decode: Sequence[int], steps_per_level: Sequence[int],
 
 
 def decode_step(params, config: ModelConfig, semantic, tokens, lengths, seed_lo, seed_hi,
-                schedule: tuple, index, table, embedding=None, select=None, attention=None):
+                schedule: tuple, index, table, embedding=None, resample=None, attention=None):
     """Iteration `index` of `schedule` (`Schedule.arrays()`) over every row:
     tokens int32 [B, T, Q] -> the tokens after it."""
     level_a, iteration_a, sample_a, noise_a, keep_all_a, num_keep_a, temperature = schedule
@@ -70,37 +70,38 @@ def decode_step(params, config: ModelConfig, semantic, tokens, lengths, seed_lo,
     eligible = (column == config.mask_id) & frame_valid
     h = hidden(params, config, semantic, tokens, lengths, embedding, attention)
     logits = head(params, h, level)
-    new = masked_resample_reference(
-        logits, column, eligible, num_keep_a[index], keep_all_a[index], seed_lo, seed_hi,
-        level, iteration_a[index], temperature, noise_a[index], sample_a[index], table, select)
+    args = (logits, column, eligible, num_keep_a[index], keep_all_a[index], seed_lo, seed_hi,
+            level, iteration_a[index], temperature, noise_a[index], sample_a[index])
+    new = resample(*args) if resample is not None else masked_resample_reference(*args, table)
     return jax.lax.dynamic_update_index_in_dim(tokens, new, level - 1, axis=2)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "embedding", "select", "attention"))
+@functools.partial(jax.jit, static_argnames=("config", "embedding", "resample", "attention"))
 def decode_all(params, config: ModelConfig, semantic, tokens, lengths, seed_lo, seed_hi,
-               schedule: tuple, table, embedding=None, select=None, attention=None):
+               schedule: tuple, table, embedding=None, resample=None, attention=None):
     """Every iteration of `schedule` in one program (`lax.fori_loop`).
 
     params:   `soundstorm.engine.xla.params` pytree
     semantic: int32 [B, S]; tokens int32 [B, T, Q] (prompt frames set, MASK elsewhere)
     lengths:  int32 [B] real frames per row; seed_lo, seed_hi: uint32 [B]
     schedule: `Schedule.arrays()`; table: the Gumbel table or None
-    embedding, select, attention: Pallas kernels in place of the `jnp` references, or None
+    embedding, resample, attention: Pallas kernels in place of the `jnp` references (the
+              resampling kernel computes its noise: `table` is then unused), or None
     returns   int32 [B, T, Q]
     """
     steps = schedule[0].shape[0]
 
     def body(index, tokens):
         return decode_step(params, config, semantic, tokens, lengths, seed_lo, seed_hi,
-                           schedule, index, table, embedding, select, attention)
+                           schedule, index, table, embedding, resample, attention)
 
     return jax.lax.fori_loop(0, steps, body, tokens)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "embedding", "select", "attention"))
+@functools.partial(jax.jit, static_argnames=("config", "embedding", "resample", "attention"))
 def decode_one(params, config: ModelConfig, semantic, tokens, lengths, seed_lo, seed_hi,
-               schedule: tuple, index, table, embedding=None, select=None, attention=None):
+               schedule: tuple, index, table, embedding=None, resample=None, attention=None):
     """One iteration (`decode_step`) as its own program: for callers that look at the
     tokens between iterations (`on_step`)."""
     return decode_step(params, config, semantic, tokens, lengths, seed_lo, seed_hi,
-                       schedule, index, table, embedding, select, attention)
+                       schedule, index, table, embedding, resample, attention)

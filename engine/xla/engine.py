@@ -39,17 +39,19 @@ class XlaEngine:
                   sequence of `jax.Device`: rows are split over them (data parallel, each
                   device decodes B / n rows; B is padded up to a multiple of n).
     kernels:      "jnp" (XLA's own fusion) or "pallas" (the Pallas kernels for the summed
-                  embedding, attention and the top-k selection; interpreted off TPU, so
+                  embedding, attention and masked resampling; interpreted off TPU, so
                   slow there).
-    exact_noise:  read Gumbel noise from the 2**23-entry table computed by torch, so the
-                  noise equals the torch reference's bit for bit (default); False computes
-                  -log(-log(u)) in XLA (a few ulp away, no 32 MiB table).
+    exact_noise:  True: read Gumbel noise from the 2**23-entry table computed by torch, so
+                  the noise equals the torch reference's bit for bit; False: compute
+                  -log(-log(u)) (a few ulp away, no 32 MiB table, no gather). None
+                  (default): True with kernels="jnp", False with "pallas" (the resampling
+                  kernel computes its noise; it cannot read the table).
     """
 
     backend = "xla"
 
     def __init__(self, model_or_dir, devices: Union[None, int, Sequence] = None,
-                 kernels: str = "jnp", exact_noise: bool = True):
+                 kernels: str = "jnp", exact_noise: Optional[bool] = None):
         require_jax()
         import jax
 
@@ -66,8 +68,14 @@ class XlaEngine:
                             f"got {type(model_or_dir).__name__}")
         if kernels not in KERNELS:
             raise ValueError(f"kernels must be one of {list(KERNELS)}, got {kernels!r}")
+        if exact_noise is None:
+            exact_noise = kernels == "jnp"
         if not isinstance(exact_noise, bool):
-            raise TypeError(f"exact_noise must be a bool, got {exact_noise!r}")
+            raise TypeError(f"exact_noise must be a bool or None, got {exact_noise!r}")
+        if exact_noise and kernels == "pallas":
+            raise ValueError("exact_noise=True needs kernels='jnp': the Pallas resampling "
+                             "kernel computes its Gumbel noise (pass exact_noise=False or "
+                             "None)")
         self.config = config
         self.kernels = kernels
         self.max_batch = 8
@@ -107,7 +115,7 @@ class XlaEngine:
     del _Engine
 
     def _ops(self):
-        """(embedding, select, attention) for the program: None for the `jnp` references,
+        """(embedding, resample, attention) for the program: None for the `jnp` references,
         else the Pallas kernels, interpreted off TPU. Made once: they are static arguments of the
         jitted decode, so a new object would compile it again."""
         if self.kernels == "jnp":
@@ -117,11 +125,11 @@ class XlaEngine:
 
             from soundstorm.kernels.pallas.attention import flash_attention
             from soundstorm.kernels.pallas.embedding import summed_embedding
-            from soundstorm.kernels.pallas.select import select
+            from soundstorm.kernels.pallas.resample import masked_resample
 
             interpret = any(d.platform != "tpu" for d in self.devices)
             self._kernel_ops = (functools.partial(summed_embedding, interpret=interpret),
-                                functools.partial(select, interpret=interpret),
+                                functools.partial(masked_resample, interpret=interpret),
                                 functools.partial(flash_attention, interpret=interpret))
         return self._kernel_ops
 
@@ -177,17 +185,17 @@ class XlaEngine:
             raise TypeError(f"on_step must be callable, got {on_step!r}")
         batch, (sem, tokens, lengths, lo, hi), sched = self.inputs(
             semantic, semantic_lengths, prompt, prompt_lengths, decode, seed)
-        embedding, select, attention = self._ops()
+        embedding, resample, attention = self._ops()
         B, T, Q = batch.tokens.shape
         valid = batch.frame_valid.numpy()[..., None]
         if on_step is None:
             out = decode_all(self.params, self.config, sem, tokens, lengths, lo, hi, sched,
-                             self.table, embedding, select, attention)
+                             self.table, embedding, resample, attention)
         else:
             out = tokens
             for index in range(sched[0].shape[0]):
                 out = decode_one(self.params, self.config, sem, out, lengths, lo, hi, sched,
-                                 np.int32(index), self.table, embedding, select, attention)
+                                 np.int32(index), self.table, embedding, resample, attention)
                 now = np.where(valid, np.asarray(out)[:B, :T], -1)
                 on_step(int(sched[0][index]), int(sched[1][index]), torch.from_numpy(
                     now.astype(np.int64)))
