@@ -1,6 +1,7 @@
-"""One iteration of confidence-based masked resampling, `jnp`: the JAX counterpart of
-`soundstorm.kernels.resample.masked_resample_reference` (same candidates, same noise,
-same kept frames; see that module for the rules, non-finite logits included)."""
+"""One iteration of confidence-based masked resampling in JAX: the `jnp` reference, the
+counterpart of `soundstorm.kernels.resample.masked_resample_reference` (same candidates,
+same noise, same kept frames; see that module for the rules, non-finite logits included),
+and the Pallas version (`candidates` kernel, then the `select` kernel)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Keep exactly k candidates per row, by confidence, without a sort: the selection step of
-masked resampling (paper §3.3), `jnp` reference.
+masked resampling (paper §3.3): the `jnp` reference and the Pallas kernel.
 
 Torch ranks eligible frames by confidence (descending, ties to the earlier frame) and keeps
 ranks < k. Here each confidence becomes an unsigned 32-bit key that orders as the float
