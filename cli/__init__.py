@@ -372,10 +372,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     steps = _parse_steps(args.steps, cfg.num_quantizers) if args.steps is not None else None
     decode = DecodeConfig(steps_per_level=steps, temperature=args.temperature)
     passes = decode.num_forward_passes(cfg.num_quantizers)
-    bar = tqdm(total=passes, desc="decoding", unit="pass", disable=args.quiet, file=sys.stderr)
+    # The XLA path decodes in one program only without a per-step hook: no progress bar.
+    whole = engine.backend == "xla"
+    bar = tqdm(total=passes, desc="decoding", unit="pass", disable=args.quiet or whole,
+               file=sys.stderr)
     start = time.perf_counter()
     tokens = engine.generate(semantic, prompt=prompt, decode=decode, seed=args.seed,
-                             on_step=lambda *_: bar.update(1))
+                             on_step=None if whole else lambda *_: bar.update(1))
     wall = time.perf_counter() - start
     bar.close()
 
