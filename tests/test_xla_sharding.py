@@ -1,5 +1,5 @@
 """Data parallelism over a device mesh: rows split across (forced) host devices decode to
-the same tokens as on one device. Runs in a subprocess: the device count must be set in
+the same tokens as on one device, with the `jnp` ops and with the Pallas kernels. Runs in a subprocess: the device count must be set in
 XLA_FLAGS before JAX is first imported."""
 
 import json
@@ -34,9 +34,13 @@ _, arrays, _ = four.inputs(semantic, **kw)
 shards = [tuple(s.data.shape) for s in arrays[1].addressable_shards]
 a, b = one.generate(semantic, **kw), four.generate(semantic, **kw)
 torch_tokens = Engine(model, backend="torch").generate(semantic, **kw)
+# the Pallas kernels (interpreted here) run on each device's own rows
+computed = XlaEngine(model, devices=1, exact_noise=False).generate(semantic, **kw)
+pallas = XlaEngine(model, devices=4, kernels="pallas").generate(semantic, **kw)
 print(json.dumps({"devices": len(jax.devices()), "shards": shards,
                   "equal": bool(torch.equal(a, b)),
-                  "torch_equal": bool(torch.equal(b, torch_tokens))}))
+                  "torch_equal": bool(torch.equal(b, torch_tokens)),
+                  "pallas_equal": bool(torch.equal(pallas, computed))}))
 """
 
 
@@ -51,4 +55,4 @@ def test_rows_split_over_four_devices_decode_as_on_one():
     assert result["devices"] == 4
     # 5 rows padded to 8, two per device
     assert len(result["shards"]) == 4 and all(s[0] == 2 for s in result["shards"])
-    assert result["equal"] and result["torch_equal"]
+    assert result["equal"] and result["torch_equal"] and result["pallas_equal"]

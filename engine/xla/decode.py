@@ -7,7 +7,9 @@ then runs a `lax.fori_loop` over those entries with static shapes: each step rea
 level's column, runs the forward pass with that level's head only, resamples the masked
 frames and writes the column back. Rows carry their own lengths (padding frames are never
 eligible and never attended to) and prompts (prompt frames are never MASK, so never
-eligible), so the torch decoder's invariants hold here by the same construction."""
+eligible), so the torch decoder's invariants hold here by the same construction.
+`decode_all` is the program on one device; `sharded_program` runs it on every device of a
+mesh over that device's rows."""
 
 from __future__ import annotations
 
@@ -98,10 +100,32 @@ def decode_all(params, config: ModelConfig, semantic, tokens, lengths, seed_lo, 
     return jax.lax.fori_loop(0, steps, body, tokens)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "embedding", "resample", "attention"))
-def decode_one(params, config: ModelConfig, semantic, tokens, lengths, seed_lo, seed_hi,
-               schedule: tuple, index, table, embedding=None, resample=None, attention=None):
-    """One iteration (`decode_step`) as its own program: for callers that look at the
-    tokens between iterations (`on_step`)."""
-    return decode_step(params, config, semantic, tokens, lengths, seed_lo, seed_hi,
-                       schedule, index, table, embedding, resample, attention)
+@functools.lru_cache(maxsize=64)
+def sharded_program(mesh, config: ModelConfig, embedding=None, resample=None, attention=None,
+                    one_step: bool = False):
+    """The decode (or, with `one_step`, one iteration of it) jitted over `mesh`'s "data"
+    axis with `shard_map`: every device runs the whole program on its own rows, with no
+    communication (rows are independent) and with the Pallas kernels, which XLA could not
+    partition by itself, running on local rows. Arguments as `decode_all` (plus `index`
+    before `table` with `one_step`), rows split: semantic, tokens, lengths, seeds and the
+    schedule's num_keep."""
+    from jax.sharding import PartitionSpec as P
+
+    rows = P("data")
+    schedule = (P(), P(), P(), P(), P(), P(None, "data"), P())
+
+    if one_step:
+        def body(params, semantic, tokens, lengths, seed_lo, seed_hi, sched, index, table):
+            return decode_step(params, config, semantic, tokens, lengths, seed_lo, seed_hi,
+                               sched, index, table, embedding, resample, attention)
+        specs = (P(), rows, rows, rows, rows, rows, schedule, P(), P())
+    else:
+        def body(params, semantic, tokens, lengths, seed_lo, seed_hi, sched, table):
+            def step(index, tokens):
+                return decode_step(params, config, semantic, tokens, lengths, seed_lo,
+                                   seed_hi, sched, index, table, embedding, resample,
+                                   attention)
+            return jax.lax.fori_loop(0, sched[0].shape[0], step, tokens)
+        specs = (P(), rows, rows, rows, rows, rows, schedule, P())
+    return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=specs, out_specs=rows,
+                                 check_vma=False))

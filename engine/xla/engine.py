@@ -179,7 +179,7 @@ class XlaEngine:
         iteration, tokens)` sees the tokens between them."""
         import torch
 
-        from soundstorm.engine.xla.decode import decode_all, decode_one
+        from soundstorm.engine.xla.decode import sharded_program
 
         if on_step is not None and not callable(on_step):
             raise TypeError(f"on_step must be callable, got {on_step!r}")
@@ -188,14 +188,15 @@ class XlaEngine:
         embedding, resample, attention = self._ops()
         B, T, Q = batch.tokens.shape
         valid = batch.frame_valid.numpy()[..., None]
+        program = sharded_program(self.mesh, self.config, embedding, resample, attention,
+                                  one_step=on_step is not None)
         if on_step is None:
-            out = decode_all(self.params, self.config, sem, tokens, lengths, lo, hi, sched,
-                             self.table, embedding, resample, attention)
+            out = program(self.params, sem, tokens, lengths, lo, hi, sched, self.table)
         else:
             out = tokens
             for index in range(sched[0].shape[0]):
-                out = decode_one(self.params, self.config, sem, out, lengths, lo, hi, sched,
-                                 np.int32(index), self.table, embedding, resample, attention)
+                out = program(self.params, sem, out, lengths, lo, hi, sched, np.int32(index),
+                              self.table)
                 now = np.where(valid, np.asarray(out)[:B, :T], -1)
                 on_step(int(sched[0][index]), int(sched[1][index]), torch.from_numpy(
                     now.astype(np.int64)))
