@@ -1,6 +1,6 @@
 """Data parallelism over a device mesh: rows split across (forced) host devices decode to
-the same tokens as on one device, with the `jnp` ops and with the Pallas kernels. Runs in a subprocess: the device count must be set in
-XLA_FLAGS before JAX is first imported."""
+the same tokens as on one device, with the `jnp` ops and with the Pallas kernels. Runs in
+a subprocess: the device count must be set in XLA_FLAGS before JAX is first imported."""
 
 import json
 import os

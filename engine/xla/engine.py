@@ -116,8 +116,8 @@ class XlaEngine:
 
     def _ops(self):
         """(embedding, resample, attention) for the program: None for the `jnp` references,
-        else the Pallas kernels, interpreted off TPU. Made once: they are static arguments of the
-        jitted decode, so a new object would compile it again."""
+        else the Pallas kernels, interpreted off TPU. Made once: they are static arguments
+        of the jitted decode, so a new object would compile it again."""
         if self.kernels == "jnp":
             return None, None, None
         if self._kernel_ops is None:
