@@ -53,9 +53,10 @@ PAPER_SECONDS = 0.5   # the paper: 30 s of audio in 0.5 s on a TPU-v4
 
 def predict_tpu(preset: str = "paper", seconds: float = 30.0, batch: int = 1,
                 act_bytes: int = 2) -> dict:
-    """act_bytes 2: bfloat16 weights and activations (the paper's setting); 4: float32, as
-    `XlaEngine` holds them today (on a TPU its matmuls still run bf16 passes on the MXU at
-    XLA's default precision, but every byte is read twice over)."""
+    """act_bytes 2: bfloat16 weights and activations (the paper's setting,
+    `XlaEngine(dtype="bfloat16")`); 4: float32, `XlaEngine`'s default (on a TPU its matmuls
+    still run bf16 passes on the MXU at XLA's default precision, but every byte is read
+    twice over)."""
     cfg = ModelConfig.preset(preset)
     p = predict(cfg, seconds, batch, TPU_V4, TPU_ASSUMPTIONS, act_bytes=act_bytes)
     # The table's attention is a fused (flash) kernel: `kernels="pallas"`. XLA's own

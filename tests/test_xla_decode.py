@@ -178,3 +178,11 @@ def test_computed_noise_keeps_the_invariants_and_mostly_the_tokens(tiny_model, t
     # the noise differs in its last bits only: a draw changes where two candidates tie
     # within an ulp, so nearly every token is the same
     assert (out == exact)[real].double().mean() > 0.9
+
+
+def test_bfloat16_decode_keeps_the_invariants(tiny_model, tiny_config):
+    engine = XlaEngine(tiny_model, dtype="bfloat16")
+    assert engine.dtype == torch.bfloat16
+    kw = _batch(tiny_config)
+    check_invariants(engine, kw["semantic"], kw["semantic_lengths"], kw["prompt"],
+                     kw["prompt_lengths"], DecodeConfig(steps_per_level=(4, 2, 1, 1)), seed=2)

@@ -31,8 +31,9 @@ def test_engine_with_backend_xla_is_an_xla_engine_from_a_directory(tmp_path, tin
 
 
 def test_engine_arguments_that_do_not_apply_to_xla_are_refused(tiny_model):
-    with pytest.raises(ValueError, match="backend 'xla' runs float32 weights"):
-        Engine(tiny_model, dtype="bfloat16", backend="xla")
+    with pytest.raises(ValueError, match="backend 'xla' runs float32 or bfloat16 weights"):
+        Engine(tiny_model, dtype="float16", backend="xla")
+    assert Engine(tiny_model, dtype="bf16", backend="xla").dtype == torch.bfloat16
     with pytest.raises(ValueError, match="device must be None or 'cpu'"):
         Engine(tiny_model, device="meta", backend="xla")
     with pytest.raises(ValueError, match="warmup does not apply"):

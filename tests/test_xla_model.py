@@ -96,3 +96,30 @@ def test_missing_directory_and_tensors_are_named(model, tmp_path):
     del state["blocks.2.conv.depthwise.bias"]
     with pytest.raises(ValueError, match="blocks.2.conv.depthwise.bias"):
         params_from_state(state, model.config)
+
+
+def test_bfloat16_logits_are_as_close_to_float32_as_torchs_bfloat16(model):
+    """In bfloat16 the XLA forward may be at most twice as far from the float32 logits as
+    the torch model in bfloat16 is (plus a bfloat16 ulp of the logits' scale)."""
+    import copy
+
+    cfg = model.config
+    semantic, tokens = _inputs(cfg, 2, 33, 20, seed=4)
+    lengths = torch.tensor([33, 12])
+    with torch.no_grad():
+        exact = model(semantic, tokens, lengths, level=2).numpy()
+        torch_bf16 = copy.deepcopy(model).to(torch.bfloat16)(
+            semantic, tokens, lengths, level=2).float().numpy()
+    params = params_from_state(model.state_dict(), cfg, "bfloat16")
+    assert params["blocks"]["ff1.up.weight"].dtype == jnp.bfloat16
+    out = xla_model.forward(params, cfg, _j(semantic), _j(tokens), _j(lengths), 2)
+    assert out.dtype == jnp.bfloat16
+    valid = np.arange(33)[None, :] < lengths.numpy()[:, None]
+    ours = np.abs(np.asarray(out, np.float32) - exact)[valid].max()
+    theirs = np.abs(torch_bf16 - exact)[valid].max()
+    assert ours <= 2 * theirs + 2 ** -8 * np.abs(exact).max()
+
+
+def test_unknown_dtype_is_refused(model):
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        params_from_state(model.state_dict(), model.config, "float16")

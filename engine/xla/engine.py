@@ -41,6 +41,8 @@ class XlaEngine:
     kernels:      "jnp" (XLA's own fusion) or "pallas" (the Pallas kernels for the summed
                   embedding, attention and masked resampling; interpreted off TPU, so
                   slow there).
+    dtype:        "float32" (default) or "bfloat16": weights and activations (norms,
+                  softmax, rotary and every accumulation in float32, as on the torch side).
     exact_noise:  True: read Gumbel noise from the 2**23-entry table computed by torch, so
                   the noise equals the torch reference's bit for bit; False: compute
                   -log(-log(u)) (a few ulp away, no 32 MiB table, no gather). None
@@ -51,18 +53,23 @@ class XlaEngine:
     backend = "xla"
 
     def __init__(self, model_or_dir, devices: Union[None, int, Sequence] = None,
-                 kernels: str = "jnp", exact_noise: Optional[bool] = None):
+                 kernels: str = "jnp", exact_noise: Optional[bool] = None,
+                 dtype: str = "float32"):
         require_jax()
         import jax
 
         from soundstorm.engine.xla.params import load_params, params_from_state
 
+        from soundstorm.engine.xla.params import DTYPES
+
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
         if isinstance(model_or_dir, (str, Path)):
-            config, params = load_params(model_or_dir)
+            config, params = load_params(model_or_dir, dtype)
         elif hasattr(model_or_dir, "state_dict") and isinstance(
                 getattr(model_or_dir, "config", None), ModelConfig):
             config = model_or_dir.config
-            params = params_from_state(model_or_dir.state_dict(), config)
+            params = params_from_state(model_or_dir.state_dict(), config, dtype)
         else:
             raise TypeError("model_or_dir must be a SoundStorm model or a model directory, "
                             f"got {type(model_or_dir).__name__}")
@@ -91,8 +98,8 @@ class XlaEngine:
             self.table = jax.device_put(gumbel_table(), replicated)
         import torch
 
-        # What the torch side sees: float32 weights, results on the host.
-        self.dtype = torch.float32
+        # What the torch side sees: the weights' dtype, results on the host.
+        self.dtype = getattr(torch, dtype)
         self.device = torch.device("cpu")
         self._buckets = length_buckets(config.max_frames)
 
@@ -208,7 +215,8 @@ def xla_engine(model_or_dir, device=None, dtype=None, max_batch: int = 8,
                cuda_graphs: Optional[bool] = None, warmup: bool = False,
                **kwargs) -> XlaEngine:
     """`Engine(..., backend="xla")`: an `XlaEngine` from `Engine`'s arguments. device: None
-    or "cpu" (where results land; the XLA devices are `devices=`), dtype: None or float32;
+    or "cpu" (where results land; the XLA devices are `devices=`), dtype: None (float32),
+    float32 or bfloat16;
     cuda_graphs and warmup do not apply (the program compiles on first use per shape);
     max_batch is kept for callers that read it (one program decodes every row).
     Other keywords go to `XlaEngine` (devices, kernels, exact_noise)."""
@@ -219,8 +227,9 @@ def xla_engine(model_or_dir, device=None, dtype=None, max_batch: int = 8,
     if device is not None and torch.device(device).type != "cpu":
         raise ValueError(f"backend 'xla' returns tokens on the host; device must be None or "
                          f"'cpu', got {device!r} (choose XLA devices with devices=)")
-    if resolve_dtype(dtype) not in (None, torch.float32):
-        raise ValueError(f"backend 'xla' runs float32 weights, got dtype {dtype!r}")
+    resolved = resolve_dtype(dtype)
+    if resolved not in (None, torch.float32, torch.bfloat16):
+        raise ValueError(f"backend 'xla' runs float32 or bfloat16 weights, got dtype {dtype!r}")
     if cuda_graphs:
         raise ValueError("cuda_graphs does not apply to backend 'xla' (one XLA program per "
                          "decode)")
@@ -229,7 +238,8 @@ def xla_engine(model_or_dir, device=None, dtype=None, max_batch: int = 8,
                          "first use of each (batch, length) shape")
     if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
         raise ValueError(f"max_batch must be an int >= 1, got {max_batch!r}")
-    engine = XlaEngine(model_or_dir, **kwargs)
+    name = "bfloat16" if resolved == torch.bfloat16 else "float32"
+    engine = XlaEngine(model_or_dir, dtype=name, **kwargs)
     engine.max_batch = max_batch
     return engine
 

@@ -19,14 +19,19 @@ EPS = 1e-5
 
 
 def layer_norm(x: jax.Array, weight: jax.Array, bias: jax.Array) -> jax.Array:
-    mean = x.mean(-1, keepdims=True)
-    var = jnp.square(x - mean).mean(-1, keepdims=True)
-    return (x - mean) * jax.lax.rsqrt(var + EPS) * weight + bias
+    """LayerNorm over the last axis, computed in float32, returned in x's dtype."""
+    xf = x.astype(jnp.float32)
+    mean = xf.mean(-1, keepdims=True)
+    var = jnp.square(xf - mean).mean(-1, keepdims=True)
+    y = (xf - mean) * jax.lax.rsqrt(var + EPS) * weight.astype(jnp.float32)
+    return (y + bias.astype(jnp.float32)).astype(x.dtype)
 
 
 def linear(x: jax.Array, weight: jax.Array, bias: jax.Array) -> jax.Array:
-    """x [..., in] @ weight [out, in]^T + bias [out] (torch's layout)."""
-    return jnp.einsum("...i,oi->...o", x, weight) + bias
+    """x [..., in] @ weight [out, in]^T + bias [out] (torch's layout): accumulated in
+    float32, rounded once to x's dtype."""
+    y = jnp.einsum("...i,oi->...o", x, weight, preferred_element_type=jnp.float32)
+    return (y + bias.astype(jnp.float32)).astype(x.dtype)
 
 
 def rotary_tables(num_frames: int, head_dim: int):
@@ -37,9 +42,11 @@ def rotary_tables(num_frames: int, head_dim: int):
 
 
 def rotate(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """x [B, H, T, dh]: channel pairs (i, i + dh/2) rotated by the frame's angle."""
-    x1, x2 = jnp.split(x, 2, axis=-1)
-    return jnp.concatenate((x1 * cos - x2 * sin, x2 * cos + x1 * sin), axis=-1)
+    """x [B, H, T, dh]: channel pairs (i, i + dh/2) rotated by the frame's angle, in
+    float32 and rounded once to x's dtype (as `soundstorm.kernels.attention.rotate`)."""
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    y = jnp.concatenate((x1 * cos - x2 * sin, x2 * cos + x1 * sin), axis=-1)
+    return y.astype(x.dtype)
 
 
 def conv_inner(h, dw_weight, dw_bias, norm_weight, norm_bias, frame_mask):

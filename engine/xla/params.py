@@ -32,13 +32,21 @@ TOP_KEYS = ("semantic_embed.weight", "acoustic_embed.weight", "norm.weight", "no
             "head_weight", "head_bias")
 
 Params = Dict[str, Any]
+# Parameter (and activation) dtypes of the XLA path.
+DTYPES = ("float32", "bfloat16")
 
 
-def params_from_state(state: Mapping[str, Any], config: ModelConfig) -> Params:
-    """A torch state_dict (tensors or numpy arrays) -> the JAX parameter pytree, float32:
-    {top-level key: array, "blocks": {block key: array [depth, ...]}}. Linear weights keep
-    torch's [out, in] layout; the depthwise kernel [E, 1, K] becomes [K, E]."""
+def params_from_state(state: Mapping[str, Any], config: ModelConfig,
+                      dtype: str = "float32") -> Params:
+    """A torch state_dict (tensors or numpy arrays) -> the JAX parameter pytree in `dtype`
+    (float32 or bfloat16): {top-level key: array, "blocks": {block key: array [depth,
+    ...]}}. Linear weights keep torch's [out, in] layout; the depthwise kernel [E, 1, K]
+    becomes [K, E]."""
     import jax.numpy as jnp
+
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
+    target = getattr(jnp, dtype)
 
     def host(value) -> np.ndarray:
         if hasattr(value, "detach"):
@@ -51,19 +59,21 @@ def params_from_state(state: Mapping[str, Any], config: ModelConfig) -> Params:
     if missing:
         raise ValueError(f"state is missing {len(missing)} tensor(s) of a {config.depth}-layer "
                          f"model, first {missing[0]!r}")
-    params: Params = {k: jnp.asarray(host(state[k])) for k in TOP_KEYS}
+    params: Params = {k: jnp.asarray(host(state[k]), target) for k in TOP_KEYS}
     blocks = {}
     for key in BLOCK_KEYS:
         stacked = np.stack([host(state[f"blocks.{i}.{key}"]) for i in range(config.depth)])
         if key == "conv.depthwise.weight":                        # [L, E, 1, K] -> [L, K, E]
             stacked = np.ascontiguousarray(stacked[:, :, 0, :].transpose(0, 2, 1))
-        blocks[key] = jnp.asarray(stacked)
+        blocks[key] = jnp.asarray(stacked, target)
     params["blocks"] = blocks
     return params
 
 
-def load_params(directory: Union[str, Path]) -> Tuple[ModelConfig, Params]:
-    """(config, params) of a model directory written by `SoundStorm.save_pretrained`.
+def load_params(directory: Union[str, Path],
+                dtype: str = "float32") -> Tuple[ModelConfig, Params]:
+    """(config, params in `dtype`) of a model directory written by
+    `SoundStorm.save_pretrained`.
     Raises what `SoundStorm.from_pretrained` raises for a bad directory (FileNotFoundError,
     ValueError naming the file and the tensor); nothing is unpickled."""
     import torch
@@ -72,4 +82,4 @@ def load_params(directory: Union[str, Path]) -> Tuple[ModelConfig, Params]:
 
     config = load_config(directory)
     state = read_weights(directory, config, device="cpu", dtype=torch.float32)
-    return config, params_from_state(state, config)
+    return config, params_from_state(state, config, dtype)

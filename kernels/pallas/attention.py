@@ -23,13 +23,17 @@ def attention_reference(q: jax.Array, k: jax.Array, v: jax.Array,
                         lengths: jax.Array) -> jax.Array:
     """
     q, k, v: float [B, H, T, dh] (q, k rotated); lengths: int32 [B] real frames (1..T)
-    returns  [B, H, T, dh]: softmax(q k^T / sqrt(dh) over keys < length) v
+    returns  [B, H, T, dh] in q's dtype: softmax(q k^T / sqrt(dh) over keys < length) v,
+             scores, softmax and products in float32
     """
     T = q.shape[2]
     key_mask = jnp.arange(T)[None, :] < lengths[:, None]
-    scores = jnp.einsum("bhqd,bhkd->bhqk", q, k) / jnp.sqrt(jnp.float32(q.shape[-1]))
-    scores = jnp.where(key_mask[:, None, None, :], scores, -jnp.inf)
-    return jnp.einsum("bhqk,bhkd->bhqd", jax.nn.softmax(scores, axis=-1), v)
+    scores = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)
+    scores = jnp.where(key_mask[:, None, None, :], scores / jnp.sqrt(jnp.float32(q.shape[-1])),
+                       -jnp.inf)
+    probs = jax.nn.softmax(scores, axis=-1)
+    out = jnp.einsum("bhqk,bhkd->bhqd", probs, v.astype(jnp.float32))
+    return out.astype(q.dtype)
 
 
 def _flash_kernel(lengths_ref, q_ref, k_ref, v_ref, o_ref, *, scale: float):
