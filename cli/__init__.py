@@ -326,6 +326,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.manifest:
         if args.semantic or args.prompt or args.seconds is not None:
             raise CLIError("--manifest replaces --semantic, --prompt and --seconds")
+        if args.backend == "xla":
+            raise CLIError("--manifest batches through the torch scheduler; --backend xla "
+                           "decodes one batch (--semantic or --seconds with --batch)")
         _at_least_one(args.max_batch, "--max-batch")
         if args.out:
             _check_output_dir(Path(args.out), "--out")
@@ -370,10 +373,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     steps = _parse_steps(args.steps, cfg.num_quantizers) if args.steps is not None else None
     decode = DecodeConfig(steps_per_level=steps, temperature=args.temperature)
     passes = decode.num_forward_passes(cfg.num_quantizers)
-    bar = tqdm(total=passes, desc="decoding", unit="pass", disable=args.quiet, file=sys.stderr)
+    # The XLA path decodes in one program only without a per-step hook: no progress bar.
+    whole = engine.backend == "xla"
+    bar = tqdm(total=passes, desc="decoding", unit="pass", disable=args.quiet or whole,
+               file=sys.stderr)
     start = time.perf_counter()
     tokens = engine.generate(semantic, prompt=prompt, decode=decode, seed=args.seed,
-                             on_step=lambda *_: bar.update(1))
+                             on_step=None if whole else lambda *_: bar.update(1))
     wall = time.perf_counter() - start
     bar.close()
 
@@ -544,7 +550,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cpu)")
     g.add_argument("--dtype", choices=sorted(DTYPES), help="compute dtype (default float32)")
     g.add_argument("--backend", default="auto",
-                   help="op backend: auto (default), torch or triton")
+                   help="op backend: auto (default), torch, triton, cpp, or xla (the "
+                        "whole decode in JAX: pip install 'soundstorm[xla]')")
     g.add_argument("--json", action="store_true", help="also print a JSON summary as the last line")
     _add_quiet(g, "no progress bar on stderr")
     g.set_defaults(func=cmd_generate)
@@ -570,7 +577,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="audio length (default 10, or the preset's longest if it holds less: "
                         "5.12 for tiny)")
     b.add_argument("--batch", type=int, default=1, help="clips decoded together (default 1)")
-    b.add_argument("--backend", default="auto", help="op backend (default auto)")
+    b.add_argument("--backend", default="auto",
+                   help="op backend (default auto; xla: the whole decode in JAX)")
     b.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     b.add_argument("--device", help="cpu, cuda, ... (default cpu)")
     b.add_argument("--repeats", type=int, default=3, help="timed rounds (default 3)")
