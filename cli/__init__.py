@@ -16,6 +16,7 @@
   soundstorm fit-codec AUDIO... --out codec/                        (soundstorm.training)
   soundstorm fit-semantic AUDIO... --out semantic/                  (soundstorm.training)
   soundstorm tokenize speech/train.jsonl --codec melrvq --codec-path codec/ --semantic sem/ --out tokens/
+  soundstorm train-text --data tokens/ --out text-run/                (soundstorm.training)
 """
 
 from __future__ import annotations
@@ -660,11 +661,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fit a semantic tokenizer (mfcc, hubert, w2v-bert k-means) on audio")
     sub.add_parser("tokenize", add_help=False,
                    help="audio files -> codec tokens + semantic ids (a training corpus)")
+    sub.add_parser("train-text", add_help=False,
+                   help="train the text-to-semantic model on a corpus with transcripts")
     return parser
 
 
 TRAINING_COMMANDS = ("train", "synthetic-corpus", "speech-corpus", "fit-codec", "fit-semantic",
-                     "tokenize")
+                     "tokenize", "train-text")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -225,3 +225,26 @@ def test_resume_continues_exactly(tmp_path, one_thread):
     with pytest.raises(ValueError, match=r"other data .*changed: data, texts"):
         train_text(toy_config(tmp_path, other, out=str(tmp_path / "part"), **{**kw, "steps": 20}))
     assert not list((tmp_path / "part/checkpoints").glob("*.broken*"))
+
+
+def test_train_text_command(tmp_path, capsys, one_thread):
+    from soundstorm.cli import main
+
+    data = toy_corpus(tmp_path / "corpus", n=24)
+    argv = ["train-text", "--data", str(data), "--out", str(tmp_path / "run"), "--preset", "tiny",
+            "--steps", "4", "--batch-size", "4", "--checkpoint-every", "2", "--log-every", "2",
+            "--quiet", "--json"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    summary = json.loads(out.splitlines()[-1])
+    assert summary["step"] == 4 and "text model at step 4 of 4" in out
+    model = TextToSemantic.from_pretrained(tmp_path / "run/model")
+    assert model.config.semantic_vocab_size == V and model.config.semantic_rate == 25
+    (data / "texts.jsonl").unlink()
+    with pytest.raises(SystemExit) as exc:
+        main(argv[:4] + [str(tmp_path / "run2")])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.count("\n") == 1 and "texts.jsonl not found" in err, err
+    with pytest.raises(SystemExit):
+        main(["train-text", "--data", str(tmp_path), "--out", str(tmp_path / "run3")])
+    assert "not a tokenized corpus" in capsys.readouterr().err
