@@ -7,6 +7,8 @@
       --codec-path codec/ --out speech.wav [--long]        (audio in, audio out)
   soundstorm encode in.wav --codec melrvq --codec-path codec/ --out tokens.npy
   soundstorm decode tokens.npy --codec melrvq --codec-path codec/ --out out.wav
+  soundstorm say "TEXT" --voice prompt.wav [--voice-text "..."] --out out.wav
+  soundstorm dialogue --transcript talk.txt --voice A=a.wav --voice B=b.wav --out talk.wav
   soundstorm info DIR|PRESET
   soundstorm demo [--out soundstorm-demo/]                 (the shipped model, end to end)
   soundstorm bench --preset small --seconds 10 [--batch N] [--backend B] [--dtype D] [--json]
@@ -646,6 +648,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_demo)
 
     audio_cli.add_commands(sub, _add_quiet)
+    from soundstorm.cli import speech as speech_cli
+    speech_cli.add_commands(sub, _add_quiet)
 
     # Training subcommands: listed here, parsed and run by soundstorm.training.cli, which
     # is imported only when one of them runs.
@@ -692,7 +696,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 # Arguments that name files or directories, for naming the one an OS error is about.
 PATH_ARGUMENTS = ("model", "semantic", "prompt", "manifest", "out", "history", "assets",
-                  "prompt_wav", "codec_path")
+                  "prompt_wav", "codec_path", "text_model", "text_file", "transcript", "voice")
 
 
 def _os_error_message(e: OSError, args: argparse.Namespace) -> str:
@@ -703,7 +707,7 @@ def _os_error_message(e: OSError, args: argparse.Namespace) -> str:
     reason = e.strerror or str(e)
     for name in PATH_ARGUMENTS:
         value = getattr(args, name, None)
-        if value is None:
+        if not isinstance(value, str):   # unset, or a list (dialogue's --voice NAME=...)
             continue
         given = Path(value).absolute()
         if failed == given or given in failed.parents:

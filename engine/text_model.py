@@ -441,7 +441,8 @@ def generate_semantic(model: TextToSemantic, texts: Sequence[Any],
                       prompts: Optional[Sequence[Optional[torch.Tensor]]] = None,
                       voice_texts: Optional[Sequence[Optional[Any]]] = None,
                       seeds: Optional[Sequence[int]] = None, temperature: float = 0.9,
-                      top_k: int = 125, max_new_ids: Optional[int] = None) -> SemanticOutput:
+                      top_k: int = 125, max_new_ids: Optional[int] = None,
+                      min_new_ids: int = 1) -> SemanticOutput:
     """Sample semantic ids for a batch of texts.
 
     texts:       B strings (or UTF-8 bytes); TURN_MARKER marks a change of speaker.
@@ -451,6 +452,7 @@ def generate_semantic(model: TextToSemantic, texts: Sequence[Any],
                  own inputs and seed.
     temperature: softmax temperature (0 = greedy); top_k: sample among the k likeliest ids.
     max_new_ids: the length limit per row (default: as many as the model's positions hold).
+    min_new_ids: the end symbol is not drawn before this many ids (1: never an empty row).
     """
     cfg = model.config
     if isinstance(texts, (str, bytes)):
@@ -468,6 +470,7 @@ def generate_semantic(model: TextToSemantic, texts: Sequence[Any],
             and temperature >= 0):
         raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
     _check_int("top_k", top_k, 1)
+    _check_int("min_new_ids", min_new_ids, 0)
     encoded = [encode_text(t, v, cfg.max_text_len) for t, v in zip(texts, voice_texts)]
     starts = []
     for b, p in enumerate(prompts):
@@ -537,6 +540,8 @@ def generate_semantic(model: TextToSemantic, texts: Sequence[Any],
     k = min(top_k, allowed)
     for t in range(limit):
         logits[:, cfg.begin_id] = -math.inf                          # never a second begin
+        if t < min_new_ids:
+            logits[:, cfg.end_id] = -math.inf
         ids = _sample(logits.cpu(), temperature, k, generators)
         ids[done] = cfg.end_id
         newly = (ids == cfg.end_id) & ~done

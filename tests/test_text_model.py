@@ -83,8 +83,12 @@ def test_stop_symbol_length_limit_and_top_k():
         model.head.bias.zero_()
         model.head.weight.zero_()
         model.head.bias[cfg.end_id] = 50.0
-    out = generate_semantic(model, ["a", "b"], max_new_ids=10)
+    out = generate_semantic(model, ["a", "b"], max_new_ids=10, min_new_ids=0)
     assert [len(x) for x in out.ids] == [0, 0] and out.stopped == [True, True]
+    out = generate_semantic(model, ["a", "b"], max_new_ids=10, min_new_ids=3)
+    assert [len(x) for x in out.ids] == [3, 3] and out.stopped == [True, True]
+    out = generate_semantic(model, ["a"], max_new_ids=10)      # never empty by default
+    assert len(out.ids[0]) == 1 and out.stopped == [True]
     with torch.no_grad():                     # the end symbol never comes: the limit stops it
         model.head.bias[cfg.end_id] = -50.0
         model.head.bias[:3] = torch.tensor([3.0, 2.0, 1.0])
