@@ -86,7 +86,8 @@ def load_pipeline(args: argparse.Namespace):
     paths = _paths(args)
     parts = {}
     for flag, load in (("--model", lambda p: Engine(p, dtype=torch.float32, backend="torch")),
-                       ("--text-model", TextToSemantic.from_pretrained),
+                       ("--text-model",
+                        lambda p: TextToSemantic.from_pretrained(p, dtype=torch.float32)),
                        ("--codec-path", lambda p: load_codec(args.codec, path=p)),
                        ("--semantic", load_semantic)):
         try:

@@ -40,6 +40,7 @@ def train_text_parser() -> argparse.ArgumentParser:
     for name in MODEL_FLAGS:
         p.add_argument("--" + name.replace("_", "-"), type=int, metavar="N",
                        help=f"model {name} (default: the preset's)")
+    p.add_argument("--dropout", type=float, metavar="P", help="model dropout (default 0)")
     for name, typ in NUMBERS:
         p.add_argument("--" + name.replace("_", "-"), type=typ, metavar="X",
                        help=f"{name} (default {_default(name)})")
@@ -72,7 +73,7 @@ def cmd_train_text(argv: Sequence[str]) -> int:
                     "preset": args.preset, "resume": args.resume, "device": args.device,
                     "model": {"semantic_vocab_size": _corpus_vocab(args.data),
                               "semantic_rate": _corpus_rate(args.data),
-                              **{k: getattr(args, k) for k in MODEL_FLAGS
+                              **{k: getattr(args, k) for k in MODEL_FLAGS + ("dropout",)
                                  if getattr(args, k) is not None}}}
         settings.update({k: getattr(args, k) for k, _ in NUMBERS if getattr(args, k) is not None})
         if args.progress is not None:
