@@ -3,8 +3,8 @@
     python bench/tts_quality.py --json tts-quality.json [--sentences 12]
 
 1. WER: pocketsphinx (offline, en-us acoustic model) with its search constrained to the
-   speech corpus's vocabulary (a word-loop JSGF grammar over every word the corpus's
-   sentence generator uses), on held-out sentences in the held-out voices, for
+   speech corpus's vocabulary and sentence patterns (a JSGF grammar made from the corpus
+   generator's templates and word lists), on held-out sentences in the held-out voices, for
      original  - the espeak-ng audio itself (the recogniser's floor on this speech),
      codec     - its codec resynthesis (encode -> decode),
      soundstorm- SoundStorm from the sentence's true semantic ids and a 3 s voice prompt,
@@ -45,6 +45,29 @@ def corpus_vocabulary(samples: int = 20000) -> list:
     return sorted(words)
 
 
+def corpus_grammar() -> str:
+    """A JSGF grammar of exactly the sentences the corpus generator makes: its templates,
+    with each slot the alternatives of its word class."""
+    from soundstorm.training.speech_corpus import _TEMPLATES, _WORDS
+
+    def alternatives(items):
+        return "( " + " | ".join(" ".join(normalise(i)) for i in items) + " )"
+
+    rules = {k: alternatives(v) for k, v in _WORDS.items()}
+    rules["nouns"] = alternatives([n + "s" for n in _WORDS["noun"]])
+    slot = {"name2": "name", "noun2": "noun", "adj2": "adj", "adj3": "adj"}
+    sentences = []
+    for t in _TEMPLATES:
+        t = re.sub(r"[.,?!]", "", t)
+        t = re.sub(r"\{(\w+)\}s\b", lambda m: "<nouns>", t)
+        t = re.sub(r"\{(\w+)\}", lambda m: f"<{slot.get(m.group(1), m.group(1))}>", t)
+        parts = [w if w.startswith("<") else " ".join(normalise(w)) for w in t.split()]
+        sentences.append(" ".join(p for p in parts if p))
+    body = "".join(f"<{k}> = {v};\n" for k, v in rules.items())
+    return ("#JSGF V1.0;\ngrammar corpus;\n" + body + "public <s> = "
+            + " | ".join(f"( {x} )" for x in sentences) + ";\n")
+
+
 def normalise(text: str) -> list:
     return re.sub(r"[^a-z' ]", " ", text.lower()).split()
 
@@ -60,7 +83,8 @@ def word_errors(ref: list, hyp: list) -> int:
 
 
 class Recogniser:
-    """pocketsphinx, its search limited to a loop over `vocabulary`."""
+    """pocketsphinx, its search limited to the corpus's sentence grammar (`vocabulary`: the
+    words its dictionary must hold)."""
 
     def __init__(self, vocabulary: list):
         from pocketsphinx import Config, Decoder, get_model_path
@@ -82,8 +106,7 @@ class Recogniser:
         words = sorted(set(vocabulary))
         dict_path.write_text("".join(f"{w} {dictionary[w]}\n" for w in words))
         grammar = Path(self.tmp.name) / "corpus.gram"
-        grammar.write_text("#JSGF V1.0;\ngrammar corpus;\npublic <s> = ( "
-                           + " | ".join(words) + " )+ ;\n")
+        grammar.write_text(corpus_grammar())
         config = Config(hmm=str(model / "en-us"), dict=str(dict_path), jsgf=str(grammar),
                         loglevel="FATAL")
         self.decoder = Decoder(config)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 from pathlib import Path
@@ -24,7 +23,6 @@ import torch
 from soundstorm.cli import CLIError, _check_output_file, _load_ids, _save_npy
 
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg")
-SILENCE_DB = -60.0
 
 
 # -- what a file is -------------------------------------------------------------------------
@@ -80,6 +78,7 @@ def read_voice(path: str, label: str, sample_rate: Optional[int] = None,
     import soundfile as sf
 
     from soundstorm.engine.codecs.audio import read_audio
+    from soundstorm.engine.tts import VoiceError, check_voice
 
     p = Path(path)
     if p.is_dir():
@@ -94,19 +93,10 @@ def read_voice(path: str, label: str, sample_rate: Optional[int] = None,
         samples, sr = read_audio(p, sample_rate)
     except (sf.LibsndfileError, RuntimeError, ValueError) as e:
         raise CLIError(f"{label} {p}: not a readable sound file ({e})")
-    if samples.size == 0:
-        raise CLIError(f"{label} {p}: holds no samples")
-    if not np.isfinite(samples).all():
-        raise CLIError(f"{label} {p}: its samples hold NaN or infinity")
-    rms = float(np.sqrt(np.mean(np.square(samples, dtype=np.float64))))
-    level = 20 * math.log10(rms) if rms > 0 else -math.inf
-    if level < SILENCE_DB:
-        raise CLIError(f"{label} {p}: is silent (RMS level {level:.1f} dBFS, below "
-                       f"{SILENCE_DB:g} dBFS)")
-    seconds = samples.size / sr
-    if seconds < min_seconds:
-        raise CLIError(f"{label} {p}: is too short ({seconds:.3f} s; at least "
-                       f"{min_seconds:g} s needed)")
+    try:
+        check_voice(samples, sr, f"{label} {p}:", min_seconds)
+    except VoiceError as e:
+        raise CLIError(str(e))
     return samples.astype(np.float32), sr
 
 
@@ -152,16 +142,12 @@ def add_codec_flags(p: argparse.ArgumentParser, required: bool) -> None:
 
 
 def parse_codec_options(pairs) -> Dict[str, Any]:
-    options: Dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise CLIError(f"--codec-option takes KEY=VALUE, got {pair!r}")
-        try:
-            options[key] = json.loads(value)
-        except (json.JSONDecodeError, RecursionError):
-            options[key] = value
-    return options
+    from soundstorm.training.cli import parse_options
+
+    try:
+        return parse_options(pairs, "--codec-option")
+    except ValueError as e:
+        raise CLIError(str(e))
 
 
 def load_codec_args(args: argparse.Namespace):

@@ -132,8 +132,9 @@ PRESETS: Dict[str, Dict[str, Any]] = {
 
 
 # -- text ---------------------------------------------------------------------------------
-def _text_bytes(text: Any, what: str) -> List[List[int]]:
-    """`text` as byte lists, one per turn (split at TURN_MARKER)."""
+def as_text(text: Any, what: str) -> str:
+    """`text` (str or UTF-8 bytes) as a str that encodes to UTF-8; ValueError/TypeError
+    naming `what` otherwise."""
     if isinstance(text, (bytes, bytearray)):
         try:
             text = bytes(text).decode("utf-8")
@@ -143,10 +144,16 @@ def _text_bytes(text: Any, what: str) -> List[List[int]]:
     if not isinstance(text, str):
         raise TypeError(f"{what} must be a str (or UTF-8 bytes), got {type(text).__name__}")
     try:
-        turns = [t.strip().encode("utf-8") for t in text.split(TURN_MARKER)]
+        text.encode("utf-8")
     except UnicodeEncodeError as e:
         raise ValueError(f"{what} holds a character that is not valid Unicode text "
                          f"({e.reason} at position {e.start})") from None
+    return text
+
+
+def _text_bytes(text: Any, what: str) -> List[List[int]]:
+    """`text` as byte lists, one per turn (split at TURN_MARKER)."""
+    turns = [t.strip().encode("utf-8") for t in as_text(text, what).split(TURN_MARKER)]
     turns = [list(t) for t in turns if t]
     if not turns:
         raise ValueError(f"{what} is empty: nothing to speak")

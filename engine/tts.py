@@ -36,8 +36,8 @@ import numpy as np
 import torch
 
 from soundstorm.engine.config import DecodeConfig
-from soundstorm.engine.text_model import (TURN_MARKER, TextToSemantic, encode_text,
-                                          generate_semantic)
+from soundstorm.engine.text_model import (TURN_MARKER, TextToSemantic, as_text,
+                                          encode_text, generate_semantic)
 
 SILENCE_DB = -60.0
 MIN_VOICE_SECONDS = 0.5
@@ -106,6 +106,24 @@ def split_sentences(text: str, max_symbols: int) -> List[str]:
         if current:
             pieces.append(current)
     return pieces
+
+
+def check_voice(samples: np.ndarray, rate: int, name: str,
+                min_seconds: float = MIN_VOICE_SECONDS) -> None:
+    """VoiceError naming `name` for samples [N] at `rate` that are empty, not finite,
+    silent (below SILENCE_DB) or shorter than `min_seconds`."""
+    if samples.size == 0:
+        raise VoiceError(f"{name} holds no samples")
+    if not np.isfinite(samples).all():
+        raise VoiceError(f"{name} holds NaN or infinity")
+    rms = float(np.sqrt(np.mean(np.square(samples, dtype=np.float64))))
+    level = 20 * math.log10(rms) if rms > 0 else -math.inf
+    if level < SILENCE_DB:
+        raise VoiceError(f"{name} is silent (RMS level {level:.1f} dBFS, below "
+                         f"{SILENCE_DB:g} dBFS)")
+    if samples.size / rate < min_seconds:
+        raise VoiceError(f"{name} is too short ({samples.size / rate:.3f} s; at least "
+                         f"{min_seconds:g} s)")
 
 
 class TextToSpeech:
@@ -187,35 +205,14 @@ class TextToSpeech:
                 raise TypeError("voice_wav given as samples needs their rate: sr=")
             samples, rate, name = np.asarray(voice_wav, dtype=np.float32).reshape(-1), sr, \
                 "the voice prompt"
-        if samples.size == 0:
-            raise VoiceError(f"{name} holds no samples")
-        if not np.isfinite(samples).all():
-            raise VoiceError(f"{name}: its samples hold NaN or infinity")
-        rms = float(np.sqrt(np.mean(np.square(samples, dtype=np.float64))))
-        level = 20 * math.log10(rms) if rms > 0 else -math.inf
-        if level < SILENCE_DB:
-            raise VoiceError(f"{name} is silent (RMS level {level:.1f} dBFS)")
-        if samples.size / rate < MIN_VOICE_SECONDS:
-            raise VoiceError(f"{name} is too short ({samples.size / rate:.2f} s; at least "
-                             f"{MIN_VOICE_SECONDS} s)")
+        check_voice(samples, rate, name)
         return samples.astype(np.float32), int(rate)
 
     # -- text -> semantic ids ---------------------------------------------------------------
     def check_text(self, text: Any) -> str:
         """The text as str; ValueError for empty, non-UTF-8 or over-long text."""
-        if isinstance(text, (bytes, bytearray)):
-            try:
-                text = bytes(text).decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise ValueError(f"the text is not UTF-8 (byte {text[e.start]:#04x} at offset "
-                                 f"{e.start})") from None
-        if not isinstance(text, str):
-            raise TypeError(f"text must be a str, got {type(text).__name__}")
-        try:
-            size = len(text.encode("utf-8"))
-        except UnicodeEncodeError as e:
-            raise ValueError(f"the text holds a character that is not valid Unicode text "
-                             f"({e.reason} at position {e.start})") from None
+        text = as_text(text, "the text")
+        size = len(text.encode("utf-8"))
         if not text.replace(TURN_MARKER, " ").strip():
             raise ValueError("the text is empty: nothing to speak")
         if size > self.max_text_bytes:
@@ -305,4 +302,5 @@ class TextToSpeech:
             t0 = time.perf_counter()
 
 
-__all__ = ["TextToSpeech", "SpeechReport", "Voice", "VoiceError", "split_sentences"]
+__all__ = ["TextToSpeech", "SpeechReport", "Voice", "VoiceError", "split_sentences",
+           "check_voice"]
