@@ -68,6 +68,38 @@ def corpus_grammar() -> str:
             + " | ".join(f"( {x} )" for x in sentences) + ";\n")
 
 
+def corpus_bigram_arpa(samples: int = 20000, discount: float = 0.5) -> str:
+    """An ARPA bigram language model (absolute discounting, back-off to unigrams) of the
+    corpus generator's sentences: constrained to its words and word pairs, yet able to
+    follow audio that strays from the templates (a template grammar finds no path then)."""
+    import math
+    from collections import Counter
+
+    from soundstorm.training.speech_corpus import sentences
+
+    uni, bi = Counter(), Counter()
+    for s in itertools.islice(sentences(0), samples):
+        words = ["<s>"] + normalise(s) + ["</s>"]
+        uni.update(words)
+        bi.update(zip(words, words[1:]))
+    total = sum(c for w, c in uni.items() if w != "<s>")
+    p_uni = {w: (c / total if w != "<s>" else 0.0) for w, c in uni.items()}
+    followers = Counter(h for h, _ in bi)
+    lines = ["\\data\\", f"ngram 1={len(uni)}", f"ngram 2={len(bi)}", "", "\\1-grams:"]
+    for w in sorted(uni):
+        prob = -99.0 if w == "<s>" else math.log10(p_uni[w])
+        if w == "</s>":
+            lines.append(f"{prob:.6f} {w}")
+            continue
+        seen = sum(p_uni[v] for (h, v) in bi if h == w)
+        alpha = (discount * followers[w] / uni[w]) / max(1e-9, 1 - seen)
+        lines.append(f"{prob:.6f} {w} {math.log10(alpha):.6f}")
+    lines += ["", "\\2-grams:"]
+    for (h, w), c in sorted(bi.items()):
+        lines.append(f"{math.log10((c - discount) / uni[h]):.6f} {h} {w}")
+    return "\n".join(lines + ["", "\\end\\", ""])
+
+
 def normalise(text: str) -> list:
     return re.sub(r"[^a-z' ]", " ", text.lower()).split()
 
@@ -83,10 +115,11 @@ def word_errors(ref: list, hyp: list) -> int:
 
 
 class Recogniser:
-    """pocketsphinx, its search limited to the corpus's sentence grammar (`vocabulary`: the
-    words its dictionary must hold)."""
+    """pocketsphinx, its search limited to the corpus's words: a bigram language model of
+    its sentences, or with `strict` its exact template grammar (`vocabulary`: the words
+    its dictionary holds)."""
 
-    def __init__(self, vocabulary: list):
+    def __init__(self, vocabulary: list, strict: bool = False):
         from pocketsphinx import Config, Decoder, get_model_path
 
         model = Path(get_model_path()) / "en-us"
@@ -105,10 +138,16 @@ class Recogniser:
         dict_path = Path(self.tmp.name) / "corpus.dict"
         words = sorted(set(vocabulary))
         dict_path.write_text("".join(f"{w} {dictionary[w]}\n" for w in words))
-        grammar = Path(self.tmp.name) / "corpus.gram"
-        grammar.write_text(corpus_grammar())
-        config = Config(hmm=str(model / "en-us"), dict=str(dict_path), jsgf=str(grammar),
-                        loglevel="FATAL")
+        if strict:
+            grammar = Path(self.tmp.name) / "corpus.gram"
+            grammar.write_text(corpus_grammar())
+            search = {"jsgf": str(grammar)}
+        else:
+            lm = Path(self.tmp.name) / "corpus.arpa"
+            lm.write_text(corpus_bigram_arpa())
+            search = {"lm": str(lm)}
+        config = Config(hmm=str(model / "en-us"), dict=str(dict_path), loglevel="FATAL",
+                        **search)
         self.decoder = Decoder(config)
 
     def __call__(self, audio: np.ndarray, sr: int = SR) -> list:
