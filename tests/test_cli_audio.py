@@ -12,22 +12,9 @@ from soundstorm.cli import main
 from soundstorm.demo import ASSETS
 from soundstorm.engine import Engine, ModelConfig, SoundStorm
 
+from test_cli import one_line_error, run_cli
+
 CODEC = ["--codec", "melrvq", "--codec-path", str(ASSETS / "codec")]
-
-
-def run_cli(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
-def one_line_error(capsys, *argv) -> str:
-    with pytest.raises(SystemExit) as exc:
-        main([str(a) for a in argv])
-    assert exc.value.code == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "Traceback" not in err, err
-    return err
 
 
 def voice_wav(path, seconds=1.0, sr=22050, seed=0):
