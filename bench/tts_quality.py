@@ -210,7 +210,7 @@ def measure_wer(tts, settings: dict, n: int, seed: int, log) -> dict:
         spoken = tts.synthesize(text, p, seed=seed + j)
         hyps = {"original": recognise(original), "codec": recognise(resynth),
                 "soundstorm": recognise(storm), "text": recognise(spoken)}
-        row = {"voice": v.name, "text": text, "text_seconds": round(spoken.size / SR, 3),
+        row = {"voice": v.name, "sentence": text, "text_seconds": round(spoken.size / SR, 3),
                "original_seconds": round(original.size / SR, 3)}
         for k, hyp in hyps.items():
             e = word_errors(ref, hyp)
