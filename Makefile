@@ -29,7 +29,7 @@ SAY ?= Clara carried the golden lantern across the river this morning.
 run: setup
 	$(VENV)/bin/soundstorm demo --out soundstorm-demo
 	$(VENV)/bin/soundstorm say "$(SAY)" --voice soundstorm-demo/prompt.wav \
-		--out soundstorm-demo/say.wav
+		--out soundstorm-demo/say.wav --threads 1
 
 # The pytest script, not `python -m pytest`: that would put the checkout itself on sys.path,
 # where its folders (kernels/, engine/) would shadow packages of the same names.

@@ -44,6 +44,9 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, default=125, help="text model top-k (125, the paper's)")
     p.add_argument("--prompt-seconds", type=float, default=3.0,
                    help="seconds of the voice used as SoundStorm's acoustic prompt (3)")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="torch CPU threads (default: torch's choice); on a CPU busy with "
+                        "other work, 1 is often much faster")
     p.add_argument("--json", action="store_true", help="print a JSON report as the last line")
 
 
@@ -83,6 +86,10 @@ def load_pipeline(args: argparse.Namespace):
         raise CLIError(f"--prompt-seconds must be > 0, got {args.prompt_seconds}")
     if args.seed < 0:
         raise CLIError(f"--seed must be >= 0, got {args.seed}")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise CLIError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     paths = _paths(args)
     parts = {}
     for flag, load in (("--model", lambda p: Engine(p, dtype=torch.float32, backend="torch")),
@@ -174,8 +181,9 @@ def cmd_say(args: argparse.Namespace) -> int:
     _warn_unstopped(report.stopped, args.quiet)
     print(_report_line(report, "spoke", out))
     if args.json:
+        import torch
         print(json.dumps({**report.to_dict(), "out": str(out), "wall_seconds": round(wall, 4),
-                          "sample_rate": tts.sample_rate}))
+                          "sample_rate": tts.sample_rate, "threads": torch.get_num_threads()}))
     return 0
 
 

@@ -128,10 +128,16 @@ def test_mismatched_models_are_refused(assets):
 
 # -- the commands --------------------------------------------------------------------------
 def test_say_writes_a_wav_and_reports_each_stage(assets, voice, tmp_path, capsys):
-    code, out, _ = run_cli(capsys, "say", "Hello there. How are you?", "--voice", voice,
-                           "--assets", assets, "--out", tmp_path / "o.wav", "--json", "--quiet")
+    threads = torch.get_num_threads()
+    try:
+        code, out, _ = run_cli(capsys, "say", "Hello there. How are you?", "--voice", voice,
+                               "--assets", assets, "--out", tmp_path / "o.wav", "--json",
+                               "--quiet", "--threads", 1)
+    finally:
+        torch.set_num_threads(threads)
     assert code == 0
     report = json.loads(out.splitlines()[-1])
+    assert report["threads"] == 1
     info = sf.info(str(tmp_path / "o.wav"))
     assert info.samplerate == SR and info.frames == report["semantic_ids"] * 640
     assert report["sentences"] == 2 and report["real_time_factor"] > 0
@@ -163,6 +169,7 @@ def test_say_bad_input_is_one_line_exit_2_and_writes_nothing(assets, voice, tmp_
         (["say", "Hi.", "--voice", tmp_path / "nope.wav"], "file not found"),
         (["say", "Hi.", "--voice", voice, "--text-model", tmp_path], "--text-model .*config"),
         (["say", "Hi.", "--voice", voice, "--top-k", "0"], "--top-k must be >= 1"),
+        (["say", "Hi.", "--voice", voice, "--threads", "0"], "--threads must be >= 1"),
         (["say", "Hi.", "--text-file", tmp_path / "bad.txt", "--voice", voice], "once"),
     ]
     for argv, match in cases:
