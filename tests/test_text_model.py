@@ -252,3 +252,38 @@ def test_train_text_command(tmp_path, capsys, one_thread):
     with pytest.raises(SystemExit):
         main(["train-text", "--data", str(tmp_path), "--out", str(tmp_path / "run3")])
     assert "not a tokenized corpus" in capsys.readouterr().err
+
+
+def test_two_gloo_processes_match_one_process(tmp_path, one_thread):
+    import subprocess
+    import sys
+
+    from soundstorm.cli import main
+    from training_helpers import ENV, free_port
+
+    data = toy_corpus(tmp_path / "corpus", n=40)
+    args = ["train-text", "--data", str(data), "--preset", "tiny", "--steps", "4",
+            "--batch-size", "8", "--log-every", "1", "--val-every", "2", "--no-progress",
+            "--device", "cpu"]
+    assert main(args + ["--out", str(tmp_path / "one")]) == 0
+    r = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
+         "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
+         "-m", "soundstorm.cli", *args, "--out", str(tmp_path / "two")],
+        capture_output=True, text=True, env=ENV, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("text model at step 4 of 4") == 1, r.stdout
+
+    def metrics(name):
+        lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+        return [json.loads(x) for x in lines]
+
+    one, two = metrics("one"), metrics("two")
+    assert [m["step"] for m in one] == [m["step"] for m in two]
+    for a, b in zip(one, two):
+        key = "loss" if "loss" in a else "val_loss"
+        assert b[key] == pytest.approx(a[key], rel=1e-5), (a, b)
+    w1 = TextToSemantic.from_pretrained(tmp_path / "one/model").state_dict()
+    w2 = TextToSemantic.from_pretrained(tmp_path / "two/model").state_dict()
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=1e-5)

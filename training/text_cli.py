@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from typing import Optional, Sequence
 
 from soundstorm.engine.text_model import TextModelConfig
@@ -82,6 +83,8 @@ def cmd_train_text(argv: Sequence[str]) -> int:
 
     summary = _run(prog, {"--data": args.data, "--out": args.out, "--val-data": args.val_data},
                    work, errors=(ValueError, TypeError, RuntimeError))
+    if int(os.environ.get("RANK", "0")) != 0:   # under torchrun rank 0 alone reports
+        return 0
     val = summary.get("validation") or {}
     train = summary.get("train") or {}
     line = f"text model at step {summary['step']} of {summary['steps']}: {summary['model']}"
