@@ -29,7 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from soundstorm.engine.text_model import WEIGHTS_FILE, TextModelConfig, TextToSemantic
 from soundstorm.training import distributed as dist_utils
-from soundstorm.training.checkpoint import load_checkpoint, remove_partial, save_checkpoint
+from soundstorm.training.checkpoint import load_checkpoint, save_checkpoint
 from soundstorm.training.corpus import corpus_fingerprint
 from soundstorm.training.paths import check_output_dir
 from soundstorm.training.plot import plot_curves
@@ -37,10 +37,9 @@ from soundstorm.training.schedule import WarmupExponentialDecay
 from soundstorm.training.text_data import (IGNORE, TEXTS_FILE, PairSampler, collate_pairs, load_pairs,
                                            split_pairs)
 from soundstorm.training.trainer import (METRICS_FILE, TrainingDivergedError,
-                                         TrainingSetupError, _append_metrics, _move_aside,
-                                         _nonfinite_tensor, _truncate_metrics, _write_json,
-                                         agree_on_resume, config_path, load_resume_checkpoint,
-                                         read_metrics)
+                                         TrainingSetupError, _append_metrics,
+                                         _nonfinite_tensor, agree_on_resume,
+                                         load_resume_checkpoint, open_run_dir, read_metrics)
 
 VAL_SEED_OFFSET = 0x7A1
 
@@ -182,16 +181,10 @@ class TextTrainer:
         if step >= cfg.steps:
             if d.is_main and not (export / WEIGHTS_FILE).is_file():
                 model.save_pretrained(export)
+            dist_utils.barrier(d)
             return {"step": step, "steps": cfg.steps, "steps_run": 0, "model": str(export),
                     "train": None, "validation": None, "out": str(self.out)}
-        if d.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            remove_partial(self.ckpt_dir)
-            for path, _ in self.broken:
-                _move_aside(path)
-            _write_json(config_path(self.out, step), cfg.to_dict())
-            _truncate_metrics(self.out / METRICS_FILE, step)
-        dist_utils.barrier(d)
+        open_run_dir(self.out, self.ckpt_dir, self.broken, cfg.to_dict(), step, d)
         start_step = step
         net = model if not d.distributed else DistributedDataParallel(
             model, device_ids=[d.device] if d.device.type == "cuda" else None)
