@@ -63,6 +63,21 @@ def test_on_step_sees_every_iteration_and_the_final_tokens(tiny_model):
                                             decode=DecodeConfig(steps_per_level=(3, 1, 2, 1))))
 
 
+def test_long_form_stream_equals_the_torch_engines(tiny_model):
+    cfg = tiny_model.config
+    # longer than max_frames: several slide-and-prompt windows, the first one prompted
+    semantic = random_semantic(cfg, 1, cfg.max_frames * cfg.semantic_rate // cfg.frame_rate + 7)
+    prompt = random_codes(cfg, 1, 5, cfg.num_quantizers)
+    kw = dict(prompt=prompt, seed=4, overlap=6)
+    got = list(XlaEngine(tiny_model).stream(semantic, **kw))
+    want = list(Engine(tiny_model, backend="torch").stream(semantic, **kw))
+    assert len(got) == len(want) >= 2
+    for a, b in zip(got, want):
+        assert (a.index, a.start) == (b.index, b.start) and torch.equal(a.tokens, b.tokens)
+    with pytest.raises(ValueError, match="long-form generation takes one utterance"):
+        XlaEngine(tiny_model).stream(random_semantic(cfg, 2, 9))
+
+
 def test_cli_generate_and_bench_with_backend_xla(tmp_path, tiny_model, capsys):
     tiny_model.save_pretrained(tmp_path / "model")
     cfg = tiny_model.config

@@ -697,5 +697,13 @@ COMMANDS = {"train": cmd_train, "synthetic-corpus": cmd_synthetic,
             "fit-semantic": cmd_fit_semantic, "tokenize": cmd_tokenize}
 
 
+def _train_text(argv: Sequence[str]) -> int:
+    from soundstorm.training.text_cli import cmd_train_text
+    return cmd_train_text(argv)
+
+
+COMMANDS["train-text"] = _train_text
+
+
 def main(command: str, argv: Optional[Sequence[str]] = None) -> int:
     return COMMANDS[command](list(sys.argv[2:] if argv is None else argv))

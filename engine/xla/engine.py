@@ -210,6 +210,16 @@ class XlaEngine:
         result = np.where(valid, np.asarray(out)[:B, :T], -1).astype(np.int64)
         return torch.from_numpy(result)
 
+    def stream(self, semantic, prompt=None, decode: Optional[DecodeConfig] = None,
+               seed=None, window: Optional[int] = None, overlap: Optional[int] = None,
+               codec=None):
+        """`Engine.stream` on XLA: one utterance of any length, slide-and-prompt window by
+        window (`soundstorm.engine.longform.stream`), each window one XLA decode."""
+        from soundstorm.engine.longform import stream
+
+        return stream(self, semantic, prompt=prompt, decode=decode, seed=seed, window=window,
+                      overlap=overlap, codec=codec)
+
 
 def xla_engine(model_or_dir, device=None, dtype=None, max_batch: int = 8,
                cuda_graphs: Optional[bool] = None, warmup: bool = False,
