@@ -5,11 +5,14 @@ training voices, and for each number of levels q = 1..Q reports on the held-out 
 - feature MSE: mean squared error of the dequantised log-mel frames;
 - LSD: RMS log-spectral distance (dB, 64-band mel) between the decoded and original audio;
 - STOI: short-time objective intelligibility of the decoded audio (0..1; pystoi);
-plus the same for Griffin-Lim on the unquantised features (the ceiling of the codec), and
-encode / decode real-time factors at Q measured in the same run. Writes results.json,
-error_vs_q.png and WAV files of a held-out sentence (original, each q) to --out.
+plus the same on the unquantised features (the ceiling of the codec), and encode / decode
+real-time factors at Q measured in the same run. Each figure comes for both decoders: Griffin-
+Lim and the learned vocoder, trained here on the same training voices (--vocoder-steps; 0
+skips it). Writes results.json, error_vs_q.png and WAV files of a held-out sentence
+(original, each q, each decoder) to --out.
 
     python bench/codec_quality.py --out bench-results/codec-quality
+    python bench/codec_quality.py --voices 60 --minutes 10 --vocoder-steps 2000
 """
 
 from __future__ import annotations
@@ -26,12 +29,19 @@ import torch
 from soundstorm.engine.codecs import load_codec
 from soundstorm.engine.codecs.audio import read_audio
 from soundstorm.training.codec_fit import fit_melrvq
-from soundstorm.training.speech_corpus import write_speech_corpus
+from soundstorm.training.speech_corpus import VOICES, voice_population, write_speech_corpus
+from soundstorm.training.vocoder_fit import fit_vocoder
 
-def speak(directory: Path, minutes: float) -> tuple:
-    """The demo's espeak-ng corpus, small: (training clips, clips of the held-out voices)."""
+DECODERS = ("griffin-lim", "vocoder")
+
+
+def speak(directory: Path, minutes: float, voices: int = 0) -> tuple:
+    """The demo's espeak-ng corpus, small: (training clips, clips of the held-out voices).
+    voices > 0: that many drawn voices (8 held out) instead of the twelve fixed ones."""
+    population = VOICES if voices <= 0 else voice_population(voices, heldout=min(8, voices - 1))
     try:
-        write_speech_corpus(directory, minutes=minutes, heldout_utterances=2, progress=False)
+        write_speech_corpus(directory, minutes=minutes, heldout_utterances=2, progress=False,
+                            voices=population)
     except RuntimeError as e:  # espeak-ng missing
         raise SystemExit(str(e))
 
@@ -59,7 +69,14 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--minutes", type=float, default=2.0,
                    help="training speech to fit the codec on (the demo corpus, 10 voices)")
+    p.add_argument("--voices", type=int, default=0,
+                   help="speak with this many drawn voices (8 held out) instead of the 12 "
+                        "fixed ones (0)")
+    p.add_argument("--vocoder-steps", type=int, default=1500,
+                   help="train the learned vocoder this long on the training voices (1500; "
+                        "0: Griffin-Lim only)")
     args = p.parse_args()
+    decoders = DECODERS if args.vocoder_steps > 0 else DECODERS[:1]
     try:
         from pystoi import stoi
     except ImportError:
@@ -67,63 +84,84 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
 
     with tempfile.TemporaryDirectory() as tmp:
-        train, held_out = speak(Path(tmp), args.minutes)
+        train, held_out = speak(Path(tmp), args.minutes, args.voices)
         codec_dir = args.out / "melrvq"
         t0 = time.perf_counter()
         fit_melrvq(train, codec_dir, num_quantizers=args.num_quantizers,
                    codebook_size=args.codebook_size, seed=args.seed)
         fit_s = time.perf_counter() - t0
-        full = load_codec("melrvq", path=codec_dir)
+        vocoder_fit_s = None
+        if args.vocoder_steps > 0:
+            t0 = time.perf_counter()
+            fit_vocoder(codec_dir, train, steps=args.vocoder_steps, seed=args.seed)
+            vocoder_fit_s = time.perf_counter() - t0
+        full = load_codec("melrvq", path=codec_dir, vocoder=False)
         sr = full.sample_rate
         clips = [read_audio(pth, sr)[0] for pth in held_out]
     seconds = sum(len(c) for c in clips) / sr
 
-    def score(decoded, features_err=None):
-        row = {"lsd_db": float(np.mean([lsd_db(c, d, sr) for c, d in zip(clips, decoded)]))}
+    import soundfile as sf
+
+    def score(decoded, prefix=""):
+        row = {prefix + "lsd_db": float(np.mean([lsd_db(c, d, sr)
+                                                 for c, d in zip(clips, decoded)]))}
         if stoi is not None:
-            row["stoi"] = float(np.mean([stoi(c, d[:len(c)], sr) for c, d in zip(clips, decoded)]))
-        if features_err is not None:
-            row["feature_mse"] = features_err
+            row[prefix + "stoi"] = float(np.mean([stoi(c, d[:len(c)], sr)
+                                                  for c, d in zip(clips, decoded)]))
         return row
+
+    def decoder_of(codec_q, name):
+        return load_codec("melrvq", path=codec_dir, num_quantizers=codec_q,
+                          vocoder=name == "vocoder")
 
     rows = []
     for q in range(1, args.num_quantizers + 1):
-        codec = load_codec("melrvq", path=codec_dir, num_quantizers=q)
-        errs, decoded = [], []
-        for c in clips:
-            wav = torch.from_numpy(c)[None]
-            tokens = codec.encode(wav, sr)
-            errs.append((codec.dequantize(tokens) - codec.log_mel(wav)).pow(2).mean().item())
-            decoded.append(codec.decode(tokens)[0].numpy())
-        rows.append({"q": q, **score(decoded, float(np.mean(errs)))})
-        if q in (1, args.num_quantizers):
-            import soundfile as sf
-            sf.write(args.out / f"heldout0_q{q}.wav", decoded[0], sr)
-        print(json.dumps(rows[-1]))
-    import soundfile as sf
+        row = {"q": q}
+        for name in decoders:
+            codec = decoder_of(q, name)
+            errs, decoded = [], []
+            for c in clips:
+                wav = torch.from_numpy(c)[None]
+                tokens = codec.encode(wav, sr)
+                errs.append((codec.dequantize(tokens) - codec.log_mel(wav)).pow(2).mean().item())
+                decoded.append(codec.decode(tokens)[0].numpy())
+            row["feature_mse"] = float(np.mean(errs))
+            row.update(score(decoded, "" if name == "griffin-lim" else "vocoder_"))
+            if q in (1, args.num_quantizers):
+                sf.write(args.out / f"heldout0_q{q}_{name}.wav", decoded[0], sr)
+        rows.append(row)
+        print(json.dumps(row))
     sf.write(args.out / "heldout0_original.wav", clips[0], sr)
-    ceiling = score([full.synthesize(full.log_mel(torch.from_numpy(c)[None]))[0].numpy()
-                     for c in clips])
-    print("griffin-lim on unquantised features:", json.dumps(ceiling))
+    ceilings = {}
+    for name in decoders:
+        codec = decoder_of(None, name)
+        ceilings[name] = score([codec.synthesize(codec.log_mel(torch.from_numpy(c)[None]))[0]
+                                .numpy() for c in clips])
+        print(f"{name} on unquantised features:", json.dumps(ceilings[name]))
 
     # speed at Q: encode and decode of the held-out sentences, same run
-    enc_s, dec_s = [], []
-    for _ in range(3):
-        t0 = time.perf_counter()
-        toks = [full.encode(c, sr) for c in clips]
-        enc_s.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        for tk in toks:
-            full.decode(tk)
-        dec_s.append(time.perf_counter() - t0)
-    speed = {"audio_s": seconds, "encode_rtf": float(np.median(enc_s)) / seconds,
-             "decode_rtf": float(np.median(dec_s)) / seconds, "fit_s": fit_s,
+    speed = {"audio_s": seconds, "fit_s": fit_s, "vocoder_fit_s": vocoder_fit_s,
              "griffin_lim_iters": full.config.griffin_lim_iters}
+    for name in decoders:
+        codec = decoder_of(None, name)
+        enc_s, dec_s = [], []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            toks = [codec.encode(c, sr) for c in clips]
+            enc_s.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            for tk in toks:
+                codec.decode(tk)
+            dec_s.append(time.perf_counter() - t0)
+        speed["encode_rtf"] = float(np.median(enc_s)) / seconds
+        speed[f"{name}_decode_rtf"] = float(np.median(dec_s)) / seconds
     print(json.dumps(speed))
     result = {"num_quantizers": args.num_quantizers, "codebook_size": args.codebook_size,
               "train_clips": len(train), "held_out_clips": len(held_out),
-              "train_minutes": args.minutes,
-              "per_q": rows, "griffin_lim_ceiling": ceiling, "speed": speed}
+              "train_minutes": args.minutes, "voices": args.voices or len(VOICES),
+              "vocoder_steps": args.vocoder_steps,
+              "per_q": rows, "griffin_lim_ceiling": ceilings["griffin-lim"],
+              "vocoder_ceiling": ceilings.get("vocoder"), "speed": speed}
     (args.out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
     plot(result, args.out / "error_vs_q.png")
     print(f"wrote {args.out}/results.json, error_vs_q.png and WAV files")
@@ -136,20 +174,25 @@ def plot(result: dict, path: Path) -> None:
 
     qs = [r["q"] for r in result["per_q"]]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    axes[0].plot(qs, [r["lsd_db"] for r in result["per_q"]], "o-", label="melrvq")
-    axes[0].axhline(result["griffin_lim_ceiling"]["lsd_db"], ls="--", c="gray",
-                    label="Griffin-Lim, unquantised")
-    axes[0].set(xlabel="levels q", ylabel="log-spectral distance (dB)", title="Error")
-    if "stoi" in result["griffin_lim_ceiling"]:
-        axes[1].plot(qs, [r["stoi"] for r in result["per_q"]], "o-", label="melrvq")
-        axes[1].axhline(result["griffin_lim_ceiling"]["stoi"], ls="--", c="gray",
-                        label="Griffin-Lim, unquantised")
-        axes[1].set(xlabel="levels q", ylabel="STOI", title="Intelligibility (held out)")
+    lines = [("", "Griffin-Lim", "griffin_lim_ceiling", "C0")]
+    if result.get("vocoder_ceiling"):
+        lines.append(("vocoder_", "vocoder", "vocoder_ceiling", "C1"))
+    for ax, metric, label in ((axes[0], "lsd_db", "log-spectral distance (dB)"),
+                              (axes[1], "stoi", "STOI")):
+        if metric not in result["griffin_lim_ceiling"]:
+            continue
+        for prefix, name, ceiling, colour in lines:
+            ax.plot(qs, [r[prefix + metric] for r in result["per_q"]], "o-", c=colour,
+                    label=f"melrvq, {name}")
+            ax.axhline(result[ceiling][metric], ls="--", c=colour, alpha=0.6,
+                       label=f"{name}, unquantised")
+        ax.set(xlabel="levels q", ylabel=label,
+               title="Error" if metric == "lsd_db" else "Intelligibility (held out)")
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle(f"melrvq, C={result['codebook_size']}, fit on {result['train_minutes']:g} min "
-                 "of espeak-ng speech (10 voices), scored on 2 held-out voices")
+                 f"of espeak-ng speech ({result['voices']} voices), scored on held-out voices")
     fig.tight_layout()
     tmp = path.with_suffix(".tmp.png")
     fig.savefig(tmp, dpi=100)

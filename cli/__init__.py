@@ -3,6 +3,12 @@
   soundstorm generate --model DIR --semantic ids.npy [--prompt prompt.npy] --out tokens.npy
   soundstorm generate --model DIR --manifest batch.jsonl   (many utterances, batched)
   soundstorm generate --preset small --seconds 10          (random weights: speed checks)
+  soundstorm generate --model DIR --semantic ids.npy --prompt-wav voice.wav --codec melrvq \
+      --codec-path codec/ --out speech.wav [--long]        (audio in, audio out)
+  soundstorm encode in.wav --codec melrvq --codec-path codec/ --out tokens.npy
+  soundstorm decode tokens.npy --codec melrvq --codec-path codec/ --out out.wav
+  soundstorm say "TEXT" --voice prompt.wav [--voice-text "..."] --out out.wav
+  soundstorm dialogue --transcript talk.txt --voice A=a.wav --voice B=b.wav --out talk.wav
   soundstorm info DIR|PRESET
   soundstorm demo [--out soundstorm-demo/]                 (the shipped model, end to end)
   soundstorm bench --preset small --seconds 10 [--batch N] [--backend B] [--dtype D] [--quantize int8] [--json]
@@ -10,8 +16,10 @@
   soundstorm synthetic-corpus corpus/                               (soundstorm.training)
   soundstorm speech-corpus speech/ --minutes 40                     (soundstorm.training)
   soundstorm fit-codec AUDIO... --out codec/                        (soundstorm.training)
+  soundstorm fit-vocoder codec/ AUDIO...                            (soundstorm.training)
   soundstorm fit-semantic AUDIO... --out semantic/                  (soundstorm.training)
   soundstorm tokenize speech/train.jsonl --codec melrvq --codec-path codec/ --semantic sem/ --out tokens/
+  soundstorm train-text --data tokens/ --out text-run/                (soundstorm.training)
 """
 
 from __future__ import annotations
@@ -150,21 +158,24 @@ def _check_history(path: Path) -> None:
 def _load_ids(path: str, what: str, ndim_single: int) -> tuple[torch.Tensor, bool]:
     """Load an integer .npy; returns (tensor with a batch axis, whether one was added)."""
     p = Path(path)
+    label = what if what.isupper() else f"--{what}"  # a positional argument (TOKENS) or a flag
     if p.is_dir():
-        raise CLIError(f"--{what}: {p} is a directory, expected a .npy file")
+        raise CLIError(f"{label}: {p} is a directory, expected a .npy file")
     if not p.is_file():
-        raise CLIError(f"--{what}: file not found: {p}")
+        raise CLIError(f"{label}: file not found: {p}")
+    from soundstorm.cli.audio import refuse_other_kind
+    refuse_other_kind(p, f"{label}")
     try:
         arr = np.load(p, allow_pickle=False)
     except (ValueError, OSError, EOFError) as e:
-        raise CLIError(f"--{what}: {p} is not a readable .npy array ({e})")
+        raise CLIError(f"{label}: {p} is not a readable .npy array ({e})")
     if not np.issubdtype(arr.dtype, np.integer):
-        raise CLIError(f"--{what}: {p} holds {arr.dtype}, expected integer ids")
+        raise CLIError(f"{label}: {p} holds {arr.dtype}, expected integer ids")
     if arr.ndim == ndim_single:
         return torch.from_numpy(arr.astype(np.int64))[None], True
     if arr.ndim == ndim_single + 1:
         return torch.from_numpy(arr.astype(np.int64)), False
-    raise CLIError(f"--{what}: {p} has shape {arr.shape}; expected {ndim_single}-D (one "
+    raise CLIError(f"{label}: {p} has shape {arr.shape}; expected {ndim_single}-D (one "
                    f"utterance) or {ndim_single + 1}-D (a batch)")
 
 
@@ -322,10 +333,16 @@ def cmd_generate_manifest(args: argparse.Namespace, engine: Engine, source: str)
 def cmd_generate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from soundstorm.cli import audio
+
     device = _check_device(args.device)
+    audio.check_generate_args(args)
     if args.manifest:
         if args.semantic or args.prompt or args.seconds is not None:
             raise CLIError("--manifest replaces --semantic, --prompt and --seconds")
+        if args.backend == "xla":
+            raise CLIError("--manifest batches through the torch scheduler; --backend xla "
+                           "decodes one batch (--semantic or --seconds with --batch)")
         _at_least_one(args.max_batch, "--max-batch")
         if args.out:
             _check_output_dir(Path(args.out), "--out")
@@ -348,6 +365,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
                                     quantize=args.quantize)
         source = f"preset {args.preset!r} with random weights"
     cfg = engine.config
+    codec = None
+    if args.codec is not None:
+        codec = audio.load_codec_args(args)
+        audio.check_codec_fits(codec, cfg)
     if args.manifest:
         return cmd_generate_manifest(args, engine, source)
 
@@ -366,18 +387,32 @@ def cmd_generate(args: argparse.Namespace) -> int:
     prompt = None
     if args.prompt:
         prompt, _ = _load_ids(args.prompt, "prompt", 2)
+    elif args.prompt_wav:
+        prompt = audio.prompt_from_wav(args, codec)
+    if prompt is not None:
         if prompt.shape[0] == 1 and semantic.shape[0] > 1:
             prompt = prompt.expand(semantic.shape[0], -1, -1)
 
     steps = _parse_steps(args.steps, cfg.num_quantizers) if args.steps is not None else None
     decode = DecodeConfig(steps_per_level=steps, temperature=args.temperature)
     passes = decode.num_forward_passes(cfg.num_quantizers)
-    bar = tqdm(total=passes, desc="decoding", unit="pass", disable=args.quiet, file=sys.stderr)
+    if not args.long and cfg.frames_for(semantic.shape[1]) > cfg.max_frames:
+        raise CLIError(f"--semantic: {semantic.shape[1]} ids make {cfg.frames_for(semantic.shape[1])} "
+                       f"frames, more than the model's max_frames={cfg.max_frames} "
+                       f"({cfg.max_frames / cfg.frame_rate:g} s); add --long to generate "
+                       f"it in slide-and-prompt windows")
     start = time.perf_counter()
-    tokens = engine.generate(semantic, prompt=prompt, decode=decode, seed=args.seed,
-                             on_step=lambda *_: bar.update(1))
+    if args.long:
+        tokens = audio.generate_long(engine, semantic, prompt, decode, args.seed, args.quiet)
+    else:
+        # The XLA path decodes in one program only without a per-step hook: no progress bar.
+        whole = engine.backend == "xla"
+        bar = tqdm(total=passes, desc="decoding", unit="pass", disable=args.quiet or whole,
+                   file=sys.stderr)
+        tokens = engine.generate(semantic, prompt=prompt, decode=decode, seed=args.seed,
+                                 on_step=None if whole else lambda *_: bar.update(1))
+        bar.close()
     wall = time.perf_counter() - start
-    bar.close()
 
     B, T, Q = tokens.shape
     audio_s = B * T / cfg.frame_rate
@@ -389,7 +424,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
         "levels": Q, "audio_seconds": audio_s, "forward_passes": passes,
         "wall_seconds": round(wall, 4), "real_time_factor": round(rtf, 4),
     }
-    if args.out:
+    if args.out and audio.is_audio_path(args.out):
+        P = 0 if prompt is None else prompt.shape[1]
+        try:
+            summary["out_seconds"] = audio.write_generated_wav(args, codec, tokens, P)
+        except OSError as e:
+            raise CLIError(f"--out {args.out}: cannot write it ({e.strerror or e})")
+        summary["out"] = str(args.out)
+    elif args.out:
         out = tokens[0] if single else tokens
         try:
             _save_npy(Path(args.out), out.cpu().numpy())
@@ -526,6 +568,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="soundstorm",
         description="SoundStorm: parallel level-wise decoding of RVQ audio-codec tokens from "
                     "semantic tokens and a voice prompt.")
+    from soundstorm.cli import audio as audio_cli
+
+    parser.add_argument("--version", action="version", version=audio_cli.print_version())
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     g = sub.add_parser(
@@ -555,7 +600,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch", type=int, default=1, help="with --seconds: batch size (default 1)")
     g.add_argument("--prompt", metavar="NPY",
                    help="voice prompt codec tokens, int [P, Q] or [B, P, Q]")
-    g.add_argument("--out", metavar="NPY", help="where to write the tokens (int64; -1 = padding)")
+    g.add_argument("--out", metavar="NPY|WAV",
+                   help="where to write the tokens (.npy, int64, -1 = padding; the prompt's "
+                        "frames come first), or the generated audio after the prompt (.wav, "
+                        "decoded with --codec)")
     g.add_argument("--steps", metavar="LIST",
                    help="iterations per level, e.g. 16,1,1,... (one value = level 1 only; "
                         "default: the paper's 16 then 1 per level)")
@@ -565,9 +613,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cpu)")
     g.add_argument("--dtype", choices=sorted(DTYPES), help="compute dtype (default float32)")
     g.add_argument("--backend", default="auto",
-                   help="op backend: auto (default), torch, cpp or triton")
+                   help="op backend: auto (default), torch, triton, cpp, or xla (the "
+                        "whole decode in JAX: pip install 'soundstorm[xla]')")
     _add_quantize(g)
     g.add_argument("--json", action="store_true", help="also print a JSON summary as the last line")
+    audio_cli.add_generate_flags(g)
     _add_quiet(g, "no progress bar on stderr")
     g.set_defaults(func=cmd_generate)
 
@@ -593,7 +643,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "5.12 for tiny)")
     b.add_argument("--batch", type=int, default=1, help="clips decoded together (default 1)")
     b.add_argument("--backend", default="auto",
-                   help="op backend: auto (default), torch, cpp or triton")
+                   help="op backend: auto (default), torch, cpp, triton, or xla (the "
+                        "whole decode in JAX)")
     b.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     _add_quantize(b)
     b.add_argument("--device", help="cpu, cuda, ... (default cpu)")
@@ -632,6 +683,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_quiet(d, "no progress bars on stderr")
     d.set_defaults(func=cmd_demo)
 
+    audio_cli.add_commands(sub, _add_quiet)
+    from soundstorm.cli import speech as speech_cli
+    speech_cli.add_commands(sub, _add_quiet)
+
     # Training subcommands: listed here, parsed and run by soundstorm.training.cli, which
     # is imported only when one of them runs.
     sub.add_parser("train", add_help=False,
@@ -642,15 +697,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="speak a reproducible espeak-ng corpus (the demo's training data)")
     sub.add_parser("fit-codec", add_help=False,
                    help="fit the built-in melrvq codec on audio")
+    sub.add_parser("fit-vocoder", add_help=False,
+                   help="train the melrvq codec's learned vocoder on audio")
     sub.add_parser("fit-semantic", add_help=False,
                    help="fit a semantic tokenizer (mfcc, hubert, w2v-bert k-means) on audio")
     sub.add_parser("tokenize", add_help=False,
                    help="audio files -> codec tokens + semantic ids (a training corpus)")
+    sub.add_parser("train-text", add_help=False,
+                   help="train the text-to-semantic model on a corpus with transcripts")
     return parser
 
 
-TRAINING_COMMANDS = ("train", "synthetic-corpus", "speech-corpus", "fit-codec", "fit-semantic",
-                     "tokenize")
+TRAINING_COMMANDS = ("train", "synthetic-corpus", "speech-corpus", "fit-codec", "fit-vocoder",
+                     "fit-semantic", "tokenize", "train-text")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -676,7 +735,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 # Arguments that name files or directories, for naming the one an OS error is about.
-PATH_ARGUMENTS = ("model", "semantic", "prompt", "manifest", "out", "history", "assets")
+PATH_ARGUMENTS = ("model", "semantic", "prompt", "manifest", "out", "history", "assets",
+                  "prompt_wav", "codec_path", "text_model", "text_file", "transcript", "voice")
 
 
 def _os_error_message(e: OSError, args: argparse.Namespace) -> str:
@@ -687,10 +747,10 @@ def _os_error_message(e: OSError, args: argparse.Namespace) -> str:
     reason = e.strerror or str(e)
     for name in PATH_ARGUMENTS:
         value = getattr(args, name, None)
-        if value is None:
+        if not isinstance(value, str):   # unset, or a list (dialogue's --voice NAME=...)
             continue
         given = Path(value).absolute()
         if failed == given or given in failed.parents:
             where = "" if failed == given else f" ({failed})"
-            return f"--{name} {value}: {reason}{where}"
+            return f"--{name.replace('_', '-')} {value}: {reason}{where}"
     return f"{reason}: {os.fsdecode(e.filename)}"

@@ -2,7 +2,8 @@
 
     python -m soundstorm.demo.export WORK [--dest DIR]
 
-WORK is the folder `demo/reproduce.sh` builds in (speech/, codec/, semantic/, run/). The
+WORK is the folder `demo/reproduce.sh` builds in (speech/, codec/, semantic/, run/, and
+text-run/ for the text-to-semantic model, exported as text-model/). The
 model is stored in float16 (the engine loads it as float32), which halves its size; the
 codec codebooks and semantic k-means are copied as they are, and `demo.json` records what
 the demo needs to draw held-out speech (corpus seed, held-out voices and sentences) plus
@@ -20,6 +21,8 @@ from typing import Any, Dict, Optional, Sequence
 import torch
 
 from soundstorm.demo import ASSETS
+
+TEXT_MODEL = "text-model"
 
 
 def export_assets(work: Any, dest: Any = ASSETS) -> Dict[str, Any]:
@@ -61,8 +64,30 @@ def export_assets(work: Any, dest: Any = ASSETS) -> Dict[str, Any]:
         },
         "reproduce": "bash demo/reproduce.sh",
     }
+    if (work / "text-run/model").is_dir():
+        settings["text_model"] = export_text_model(work, dest)
     (dest / "demo.json").write_text(json.dumps(settings, indent=1) + "\n")
     return settings
+
+
+def export_text_model(work: Path, dest: Path) -> Dict[str, Any]:
+    """The text-to-semantic run (WORK/text-run) as DEST/text-model, in float16 (the pipeline
+    loads it as float32); returns its final figures for demo.json."""
+    from soundstorm.engine.text_model import TextToSemantic
+    from soundstorm.training.trainer import read_metrics
+
+    model = TextToSemantic.from_pretrained(work / "text-run/model", dtype=torch.float16)
+    if (dest / TEXT_MODEL).exists():
+        shutil.rmtree(dest / TEXT_MODEL)
+    model.save_pretrained(dest / TEXT_MODEL)
+    records = read_metrics(work / "text-run/metrics.jsonl")
+    train = [r for r in records if "loss" in r]
+    val = [r for r in records if "val_loss" in r]
+    return {"steps": train[-1]["step"] if train else 0,
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "final_train": {k: train[-1][k] for k in ("loss", "acc") if train},
+            "final_validation": {k: val[-1][k] for k in ("val_loss", "val_acc", "val_tokens")
+                                 if val}}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -72,7 +97,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = p.parse_args(argv)
     settings = export_assets(args.work, args.dest)
     size = sum(f.stat().st_size for f in Path(args.dest).rglob("*") if f.is_file()
-               and f.parent.name in ("model", "codec", "semantic"))
+               and f.parent.name in ("model", "codec", "semantic", TEXT_MODEL))
     print(f"exported to {args.dest} ({size / 2**20:.1f} MiB): trained "
           f"{settings['training']['steps']} steps on {settings['corpus_minutes']:.1f} min")
     return 0

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Rebuild the demo assets (demo/model, demo/codec, demo/semantic, demo/demo.json) from
-# nothing, on a CPU: speak the corpus, fit the codec and the semantic tokenizer, tokenize,
-# train, export. Run from the repository root with the package installed (make setup):
+# Rebuild the demo assets (demo/model, demo/text-model, demo/codec, demo/semantic,
+# demo/demo.json) from nothing, on a CPU: speak the corpus, fit the codec and the semantic
+# tokenizer, tokenize, train SoundStorm and the text-to-semantic model, export. Run from the repository root with the package installed (make setup):
 #
 #   bash demo/reproduce.sh [WORK]        (WORK defaults to demo-build/)
 #

@@ -90,6 +90,16 @@ class Engine:
     threads. Several GPUs: one engine per device; each runs under its own device guard.
     """
 
+    def __new__(cls, model_or_dir=None, device=None, dtype=None, backend: str = "auto",
+                *args, **kwargs):
+        if backend == "xla":   # the XLA path: whole decodes in JAX (soundstorm.engine.xla)
+            if kwargs.pop("quantize", None) is not None:
+                raise ValueError("quantize='int8' runs on backends torch and cpp (CPU), not "
+                                 "on backend 'xla'; use quantize=None there")
+            from soundstorm.engine.xla.engine import xla_engine
+            return xla_engine(model_or_dir, device, dtype, *args, **kwargs)
+        return super().__new__(cls)
+
     def __init__(self, model_or_dir: Union[SoundStorm, str, Path],
                  device: Union[str, torch.device, None] = None,
                  dtype: Union[str, torch.dtype, None] = None, backend: str = "auto",

@@ -476,6 +476,12 @@ def load_config(directory: Union[str, Path]) -> ModelConfig:
     if not isinstance(data.get("model"), dict):
         raise ValueError(f"{path}: missing the \"model\" object with the ModelConfig fields")
     try:
-        return ModelConfig.from_dict(data["model"])
+        config = ModelConfig.from_dict(data["model"])
     except (TypeError, ValueError) as e:
         raise ValueError(f"{path}: invalid model config: {e}") from e
+    # A saved config names every field: one left out would silently take its default,
+    # which may still fit the weights' shapes (e.g. the number of heads).
+    missing = sorted({f.name for f in dataclasses.fields(ModelConfig)} - set(data["model"]))
+    if missing:
+        raise ValueError(f"{path}: invalid model config: missing field(s) {missing}")
+    return config

@@ -22,7 +22,8 @@ from soundstorm.kernels.residual_norm import residual_norm_reference
 # Backends the project knows of. "auto" picks triton on CUDA, cpp on the CPU when the C++
 # extension is built, torch otherwise.
 KNOWN_BACKENDS = ("torch", "triton", "cpp")
-PLANNED_BACKENDS = ("pallas",)
+# Whole-decode engines, not sets of torch ops: Engine(..., backend="xla") builds an XlaEngine.
+ENGINE_BACKENDS = ("xla",)
 
 
 def _nothing_to_prepare(max_frames: int, head_dim: int, device: torch.device) -> None:
@@ -135,9 +136,8 @@ def get_ops(backend: str = "auto", device: Optional[torch.device] = None,
         if device is not None and torch.device(device).type != "cpu":
             raise ValueError(f"backend 'cpp' runs on the CPU, not on {device}")
         return _cpp_ops()
-    if backend in PLANNED_BACKENDS:
-        raise RuntimeError(
-            f"backend {backend!r} is not available in this installation; available on "
-            f"{device or 'this device'}: {list(available_backends(device))}")
+    if backend in ENGINE_BACKENDS:
+        raise ValueError(f"backend {backend!r} runs the whole decode, not torch ops: use "
+                         f"Engine(..., backend={backend!r}) (soundstorm.engine.xla.XlaEngine)")
     raise ValueError(f"unknown backend {backend!r}; choose 'auto' or one of "
-                     f"{list(KNOWN_BACKENDS + PLANNED_BACKENDS)}")
+                     f"{list(KNOWN_BACKENDS + ENGINE_BACKENDS)}")

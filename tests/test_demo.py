@@ -164,8 +164,14 @@ def test_pipeline_from_espeak_to_demo(tmp_path):
     assert cli("train", "--preset", "tiny", "--config", config, "--data", w / "tokens/train",
                "--val-data", w / "tokens/heldout", "--out", w / "run", "--steps", 2,
                "--no-progress") == 0
+    assert cli("train-text", "--data", w / "tokens/train", "--val-data", w / "tokens/heldout",
+               "--out", w / "text-run", "--preset", "tiny", "--steps", 2, "--batch-size", 2,
+               "--log-every", 1, "--no-progress") == 0
     settings = export_assets(w, tmp_path / "assets")
-    assert settings["training"]["steps"] == 2
+    assert settings["training"]["steps"] == 2 and settings["text_model"]["steps"] == 2
+    from soundstorm.engine.text_model import TextToSemantic
+    text_model = TextToSemantic.from_pretrained(tmp_path / "assets/text-model")
+    assert next(text_model.parameters()).dtype == torch.float16
     assert settings["training"]["final_validation"]["val_loss"] > 0
     from safetensors import safe_open
     with safe_open(str(tmp_path / "assets/model/model.safetensors"), "pt") as f:

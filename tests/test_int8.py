@@ -209,6 +209,8 @@ def test_engine_refuses_what_int8_cannot_run(sharp_model):
         Engine(sharp_model, dtype="bfloat16", quantize="int8")
     with pytest.raises(ValueError, match="quantize='int8' runs float32 models on the CPU.*cuda"):
         Engine(sharp_model, device="cuda", quantize="int8")
+    with pytest.raises(ValueError, match="quantize='int8' runs on backends torch and cpp.*xla"):
+        Engine(sharp_model, backend="xla", quantize="int8")
 
 
 def test_a_quantised_model_is_not_saved(sharp_model, tmp_path):

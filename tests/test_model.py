@@ -155,6 +155,17 @@ def test_config_that_disagrees_with_weights(tmp_path, model64):
         SoundStorm.from_pretrained(tmp_path)
 
 
+@pytest.mark.parametrize("field", ["heads", "conv_kernel", "max_frames"])
+def test_a_config_without_a_field_does_not_load_with_its_default(tmp_path, model64, field):
+    # heads and max_frames do not show in the weights' shapes: a default would load silently
+    model64.save_pretrained(tmp_path)
+    data = json.loads((tmp_path / "config.json").read_text())
+    del data["model"][field]
+    (tmp_path / "config.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=rf"missing field\(s\) \['{field}'\]"):
+        SoundStorm.from_pretrained(tmp_path)
+
+
 @pytest.mark.parametrize("text,match", [
     ("{not json", "not valid JSON"),
     ('{"format": "other"}', "not a soundstorm model config"),

@@ -27,7 +27,11 @@ def test_wheel_maps_the_top_level_folders_into_soundstorm(tmp_path):
                    "soundstorm/demo/demo.json", "soundstorm/demo/model/config.json",
                    "soundstorm/demo/model/model.safetensors",
                    "soundstorm/demo/codec/codebooks.safetensors",
-                   "soundstorm/demo/semantic/semantic.json"):
+                   "soundstorm/demo/semantic/semantic.json",
+                   "soundstorm/demo/text-model/model.safetensors",
+                   "soundstorm/demo/text-model/config.json",
+                   "soundstorm/demo/text-train.args", "soundstorm/engine/text_model.py",
+                   "soundstorm/engine/tts.py", "soundstorm/cli/speech.py"):
         assert module in names
     if shutil.which("c++") or shutil.which("g++"):
         # with a compiler the C++ kernels of backend "cpp" travel in the wheel

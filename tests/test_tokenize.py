@@ -164,3 +164,17 @@ def test_a_speech_corpus_folder_is_tokenized_by_voice_without_its_held_out_voice
                      "--out", str(tmp_path / "heldout"), *common]) == 0
     speakers = json.loads((tmp_path / "heldout/speakers.json").read_text())
     assert sorted(speakers) == sorted(v.name for v in VOICES if v.heldout)
+
+
+def test_transcripts_are_written_beside_the_corpus_in_its_order(setup, tmp_path):
+    common = ["--codec-path", str(setup / "codec"), "--semantic", str(setup / "semantic"),
+              "--quiet"]
+    assert cli_main(["tokenize", str(setup / "speech"), "--out", str(tmp_path / "t"),
+                     *common]) == 0
+    corpus = open_corpus(tmp_path / "t")
+    lines = [json.loads(x) for x in (tmp_path / "t/texts.jsonl").read_text().splitlines()]
+    manifest = {i.id: i.text for i in collect_audio(setup / "speech/train.jsonl")}
+    assert [x["id"] for x in lines] == list(corpus.ids)
+    assert all(x["text"] == manifest[x["id"]] and x["text"] for x in lines)
+    report = json.loads((tmp_path / "t/tokenize-report.json").read_text())
+    assert report["texts"] == len(corpus)

@@ -218,13 +218,16 @@ def load_checkpoint(path: Union[str, Path], model: SoundStorm,
     if version != STATE_VERSION:
         raise ValueError(f"{state_path}: format_version {version!r} is not "
                          f"supported (this version reads {STATE_VERSION})")
-    config = load_config(path)
+    # Any model class with save_pretrained/from_pretrained (SoundStorm, the text model);
+    # a class that reads its own config says so with a `load_config` classmethod.
+    cls = type(model)
+    config = cls.load_config(path) if hasattr(cls, "load_config") else load_config(path)
     if config != model.config:
         diff = {k: (v, getattr(model.config, k)) for k, v in config.to_dict().items()
                 if getattr(model.config, k) != v}
         raise ValueError(f"checkpoint {path} holds a model with a different config "
                          f"(field: (checkpoint, requested)) {diff}")
-    loaded = SoundStorm.from_pretrained(path)
+    loaded = cls.from_pretrained(path)
     with torch.no_grad():
         for name, tensor in model.state_dict().items():
             tensor.copy_(loaded.state_dict()[name])

@@ -493,20 +493,77 @@ def cmd_fit_codec(argv: Sequence[str]) -> int:
     return 0
 
 
+def fit_vocoder_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="soundstorm fit-vocoder",
+        description="Train the learned vocoder of a melrvq codec (ConvNeXt blocks predicting "
+                    "STFT magnitude and phase, inverted by an iSTFT) on audio. It learns to "
+                    "decode the codec's frames at every number of levels; the codec then "
+                    "decodes with it instead of Griffin-Lim (load with vocoder=False for "
+                    "Griffin-Lim).",
+        epilog="example: soundstorm fit-vocoder codec/ speech/ --steps 2000")
+    p.add_argument("codec", metavar="CODEC", help="melrvq codec directory (from fit-codec)")
+    p.add_argument("inputs", nargs="+", metavar="AUDIO", help=_AUDIO_HELP)
+    p.add_argument("--out", metavar="DIR",
+                   help="write the codec with its vocoder here (default: into CODEC)")
+    p.add_argument("--steps", type=int, default=2000, help="optimiser steps (2000)")
+    p.add_argument("--batch-size", type=int, default=8, help="segments per step (8)")
+    p.add_argument("--segment-frames", type=int, default=32,
+                   help="frames per training segment (32 = 0.64 s at 50 Hz)")
+    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (1e-3)")
+    p.add_argument("--dim", type=int, default=128, help="channels of the network (128)")
+    p.add_argument("--layers", type=int, default=6, help="ConvNeXt blocks (6)")
+    p.add_argument("--seed", type=int, default=0, help="seed of initialisation and draws (0)")
+    _audio_flags(p)
+    add_progress_flags(p)
+    return p
+
+
+def cmd_fit_vocoder(argv: Sequence[str]) -> int:
+    parser = fit_vocoder_parser()
+    args = parser.parse_args(argv)
+    prog = "soundstorm fit-vocoder"
+    from soundstorm.training.audio_list import collect_audio
+    from soundstorm.training.vocoder_fit import fit_vocoder
+
+    out = args.out if args.out is not None else args.codec
+    _check_outputs(prog, {"--out": out})
+    arguments = {"CODEC": args.codec, "AUDIO": args.inputs, "--out": out}
+    items = _run(prog, arguments, lambda: collect_audio(args.inputs, split=args.split))
+    summary = _run(prog, arguments, lambda: fit_vocoder(
+        args.codec, [item.path for item in items], out_dir=out, steps=args.steps,
+        batch_size=args.batch_size, segment_frames=args.segment_frames,
+        learning_rate=args.lr, config={"dim": args.dim, "intermediate_dim": 3 * args.dim,
+                                       "layers": args.layers},
+        seed=args.seed, progress=_progress(args)),
+        errors=(ValueError, TypeError, FloatingPointError))
+    print(f"trained a vocoder ({summary['parameters']:,} parameters, {summary['steps']} steps, "
+          f"loss {summary['first_loss']:.3f} -> {summary['final_loss']:.3f}) on "
+          f"{summary['clips']} clips: {out}")
+    return 0
+
+
 # -- speech-corpus --------------------------------------------------------------------
 def speech_corpus_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="soundstorm speech-corpus",
         description="Speak a reproducible English corpus with espeak-ng: 12 voices (accent, "
-                    "voice variant, pitch, speed), 2 of them held out of training, sentences "
-                    "from a seeded generator. Writes OUT/train.jsonl and OUT/heldout.jsonl "
+                    "voice variant, pitch, speed), 2 of them held out of training, or with "
+                    "--voices N that many voices drawn from every English accent x voice "
+                    "variant, each at its own pitch, speed and formant warp; sentences from a "
+                    "seeded generator. Writes OUT/train.jsonl and OUT/heldout.jsonl "
                     "(manifests for `soundstorm tokenize`) and 16 kHz WAVs under OUT/audio.",
         epilog="example: soundstorm speech-corpus speech/ --minutes 40 && soundstorm tokenize "
                "speech/ --codec melrvq --codec-path codec/ --semantic semantic/ "
                "--out tokens/")
     p.add_argument("out", metavar="OUT", help="directory to create (must be new or empty)")
     p.add_argument("--minutes", type=float, default=40.0,
-                   help="training audio, shared by the 10 training voices (40)")
+                   help="training audio, shared by the training voices (40)")
+    p.add_argument("--voices", type=int, metavar="N",
+                   help="draw N voices (seeded by --seed) instead of the twelve fixed ones")
+    p.add_argument("--heldout-voices", type=int, default=8, metavar="M",
+                   help="with --voices: how many of them are held out of training (8); their "
+                        "voice variants are used by no training voice")
     p.add_argument("--heldout-utterances", type=int, default=24,
                    help="utterances per held-out voice (24), at most as many as each "
                         "training voice speaks")
@@ -519,15 +576,25 @@ def cmd_speech_corpus(argv: Sequence[str]) -> int:
     parser = speech_corpus_parser()
     args = parser.parse_args(argv)
     prog = "soundstorm speech-corpus"
-    from soundstorm.training.speech_corpus import write_speech_corpus
+    from soundstorm.training.speech_corpus import VOICES, voice_population, write_speech_corpus
 
+    if args.voices is None:
+        voices = VOICES
+    else:
+        try:
+            voices = voice_population(args.voices, heldout=args.heldout_voices, seed=args.seed)
+        except (TypeError, ValueError) as e:
+            parser.error(f"--voices {args.voices} --heldout-voices {args.heldout_voices}: {e}")
     _check_outputs(prog, {"OUT": args.out})
     summary = _run(prog, {"OUT": args.out}, lambda: write_speech_corpus(
         args.out, minutes=args.minutes, heldout_utterances=args.heldout_utterances,
-        seed=args.seed, progress=_progress(args)), errors=(ValueError, TypeError, RuntimeError))
+        seed=args.seed, voices=voices, progress=_progress(args)),
+        errors=(ValueError, TypeError, RuntimeError))
     t, h = summary["train"], summary["heldout"]
-    line = (f"spoke {t['utterances']} training utterances ({t['minutes']:.1f} min) and "
-            f"{h['utterances']} held-out ones ({h['minutes']:.1f} min) to {args.out}")
+    held = sum(v["heldout"] for v in summary["voices"])
+    line = (f"spoke {t['utterances']} training utterances ({t['minutes']:.1f} min, "
+            f"{len(summary['voices']) - held} voices) and {h['utterances']} held-out ones "
+            f"({h['minutes']:.1f} min, {held} voices) to {args.out}")
     if h["utterances_per_voice"] < h["requested_per_voice"]:
         line += (f"; {h['utterances_per_voice']} per held-out voice, not "
                  f"{h['requested_per_voice']}: no more than each training voice speaks")
@@ -626,7 +693,16 @@ def cmd_tokenize(argv: Sequence[str]) -> int:
 
 COMMANDS = {"train": cmd_train, "synthetic-corpus": cmd_synthetic,
             "speech-corpus": cmd_speech_corpus, "fit-codec": cmd_fit_codec,
+            "fit-vocoder": cmd_fit_vocoder,
             "fit-semantic": cmd_fit_semantic, "tokenize": cmd_tokenize}
+
+
+def _train_text(argv: Sequence[str]) -> int:
+    from soundstorm.training.text_cli import cmd_train_text
+    return cmd_train_text(argv)
+
+
+COMMANDS["train-text"] = _train_text
 
 
 def main(command: str, argv: Optional[Sequence[str]] = None) -> int:

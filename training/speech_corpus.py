@@ -4,10 +4,14 @@
 
 espeak-ng (Debian: `apt-get install espeak-ng`) is a formant synthesiser: it runs offline,
 in milliseconds per sentence, and the same text, voice and version give the same samples.
-Twelve voices differ in base accent, espeak voice variant (formant and breath settings),
-pitch and speed; two of them are held out of training so that prompts can come from voices
-the model never heard. Sentences come from a seeded generator over a small grammar, so the
-text, like the audio, is the same on every machine for a given seed.
+By default twelve voices differ in base accent, espeak voice variant (formant and breath
+settings), pitch and speed; two of them are held out of training so that prompts can come
+from voices the model never heard. `voice_population(n)` draws hundreds of voices instead:
+every English accent x voice variant, each at its own pitch and speed and with its vocal
+tract stretched or shortened (a continuous formant warp done by the WORLD vocoder), the
+held-out ones built from voice variants that no training voice uses. Sentences come from a
+seeded generator over a small grammar, so the text, like the audio, is the same on every
+machine for a given seed.
 
 Layout written::
 
@@ -20,11 +24,13 @@ Layout written::
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import shutil
 import subprocess
 import tempfile
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -43,12 +49,15 @@ HELDOUT_STREAM_OFFSET = 1_000_003
 
 @dataclass(frozen=True)
 class Voice:
-    """One speaker: an espeak-ng voice (`base+variant`) at a pitch (0-99) and speed (wpm)."""
+    """One speaker: an espeak-ng voice (`base+variant`) at a pitch (0-99) and speed (wpm),
+    its spectral envelope warped in frequency by `warp` (1 = as espeak speaks it; above 1
+    the formants move up, as for a shorter vocal tract; below 1 they move down)."""
     name: str
     espeak: str
     pitch: int
     speed: int
     heldout: bool = False
+    warp: float = 1.0
 
     def command(self, exe: str, text: str, path: str) -> List[str]:
         return [exe, "-v", self.espeak, "-p", str(self.pitch), "-s", str(self.speed),
@@ -70,6 +79,105 @@ VOICES = (
     Voice("rp-m6", "en-gb-x-rp+m6", 48, 156, heldout=True),
     Voice("us-f2", "en-us+f2", 68, 164, heldout=True),
 )
+
+# English accents of espeak-ng and the voice variants that sound like a person (the robotic,
+# whispering and effect variants are left out).
+ACCENTS = ("en-us", "en-gb", "en-gb-scotland", "en-gb-x-gbclan", "en-gb-x-gbcwmd",
+           "en-gb-x-rp", "en-029")
+VARIANTS = (
+    "m1", "m2", "m3", "m4", "m5", "m6", "m7", "m8", "f1", "f2", "f3", "f4", "f5",
+    "klatt", "klatt2", "klatt3", "klatt4", "klatt5", "klatt6",
+    "Alex", "Alicia", "Andrea", "Andy", "Annie", "Denis", "Diogo", "Gene", "Gene2",
+    "Henrique", "Hugo", "Jacky", "Lee", "Marco", "Mario", "Michael", "Mike", "Nguyen",
+    "Storm", "adam", "anika", "antonio", "aunty", "belinda", "benjamin", "boris", "caleb",
+    "david", "ed", "edward", "edward2", "grandma", "grandpa", "gustave", "iven", "iven2",
+    "iven3", "iven4", "john", "linda", "max", "michel", "miguel", "norbert", "pablo", "paul",
+    "pedro", "quincy", "rob", "robert", "sandro", "shelby", "steph", "steph2", "steph3",
+    "travis", "victor", "zac",
+)
+PITCH_RANGE = (20, 85)
+SPEED_RANGE = (140, 180)
+WARP_RANGE = (0.86, 1.16)
+
+
+def voice_population(count: int, heldout: int = 8, seed: int = 0) -> tuple:
+    """`count` distinct voices, the last `heldout` of them held out of training, drawn from
+    `seed` (the same voices on every machine).
+
+    Each voice is an accent x voice variant at its own pitch, speed and formant warp
+    (uniform in log over WARP_RANGE). A seeded eighth of the voice variants (at least one)
+    is kept for the held-out voices, so a held-out voice differs from every training voice
+    in its variant, not just in pitch or warp. Training voices take every accent x variant
+    pair once before any pair comes again (again at another pitch, speed and warp)."""
+    for name, value in (("count", count), ("heldout", heldout), ("seed", seed)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be an integer, got {value!r}")
+    if not 0 <= heldout < count:
+        raise ValueError(f"heldout must be in [0, count) = [0, {count}), got {heldout}: "
+                         f"at least one voice must be left for training")
+    rng = random.Random(seed)
+    variants = list(VARIANTS)
+    rng.shuffle(variants)
+    held_variants = variants[:max(1, len(variants) // 8)] if heldout else []
+    train_variants = variants[len(held_variants):]
+
+    def draw(pairs: List[tuple], n: int) -> List[tuple]:
+        out: List[tuple] = []
+        while len(out) < n:
+            batch = list(pairs)
+            rng.shuffle(batch)
+            out.extend(batch[:n - len(out)])
+        return out
+
+    voices = []
+    for held, (accent, variant) in (
+            [(False, p) for p in draw([(a, v) for a in ACCENTS for v in train_variants],
+                                      count - heldout)]
+            + [(True, p) for p in draw([(a, v) for a in ACCENTS for v in held_variants],
+                                       heldout)]):
+        index = len(voices)
+        warp = math.exp(rng.uniform(math.log(WARP_RANGE[0]), math.log(WARP_RANGE[1])))
+        short = accent.replace("en-gb-x-", "").replace("en-gb-", "").replace("en-", "")
+        voices.append(Voice(f"v{index:03d}-{short}-{variant.lower()}", f"{accent}+{variant}",
+                            pitch=rng.randint(*PITCH_RANGE), speed=rng.randint(*SPEED_RANGE),
+                            heldout=held, warp=round(warp, 3)))
+    return tuple(voices)
+
+
+def warp_formants(samples: np.ndarray, sample_rate: int, warp: float) -> np.ndarray:
+    """`samples` with the spectral envelope stretched in frequency by `warp` and the pitch
+    and timing kept: the WORLD vocoder (pyworld) splits the speech into F0, envelope and
+    aperiodicity, the envelope is resampled on a warped frequency axis (vocal-tract-length
+    perturbation) and the three are synthesised again. The loudness (RMS) is kept."""
+    if not math.isfinite(warp) or not 0.5 <= warp <= 2.0:
+        raise ValueError(f"warp must be a factor in [0.5, 2], got {warp!r}")
+    if warp == 1.0 or len(samples) == 0:
+        return samples.astype(np.float32)
+    try:
+        with warnings.catch_warnings():  # pyworld imports the deprecated pkg_resources
+            warnings.simplefilter("ignore")
+            import pyworld
+    except ImportError as e:
+        raise RuntimeError("warping a voice's formants needs pyworld (the WORLD vocoder): "
+                           "pip install 'soundstorm[demo]'") from e
+    x = np.ascontiguousarray(samples, dtype=np.float64)
+    f0, times = pyworld.dio(x, sample_rate, frame_period=5.0)
+    f0 = pyworld.stonemask(x, f0, times, sample_rate)
+    envelope = pyworld.cheaptrick(x, f0, times, sample_rate)
+    aperiodicity = pyworld.d4c(x, f0, times, sample_rate)
+    bins = envelope.shape[1]
+    source = np.clip(np.arange(bins) / warp, 0, bins - 1)
+    low = np.minimum(np.floor(source).astype(np.int64), bins - 2)
+    frac = source - low
+    warped = envelope[:, low] * (1 - frac) + envelope[:, low + 1] * frac
+    y = pyworld.synthesize(f0, np.ascontiguousarray(warped), aperiodicity, sample_rate,
+                           frame_period=5.0)[:len(x)]
+    y = np.pad(y, (0, len(x) - len(y)))
+    rms_in, rms_out = np.sqrt(np.mean(x ** 2)), np.sqrt(np.mean(y ** 2))
+    if rms_out > 0:
+        y *= rms_in / rms_out
+    return y.astype(np.float32)
+
 
 _WORDS = {
     "name": "Stella Oliver Mara Tobias Nadia Felix Ruth Simon Clara Victor Helen Jonas Lucy "
@@ -149,7 +257,7 @@ def speak(text: str, voice: Voice, exe: Optional[str] = None) -> np.ndarray:
     mono = data.mean(axis=1)
     if sr != SAMPLE_RATE:
         mono = resample(torch.from_numpy(mono)[None], sr, SAMPLE_RATE)[0].numpy()
-    return mono.astype(np.float32)
+    return warp_formants(mono, SAMPLE_RATE, voice.warp)
 
 
 def voice_by_name(name: str) -> Voice:
@@ -246,5 +354,5 @@ def _write_wav(path: Path, samples: np.ndarray) -> None:
     sf.write(str(path), np.clip(samples, -1.0, 1.0), SAMPLE_RATE, subtype="PCM_16")
 
 
-__all__ = ["Voice", "VOICES", "SAMPLE_RATE", "HELDOUT_STREAM_OFFSET", "sentences", "speak", "voice_by_name",
+__all__ = ["Voice", "VOICES", "ACCENTS", "VARIANTS", "voice_population", "warp_formants", "SAMPLE_RATE", "HELDOUT_STREAM_OFFSET", "sentences", "speak", "voice_by_name",
            "require_espeak", "write_speech_corpus"]

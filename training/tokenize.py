@@ -4,8 +4,11 @@
         --semantic semantic/ --out tokens/
 
 writes a corpus in the format of `soundstorm.training.corpus` (what `soundstorm train`
-reads), plus `speakers.json` (speaker name -> the integer in the manifest) and
-`tokenize-report.json` (what was made, what was skipped and why).
+reads), plus `speakers.json` (speaker name -> the integer in the manifest),
+`tokenize-report.json` (what was made, what was skipped and why) and, when the inputs
+carry transcripts (manifests with "text", such as `soundstorm speech-corpus` writes),
+`texts.jsonl`: one {"id", "text"} per tokenized utterance that has one, in corpus order
+(what `soundstorm train-text` pairs with the semantic ids).
 
 A file that cannot be read, holds only silence or is shorter than one codec frame is
 skipped and reported by name: one bad file never stops a corpus. The work is resumable:
@@ -34,6 +37,7 @@ from soundstorm.training.corpus import CORPUS_FILE, CorpusWriter
 STATE_FILE = "tokenize-state.json"
 REPORT_FILE = "tokenize-report.json"
 SPEAKERS_FILE = "speakers.json"
+TEXTS_FILE = "texts.jsonl"
 
 
 class _ResumableWriter(CorpusWriter):
@@ -144,13 +148,21 @@ def tokenize_corpus(items: Sequence[AudioItem], codec: Any, semantic: Any, out: 
     if entries == 0:
         raise ValueError(f"none of the {len(items)} audio files could be tokenized: "
                          + "; ".join(f"{s['path']}: {s['reason']}" for s in skipped[:5]))
+    # Before corpus.json: a finished corpus always has its transcripts.
+    gone = {s["id"] for s in skipped}
+    lines = [json.dumps({"id": item.id, "text": item.text}, ensure_ascii=False) + "\n"
+             for item in items if item.text is not None and item.id not in gone]
+    if lines:
+        tmp = out / (TEXTS_FILE + ".tmp")
+        tmp.write_text("".join(lines), encoding="utf-8")
+        os.replace(tmp, out / TEXTS_FILE)
     writer.close()
     (out / SPEAKERS_FILE).write_text(json.dumps(speakers, indent=1) + "\n")
     frames = sum(e["frames"] for e in writer.entries)
     report = {
         "utterances": entries, "resumed_from": len(done), "skipped": skipped,
         "frames": frames, "hours": round(frames / float(codec.frame_rate) / 3600, 4),
-        "speakers": len(speakers), **settings,
+        "speakers": len(speakers), "texts": len(lines), **settings,
     }
     (out / REPORT_FILE).write_text(json.dumps(report, indent=1) + "\n")
     (out / STATE_FILE).unlink(missing_ok=True)
@@ -192,4 +204,5 @@ def _tokenize_one(item: AudioItem, codec: Any, semantic: Any, silence_db: float,
     return None, (acoustic.astype(np.int64), ids.astype(np.int64), seconds)
 
 
-__all__ = ["tokenize_corpus", "speaker_ids", "STATE_FILE", "REPORT_FILE", "SPEAKERS_FILE"]
+__all__ = ["tokenize_corpus", "speaker_ids", "STATE_FILE", "REPORT_FILE", "SPEAKERS_FILE",
+           "TEXTS_FILE"]

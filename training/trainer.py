@@ -278,14 +278,7 @@ class Trainer:
             dist_utils.barrier(d)
             return {"step": step, "steps": cfg.steps, "steps_run": 0, "model": str(export),
                     "train": None, "validation": None, "out": str(self.out)}
-        if d.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            remove_partial(self.ckpt_dir)
-            for path, _ in self.broken:
-                _move_aside(path)
-            _write_json(config_path(self.out, step), cfg.to_dict())
-            _truncate_metrics(self.out / METRICS_FILE, step)
-        dist_utils.barrier(d)
+        open_run_dir(self.out, self.ckpt_dir, self.broken, cfg.to_dict(), step, d)
         start_step = step
 
         net = model
@@ -454,6 +447,21 @@ def config_path(out: Path, step: int) -> Path:
     while path.exists():
         path, n = out / f"{base}.{n}.json", n + 1
     return path
+
+
+def open_run_dir(out: Path, ckpt_dir: Path, broken: List[Tuple[Path, str]],
+                 settings: Dict[str, Any], step: int, info: DistInfo) -> None:
+    """Before a run's first step (rank 0 writes, every rank waits): the run directory, no
+    partial checkpoint left, the checkpoints that do not load moved aside, this
+    invocation's settings written, and the metrics cut back to `step`."""
+    if info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        remove_partial(ckpt_dir)
+        for path, _ in broken:
+            _move_aside(path)
+        _write_json(config_path(out, step), settings)
+        _truncate_metrics(out / METRICS_FILE, step)
+    dist_utils.barrier(info)
 
 
 def _move_aside(path: Path) -> Path:

@@ -9,7 +9,7 @@
 | `encodec` | transformers EncodecModel (24 kHz)     | local dir: config.json + *.safetensors   |
 | `dac`     | transformers DacModel                  | local dir: config.json + *.safetensors   |
 | `mimi`    | transformers MimiModel                 | local dir: config.json + *.safetensors   |
-| `melrvq`  | built-in log-mel RVQ + Griffin-Lim     | dir written by training.codec_fit        |
+| `melrvq`  | built-in log-mel RVQ + vocoder or G-L  | dir written by training.codec_fit        |
 
 transformers and librosa are imported only when a codec is built, so importing the
 engine stays light.
@@ -32,7 +32,8 @@ def load_codec(name: str, path: Any = None, **options: Any) -> Codec:
     mimi:    num_quantizers=None (all levels), device="cpu"
       each of these three also takes random_init=True (no path: random weights, tests
       only), config={...} (with random_init: overrides of the default config) and seed=0.
-    melrvq:  num_quantizers=None (the first levels only), griffin_lim_iters=None.
+    melrvq:  num_quantizers=None (the first levels only), griffin_lim_iters=None,
+             vocoder=None (True: require the learned vocoder; False: Griffin-Lim).
 
     A missing directory raises FileNotFoundError saying how to get the weights; an
     unknown name or option raises ValueError/TypeError naming it.

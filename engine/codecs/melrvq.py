@@ -3,11 +3,14 @@
 A low-fidelity codec for offline use and tests, not for listening quality: each 20 ms
 frame (50 frames/s) is a log-mel spectrum, quantised by residual vector quantisation with
 Q codebooks of C codewords fit by k-means on a speech corpus
-(`soundstorm.training.codec_fit.fit_melrvq`). Decoding sums the codewords, maps the mel
-spectrum back to a linear magnitude spectrogram and recovers a phase with Griffin-Lim
-(librosa). The result is clearly intelligible speech with a buzzy, phasey timbre.
+(`soundstorm.training.codec_fit.fit_melrvq`). Decoding sums the codewords and turns the
+log-mel frames into a waveform with the codec's learned vocoder when it has one
+(`vocoder.MelVocoder`, trained by `soundstorm.training.vocoder_fit.fit_vocoder`), else by
+mapping the mel spectrum back to a linear magnitude spectrogram and recovering a phase
+with Griffin-Lim (librosa), which gives intelligible speech with a buzzy, phasey timbre.
 
-A codec directory holds `config.json` and `codebooks.safetensors` (float32 [Q, C, n_mels]).
+A codec directory holds `config.json` and `codebooks.safetensors` (float32 [Q, C, n_mels]),
+and, with a vocoder, `vocoder.safetensors` and a "vocoder" object in config.json.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import torch
 
 from soundstorm.engine.codecs.audio import require
 from soundstorm.engine.codecs.base import Codec, check_levels
+from soundstorm.engine.codecs.vocoder import VOCODER_FILE, MelVocoder, VocoderConfig
 from soundstorm.engine.files import read_format_json, read_tensor
 
 CONFIG_FILE = "config.json"
@@ -85,14 +89,17 @@ class MelRVQConfig:
 
 
 class MelRVQCodec(Codec):
-    """Log-mel frames at 50 Hz, residual-VQ'd with Q codebooks, decoded by Griffin-Lim.
+    """Log-mel frames at 50 Hz, residual-VQ'd with Q codebooks, decoded by a learned
+    vocoder or by Griffin-Lim.
 
     codebooks: float32 [Q, C, n_mels], level 1 first.
+    vocoder:   a MelVocoder for these features (same n_mels and hop), or None: Griffin-Lim.
     """
 
     name = "melrvq"
 
-    def __init__(self, config: MelRVQConfig, codebooks: torch.Tensor):
+    def __init__(self, config: MelRVQConfig, codebooks: torch.Tensor,
+                 vocoder: Optional[MelVocoder] = None):
         expected = (config.num_quantizers, config.codebook_size, config.n_mels)
         if not isinstance(codebooks, torch.Tensor) or tuple(codebooks.shape) != expected:
             shape = tuple(codebooks.shape) if isinstance(codebooks, torch.Tensor) else codebooks
@@ -102,6 +109,17 @@ class MelRVQCodec(Codec):
             raise ValueError("codebooks contain NaN or infinite values")
         self.config = config
         self.codebooks = codebooks.detach().to("cpu", torch.float32).contiguous()
+        if vocoder is not None:
+            if not isinstance(vocoder, MelVocoder):
+                raise TypeError(f"vocoder must be a MelVocoder or None, got "
+                                f"{type(vocoder).__name__}")
+            vc = vocoder.config
+            if (vc.n_mels, vc.hop_length) != (config.n_mels, config.hop_length):
+                raise ValueError(f"the vocoder takes {vc.n_mels} mel bands at a hop of "
+                                 f"{vc.hop_length} samples; this codec has {config.n_mels} "
+                                 f"at {config.hop_length}")
+            vocoder = vocoder.eval().requires_grad_(False)
+        self.vocoder = vocoder
         self._mel_basis = None
         self._mel_inverse = None
 
@@ -164,7 +182,21 @@ class MelRVQCodec(Codec):
             out += self.codebooks[q][tokens[..., q]]
         return out
 
+    @property
+    def decoder(self) -> str:
+        """How frames become samples: "vocoder" or "griffin-lim"."""
+        return "griffin-lim" if self.vocoder is None else "vocoder"
+
     def synthesize(self, features: torch.Tensor) -> torch.Tensor:
+        """Log-mel frames float [B, T, n_mels] -> waveform float32 [B, T * hop], by the
+        vocoder when the codec has one, else by Griffin-Lim."""
+        if self.vocoder is None:
+            return self.griffin_lim(features)
+        with torch.inference_mode():
+            wav = self.vocoder(features.to(torch.float32))
+        return wav.to(torch.float32).contiguous()
+
+    def griffin_lim(self, features: torch.Tensor) -> torch.Tensor:
         """Log-mel frames float [B, T, n_mels] -> waveform float32 [B, T * hop] (Griffin-Lim)."""
         librosa = require("librosa")
 
@@ -212,16 +244,25 @@ class MelRVQCodec(Codec):
                 "codec": self.config.to_dict()}
         tmp_w, tmp_c = directory / (CODEBOOKS_FILE + ".tmp"), directory / (CONFIG_FILE + ".tmp")
         save_file({"codebooks": self.codebooks}, str(tmp_w), metadata={"format": FORMAT_NAME})
+        if self.vocoder is not None:
+            meta["vocoder"] = self.vocoder.config.to_dict()
+            tmp_v = directory / (VOCODER_FILE + ".tmp")
+            save_file({k: v.contiguous() for k, v in self.vocoder.state_dict().items()},
+                      str(tmp_v), metadata={"format": FORMAT_NAME})
+            os.replace(tmp_v, directory / VOCODER_FILE)
         tmp_c.write_text(json.dumps(meta, indent=2) + "\n")
         os.replace(tmp_w, directory / CODEBOOKS_FILE)
+        # the config goes last: it names the vocoder only once its weights are in place
         os.replace(tmp_c, directory / CONFIG_FILE)
         return directory
 
     @classmethod
     def load(cls, path: Any, num_quantizers: Optional[int] = None,
-             griffin_lim_iters: Optional[int] = None) -> "MelRVQCodec":
+             griffin_lim_iters: Optional[int] = None,
+             vocoder: Optional[bool] = None) -> "MelRVQCodec":
         """Load a directory written by `save`. `num_quantizers` keeps the first levels only
-        (a coarser codec from the same codebooks)."""
+        (a coarser codec from the same codebooks). `vocoder`: None uses the directory's
+        vocoder when it has one, False decodes with Griffin-Lim, True requires the vocoder."""
         if path is None:
             raise ValueError("load_codec('melrvq') needs path=DIR, a directory written by "
                              "soundstorm.training.codec_fit.fit_melrvq (config.json + "
@@ -242,8 +283,51 @@ class MelRVQCodec(Codec):
         changes = {"num_quantizers": q}
         if griffin_lim_iters is not None:
             changes["griffin_lim_iters"] = griffin_lim_iters
+        if vocoder not in (None, True, False):
+            raise TypeError(f"vocoder must be None, True or False, got {vocoder!r}")
+        if vocoder is True and "vocoder" not in meta:
+            raise ValueError(f"melrvq codec directory {str(directory)!r} has no vocoder (its "
+                             f"config.json names none); train one with soundstorm "
+                             f"fit-vocoder {directory} AUDIO...")
+        net = None
+        if vocoder is not False and "vocoder" in meta:
+            net = load_vocoder(directory, meta["vocoder"])
         codec = cls(config, codebooks)
-        return cls(dataclasses.replace(config, **changes), codec.codebooks[:q])
+        return cls(dataclasses.replace(config, **changes), codec.codebooks[:q], vocoder=net)
+
+
+def load_vocoder(directory: Path, config: Any) -> MelVocoder:
+    """The vocoder of a codec directory: its config (the "vocoder" object of config.json)
+    and `vocoder.safetensors`, every tensor present with its shape, loaded as float32."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        net = MelVocoder(VocoderConfig.from_dict(config))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{directory / CONFIG_FILE}: invalid vocoder config: {e}") from None
+    path = directory / VOCODER_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"melrvq codec directory {str(directory)!r} names a vocoder "
+                                f"but has no {VOCODER_FILE}")
+    try:
+        weights = load_file(str(path))
+    except SafetensorError as e:
+        raise ValueError(f"{path} is not a valid safetensors file: {e}") from None
+    expected = net.state_dict()
+    unknown, missing = sorted(set(weights) - set(expected)), sorted(set(expected) - set(weights))
+    if unknown or missing:
+        raise ValueError(f"{path} does not fit the vocoder config: missing tensor(s) "
+                         f"{missing[:4]}, unknown tensor(s) {unknown[:4]}")
+    for key, value in weights.items():
+        if value.shape != expected[key].shape or not value.is_floating_point():
+            raise ValueError(f"{path}: tensor {key!r} has shape {tuple(value.shape)} "
+                             f"({value.dtype}), the config needs {tuple(expected[key].shape)} "
+                             f"(float)")
+        if not torch.isfinite(value).all():
+            raise ValueError(f"{path}: tensor {key!r} holds NaN or infinite values")
+    net.load_state_dict({k: v.to(torch.float32) for k, v in weights.items()})
+    return net
 
 
 def nearest(x: torch.Tensor, codebook: torch.Tensor, chunk: int = 16384) -> torch.Tensor:

@@ -1,0 +1,130 @@
+"""The SoundStorm forward pass in `jax.numpy`, on the parameter pytree of
+`soundstorm.engine.xla.params`: the same computation as `soundstorm.engine.model.SoundStorm`
+(summed embeddings, Conformer blocks with rotary attention over real keys only and a
+convolution module that zeroes padding, the head of one level)."""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+
+from soundstorm.engine.config import ModelConfig
+from soundstorm.kernels.pallas.attention import attention_reference
+from soundstorm.kernels.pallas.embedding import summed_embedding_reference
+
+ROTARY_BASE = 10000.0
+EPS = 1e-5
+
+
+def layer_norm(x: jax.Array, weight: jax.Array, bias: jax.Array) -> jax.Array:
+    """LayerNorm over the last axis, computed in float32, returned in x's dtype."""
+    xf = x.astype(jnp.float32)
+    mean = xf.mean(-1, keepdims=True)
+    var = jnp.square(xf - mean).mean(-1, keepdims=True)
+    y = (xf - mean) * jax.lax.rsqrt(var + EPS) * weight.astype(jnp.float32)
+    return (y + bias.astype(jnp.float32)).astype(x.dtype)
+
+
+def linear(x: jax.Array, weight: jax.Array, bias: jax.Array) -> jax.Array:
+    """x [..., in] @ weight [out, in]^T + bias [out] (torch's layout): accumulated in
+    float32, rounded once to x's dtype."""
+    y = jnp.einsum("...i,oi->...o", x, weight, preferred_element_type=jnp.float32)
+    return (y + bias.astype(jnp.float32)).astype(x.dtype)
+
+
+def rotary_tables(num_frames: int, head_dim: int):
+    """cos, sin float32 [T, head_dim // 2], as `soundstorm.kernels.attention.rotary_tables`."""
+    inv_freq = ROTARY_BASE ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+    angles = jnp.arange(num_frames, dtype=jnp.float32)[:, None] * inv_freq
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def rotate(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """x [B, H, T, dh]: channel pairs (i, i + dh/2) rotated by the frame's angle, in
+    float32 and rounded once to x's dtype (as `soundstorm.kernels.attention.rotate`)."""
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    y = jnp.concatenate((x1 * cos - x2 * sin, x2 * cos + x1 * sin), axis=-1)
+    return y.astype(x.dtype)
+
+
+def conv_inner(h, dw_weight, dw_bias, norm_weight, norm_bias, frame_mask):
+    """GLU, padding zeroed, depthwise conv (dw_weight [K, E]), LayerNorm, swish:
+    [B, T, 2E] -> [B, T, E]."""
+    a, gate = jnp.split(h, 2, axis=-1)
+    x = a * jax.nn.sigmoid(gate) * frame_mask[..., None].astype(h.dtype)
+    K, T = dw_weight.shape[0], x.shape[1]
+    padded = jnp.pad(x, ((0, 0), (K // 2, K // 2), (0, 0)))
+    y = dw_bias + sum(padded[:, k:k + T] * dw_weight[k] for k in range(K))
+    return jax.nn.silu(layer_norm(y, norm_weight, norm_bias))
+
+
+def block(x, p, lengths, frame_mask, cos, sin, heads: int, attention=attention_reference):
+    """One Conformer block: x + FFN/2, + MHSA, + Conv, + FFN/2, LayerNorm. x [B, T, D]."""
+    B, T, D = x.shape
+
+    def ffn(h, name):
+        return linear(jax.nn.silu(linear(h, p[name + ".up.weight"], p[name + ".up.bias"])),
+                      p[name + ".down.weight"], p[name + ".down.bias"])
+
+    x = x + 0.5 * ffn(layer_norm(x, p["ff1.norm.weight"], p["ff1.norm.bias"]), "ff1")
+    h = layer_norm(x, p["attn.norm.weight"], p["attn.norm.bias"])
+    qkv = linear(h, p["attn.qkv.weight"], p["attn.qkv.bias"]).reshape(B, T, 3, heads, -1)
+    q, k, v = jnp.transpose(qkv, (2, 0, 3, 1, 4))
+    y = attention(rotate(q, cos, sin), rotate(k, cos, sin), v, lengths)
+    x = x + linear(jnp.transpose(y, (0, 2, 1, 3)).reshape(B, T, D), p["attn.out.weight"],
+                   p["attn.out.bias"])
+    h = layer_norm(x, p["conv.norm.weight"], p["conv.norm.bias"])
+    h = linear(h, p["conv.pointwise_in.weight"], p["conv.pointwise_in.bias"])
+    h = conv_inner(h, p["conv.depthwise.weight"], p["conv.depthwise.bias"],
+                   p["conv.inner_norm.weight"], p["conv.inner_norm.bias"], frame_mask)
+    x = x + linear(h, p["conv.pointwise_out.weight"], p["conv.pointwise_out.bias"])
+    x = x + 0.5 * ffn(layer_norm(x, p["ff2.norm.weight"], p["ff2.norm.bias"]), "ff2")
+    return layer_norm(x, p["norm.weight"], p["norm.bias"])
+
+
+Op = Callable[..., jax.Array]
+
+
+def hidden(params, config: ModelConfig, semantic: jax.Array, tokens: jax.Array,
+           lengths: jax.Array, embedding: Optional[Op] = None,
+           attention: Optional[Op] = None) -> jax.Array:
+    """Final hidden states float32 [B, T, D] (after the last LayerNorm).
+
+    semantic int32 [B, S]; tokens int32 [B, T, Q] (MASK = codebook_size); lengths int32 [B]
+    real frames per row (1..T). `embedding` and `attention` replace the `jnp` references
+    `summed_embedding_reference` and `attention_reference` (same signatures: the Pallas
+    kernels)."""
+    B, T, _ = tokens.shape
+    num, den = config.semantic_index_fraction()
+    embed = embedding or summed_embedding_reference
+    x = embed(semantic, tokens, params["semantic_embed.weight"],
+              params["acoustic_embed.weight"], num, den)
+    frame_mask = jnp.arange(T)[None, :] < lengths[:, None]
+    cos, sin = rotary_tables(T, config.head_dim)
+
+    def layer(x, p):
+        return block(x, p, lengths, frame_mask, cos, sin, config.heads,
+                     attention or attention_reference), None
+
+    x, _ = jax.lax.scan(layer, x, params["blocks"])
+    return layer_norm(x, params["norm.weight"], params["norm.bias"])
+
+
+def head(params, h: jax.Array, level) -> jax.Array:
+    """Logits float32 [B, T, C] of `level` (1-based; a Python int or a traced int32
+    scalar) from hidden states [B, T, D]: only that level's head is computed."""
+    w = jax.lax.dynamic_index_in_dim(params["head_weight"], level - 1, 0, keepdims=False)
+    b = jax.lax.dynamic_index_in_dim(params["head_bias"], level - 1, 0, keepdims=False)
+    return linear(h, w, b)
+
+
+def forward(params, config: ModelConfig, semantic, tokens, lengths, level,
+            embedding: Optional[Op] = None, attention: Optional[Op] = None) -> jax.Array:
+    """Logits float32 [B, T, C] of `level` (see `hidden` and `head`); level None gives
+    every head, [B, T, Q, C]."""
+    h = hidden(params, config, semantic, tokens, lengths, embedding, attention)
+    if level is None:
+        return jnp.einsum("btd,qcd->btqc", h, params["head_weight"]) + params["head_bias"]
+    return head(params, h, level)
