@@ -419,7 +419,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     rtf = wall / audio_s
     summary = {
         "model": str(source), "backend": engine.backend, "device": str(engine.device),
-        "dtype": str(engine.dtype).replace("torch.", ""), "quantize": engine.quantize,
+        "dtype": str(engine.dtype).replace("torch.", ""),
+        "quantize": getattr(engine, "quantize", None),
         "batch": B, "frames": T,
         "levels": Q, "audio_seconds": audio_s, "forward_passes": passes,
         "wall_seconds": round(wall, 4), "real_time_factor": round(rtf, 4),

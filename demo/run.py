@@ -230,7 +230,7 @@ def run_demo(out: Any = "soundstorm-demo", assets: Any = ASSETS, utterances: int
     report: Dict[str, Any] = {
         "model": {"parameters": cfg.num_parameters(),
                   "config": cfg.to_dict(), "backend": engine.backend,
-                  "quantize": engine.quantize,
+                  "quantize": getattr(engine, "quantize", None),
                   "device": str(engine.device), "threads": torch.get_num_threads()},
         "prompt_seconds": prompt_frames / float(cfg.frame_rate),
         "heldout_voices": [v.name for v in voices],
