@@ -1,10 +1,15 @@
-"""Reading the project's JSON descriptor files (model, codec and tokenizer configs)."""
+"""Reading the project's JSON descriptor files (model, codec and tokenizer configs), and
+writing a model directory (config + checksummed weights)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any, Dict, Type
+
+# safetensors metadata key of the per-tensor sha256 digests (a JSON object).
+CHECKSUM_KEY = "tensor_sha256"
 
 
 def read_format_json(path: Any, format_name: str, format_version: int, what: str,
@@ -39,3 +44,32 @@ def read_tensor(path: Any, key: str):
             return f.get_tensor(key)
     except SafetensorError as e:
         raise ValueError(f"{path} is not a valid safetensors file: {e}") from None
+
+
+def tensor_sha256(tensor) -> str:
+    """sha256 (hex) of a CPU tensor's bytes as safetensors stores them (C order)."""
+    import torch
+
+    data = tensor.contiguous().reshape(-1).view(torch.uint8).numpy()
+    return hashlib.sha256(data).hexdigest()
+
+
+def write_model_dir(directory: Any, config: Dict[str, Any], state: Dict[str, Any],
+                    format_name: str, config_file: str, weights_file: str) -> Path:
+    """Write `config` (JSON) and `state` (safetensors, with the sha256 of every tensor in
+    its metadata under CHECKSUM_KEY) into `directory` (created if needed). Each file is
+    written under a temporary name, then renamed, the config last: a crash never leaves a
+    half-written model."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    checksums = {k: tensor_sha256(v) for k, v in state.items()}
+    metadata = {"format": format_name, CHECKSUM_KEY: json.dumps(checksums, sort_keys=True)}
+    tmp_w, tmp_c = directory / (weights_file + ".tmp"), directory / (config_file + ".tmp")
+    save_file(state, str(tmp_w), metadata=metadata)
+    tmp_c.write_text(json.dumps(config, indent=2) + "\n")
+    tmp_w.replace(directory / weights_file)
+    tmp_c.replace(directory / config_file)
+    return directory

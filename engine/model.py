@@ -5,7 +5,6 @@ Conformer, one output head per RVQ level. Plain PyTorch; the fused ops are calle
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -16,7 +15,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from soundstorm.engine.config import ModelConfig
-from soundstorm.engine.files import read_format_json
+from soundstorm.engine.files import (CHECKSUM_KEY, read_format_json, tensor_sha256,
+                                     write_model_dir)
 from soundstorm.kernels import Ops, get_ops
 
 CONFIG_FILE = "config.json"
@@ -25,7 +25,6 @@ FORMAT_NAME = "soundstorm"
 FORMAT_VERSION = 1
 # safetensors metadata key of the weights' checksums: a JSON object {tensor name: sha256
 # of the tensor's bytes as stored}, written by `save_pretrained`, verified on load.
-CHECKSUM_KEY = "tensor_sha256"
 # The tensor dtypes a weights file may hold, by their safetensors names.
 WEIGHT_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32,
                  "F64": torch.float64}
@@ -224,27 +223,15 @@ class SoundStorm(nn.Module):
     def save_pretrained(self, directory: Union[str, Path]) -> Path:
         """Write `config.json` and `model.safetensors` (float weights as they are, with the
         sha256 of every tensor in the file's metadata, checked by `from_pretrained`)."""
-        from safetensors.torch import save_file
-
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         quantised = next((k for k, v in state.items() if not v.is_floating_point()), None)
         if quantised is not None:
             raise ValueError(f"this model is int8-quantised ({quantised!r} is "
                              f"{state[quantised].dtype}); weights are saved in float: "
                              f"save the float model it was quantised from")
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
         config = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION,
                   "model": self.config.to_dict()}
-        checksums = {k: tensor_sha256(v) for k, v in state.items()}
-        metadata = {"format": FORMAT_NAME, CHECKSUM_KEY: json.dumps(checksums, sort_keys=True)}
-        # Write to temporary names, then rename: a crash never leaves a half-written model.
-        tmp_w, tmp_c = directory / (WEIGHTS_FILE + ".tmp"), directory / (CONFIG_FILE + ".tmp")
-        save_file(state, str(tmp_w), metadata=metadata)
-        tmp_c.write_text(json.dumps(config, indent=2) + "\n")
-        tmp_w.replace(directory / WEIGHTS_FILE)
-        tmp_c.replace(directory / CONFIG_FILE)
-        return directory
+        return write_model_dir(directory, config, state, FORMAT_NAME, CONFIG_FILE, WEIGHTS_FILE)
 
     @classmethod
     def from_pretrained(cls, directory: Union[str, Path], device: Union[str, torch.device, None] = None,
@@ -278,12 +265,6 @@ def expected_shapes(config: ModelConfig) -> Dict[str, Tuple[int, ...]]:
             for i in range(config.depth):
                 shapes.update((f"blocks.{i}.{k}", shape) for k, shape in block.items())
     return shapes
-
-
-def tensor_sha256(tensor: torch.Tensor) -> str:
-    """sha256 (hex) of a CPU tensor's bytes as safetensors stores them (C order)."""
-    data = tensor.contiguous().reshape(-1).view(torch.uint8).numpy()
-    return hashlib.sha256(data).hexdigest()
 
 
 def read_weights(directory: Union[str, Path], config: ModelConfig,

@@ -24,7 +24,6 @@ model (names, shapes, dtypes, sha256 checksums, finite values); nothing is pickl
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 from dataclasses import dataclass
@@ -35,13 +34,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from soundstorm.engine.files import read_format_json
+from soundstorm.engine.files import (CHECKSUM_KEY, read_format_json, tensor_sha256,
+                                     write_model_dir)
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 FORMAT_NAME = "soundstorm-text-to-semantic"
 FORMAT_VERSION = 1
-CHECKSUM_KEY = "tensor_sha256"
 WEIGHT_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32,
                  "F64": torch.float64}
 
@@ -298,21 +297,10 @@ class TextToSemantic(nn.Module):
     def save_pretrained(self, directory: Union[str, Path]) -> Path:
         """Write config.json and model.safetensors (with the sha256 of every tensor in the
         file's metadata), each under a temporary name first, then renamed."""
-        from safetensors.torch import save_file
-
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
         config = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION,
                   "model": self.config.to_dict()}
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        checksums = {k: _sha256(v) for k, v in state.items()}
-        metadata = {"format": FORMAT_NAME, CHECKSUM_KEY: json.dumps(checksums, sort_keys=True)}
-        tmp_w, tmp_c = directory / (WEIGHTS_FILE + ".tmp"), directory / (CONFIG_FILE + ".tmp")
-        save_file(state, str(tmp_w), metadata=metadata)
-        tmp_c.write_text(json.dumps(config, indent=2) + "\n")
-        tmp_w.replace(directory / WEIGHTS_FILE)
-        tmp_c.replace(directory / CONFIG_FILE)
-        return directory
+        return write_model_dir(directory, config, self.state_dict(), FORMAT_NAME, CONFIG_FILE,
+                               WEIGHTS_FILE)
 
     @classmethod
     def load_config(cls, directory: Union[str, Path]) -> TextModelConfig:
@@ -333,10 +321,6 @@ class TextToSemantic(nn.Module):
         model.load_state_dict(state, assign=True)
         device = torch.device(device) if device is not None else torch.device("cpu")
         return model.to(device=device, dtype=dtype).eval()
-
-
-def _sha256(t: torch.Tensor) -> str:
-    return hashlib.sha256(t.contiguous().reshape(-1).view(torch.uint8).numpy()).hexdigest()
 
 
 def load_text_config(directory: Union[str, Path]) -> TextModelConfig:
@@ -397,7 +381,7 @@ def read_text_weights(directory: Path, config: TextModelConfig) -> Dict[str, tor
                                      "checksum for every tensor: the file is corrupt")
             for key in expected:
                 t = f.get_tensor(key)
-                if checksums is not None and _sha256(t) != checksums[key]:
+                if checksums is not None and tensor_sha256(t) != checksums[key]:
                     raise ValueError(f"{weights}: tensor {key!r} does not match the sha256 "
                                      "checksum recorded when the file was saved: the file "
                                      "is corrupt")
