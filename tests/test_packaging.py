@@ -76,9 +76,22 @@ def test_wheel_builds_without_a_compiler(tmp_path):
     target = tmp_path / "site"
     with zipfile.ZipFile(wheel) as z:
         z.extractall(target)
-    # (what backend "cpp" says without the extension is tested in test_cpp_ops.py: here
-    # the editable install of this checkout would still be found for soundstorm.kernels._C)
-    code = "from soundstorm.kernels import get_ops; print(get_ops('auto').name)"
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                       cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(target)})
-    assert r.returncode == 0 and r.stdout.strip() == "torch", r.stderr
+    # -S: no .pth files, so the editable install of this checkout (which has the extension)
+    # is not found; the wheel's files and the installed dependencies are.
+    import site
+
+    # The installed packages go after the standard library, as site would put them.
+    code = ("import sys; sys.path.insert(0, %r); sys.path.extend(%r)\n"
+            "import soundstorm.kernels as k; from soundstorm.kernels import get_ops\n"
+            "assert k.__file__.startswith(%r), k.__file__\n"
+            "print(get_ops('auto').name)\n"
+            "try:\n    get_ops('cpp')\nexcept RuntimeError as e:\n    print(e)"
+            % (str(target), site.getsitepackages(), str(target)))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    r = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True,
+                       cwd=tmp_path, env=env)
+    assert r.returncode == 0, r.stderr
+    auto, error = r.stdout.strip().split("\n", 1)
+    assert auto == "torch"
+    assert "backend 'cpp' is not available: the C++ extension soundstorm.kernels._C does not " \
+           "import" in error
