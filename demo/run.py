@@ -265,14 +265,15 @@ def run_demo(out: Any = "soundstorm-demo", assets: Any = ASSETS, utterances: int
 
 def format_report(report: Dict[str, Any]) -> str:
     lines = [f"{'schedule':<10} {'steps':<16} {'RTF':>6} {'+vocoder':>9} {'level-1 acc':>12} "
-             f"{'mel dist':>9} {'same spk':>9} {'other spk':>10} {'identified':>10}"]
+             f"{'mel dist':>9} {'same spk':>9} {'other spk':>10} {'identified':>10} {'rank':>5}"]
     for name, s in report["schedules"].items():
         steps = ",".join(map(str, s["steps_per_level"]))
         line = (f"{name:<10} {steps:<16} {s['rtf']:>6.3f} {s['rtf_with_vocoder']:>9.3f} "
                 f"{s['level1_accuracy']:>12.3f} {s['mel_distance_db']:>7.2f}dB")
         if "similarity_prompt_speaker" in s:
             line += (f" {s['similarity_prompt_speaker']:>9.3f} "
-                     f"{s['similarity_other_speakers']:>10.3f} {s['identified']:>10.2f}")
+                     f"{s['similarity_other_speakers']:>10.3f} {s['identified']:>10.2f} "
+                     f"{s['mean_rank']:>5.2f}")
         lines.append(line)
     lines.append(f"codec floor: mel distance {report['codec_mel_distance_db']:.2f} dB "
                  "(ground-truth tokens resynthesised)")
@@ -281,7 +282,8 @@ def format_report(report: Dict[str, Any]) -> str:
         t = sim["ground_truth"]
         lines.append(f"ground truth resynthesis: same speaker {t['similarity_prompt_speaker']:.3f}, "
                      f"others {t['similarity_other_speakers']:.3f}, identified "
-                     f"{t['identified']:.2f}")
+                     f"{t['identified']:.2f}, mean rank {t['mean_rank']:.2f} of "
+                     f"{len(sim['speakers'])}")
     return "\n".join(lines)
 
 
@@ -383,13 +385,16 @@ def _similarity_report(encoder: Any, refs: Dict[str, np.ndarray], rows: List[Dic
         others = np.delete(cos, same)
         return {"same": float(cos[same]), "others": float(others.mean()),
                 "max_other": float(others.max()), "identified": float(cos.argmax() == same),
-                "closest": names[int(cos.argmax())]}
+                "closest": names[int(cos.argmax())],
+                # 1 + the voices nearer than the prompt's own: 1 is identified
+                "rank": int(1 + (others > cos[same]).sum())}
 
     def summary(scores: List[Dict[str, float]]) -> Dict[str, float]:
         return {"similarity_prompt_speaker": round(float(np.mean([s["same"] for s in scores])), 4),
                 "similarity_other_speakers": round(float(np.mean([s["others"] for s in scores])), 4),
                 "similarity_closest_other": round(float(np.mean([s["max_other"] for s in scores])), 4),
-                "identified": round(float(np.mean([s["identified"] for s in scores])), 4)}
+                "identified": round(float(np.mean([s["identified"] for s in scores])), 4),
+                "mean_rank": round(float(np.mean([s["rank"] for s in scores])), 4)}
 
     out = {"speakers": names, "generated": {}}
     for name in rows[0]["schedules"]:
@@ -397,7 +402,8 @@ def _similarity_report(encoder: Any, refs: Dict[str, np.ndarray], rows: List[Dic
         out["generated"][name] = summary(scores)
         for r, sc in zip(rows, scores):  # per utterance: the similarities and the nearest voice
             r["schedules"][name].update(similarity_prompt_speaker=round(sc["same"], 4),
-                                        closest_speaker=sc["closest"])
+                                        closest_speaker=sc["closest"],
+                                        prompt_speaker_rank=sc["rank"])
     out["ground_truth"] = summary([score(c["ground_truth"], r["voice"])
                                    for r, c in zip(rows, clips)])
     return out

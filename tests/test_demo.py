@@ -75,6 +75,10 @@ def test_demo_end_to_end(tiny_assets, tmp_path):
                     "similarity_closest_other"):
             assert -1 <= s[key] <= 1
         assert s["identified"] in (0.0, 0.5, 1.0)
+        # the prompt speaker's rank among all voices: 1 exactly when identified
+        ranks = [u["schedules"][name]["prompt_speaker_rank"] for u in report["utterances"]]
+        assert all(1 <= r <= 12 for r in ranks) and s["mean_rank"] == np.mean(ranks)
+        assert s["identified"] == np.mean([r == 1 for r in ranks])
     assert report["codec_mel_distance_db"] > 0
     assert len(report["speaker_similarity"]["speakers"]) == 12
     assert [u["voice"] for u in report["utterances"]] == report["heldout_voices"]
