@@ -451,6 +451,8 @@ def cmd_info(args: argparse.Namespace) -> int:
 
     target = args.target
     checksum = None
+    if Path(target).is_dir() and _is_text_model(Path(target)):
+        return _info_text_model(Path(target), args.json)
     if Path(target).is_dir():
         # The loader's checks (names, shapes, dtypes, checksums, finite values), one tensor
         # at a time: the model itself is never built.
@@ -483,6 +485,35 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(f"  {key + ':':<20}{value}")
     print(f"  on this CPU:        backends {', '.join(info['cpu_backends'])} (auto picks "
           f"{info['cpu_backends'][0]}); --quantize {' or '.join(info['cpu_quantize'])}")
+    return 0
+
+
+def _is_text_model(directory: Path) -> bool:
+    from soundstorm.engine.text_model import FORMAT_NAME as TEXT_FORMAT
+
+    try:
+        return json.loads((directory / CONFIG_FILE).read_text()).get("format") == TEXT_FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False  # the model loader's own checks name what is wrong
+
+
+def _info_text_model(directory: Path, as_json: bool) -> int:
+    """`info` of a text-to-semantic model directory: every loader check, then its shape."""
+    from soundstorm.engine.text_model import TextToSemantic
+
+    model = TextToSemantic.from_pretrained(directory)
+    params = sum(p.numel() for p in model.parameters())
+    size = (directory / WEIGHTS_FILE).stat().st_size
+    info = {"source": f"text-to-semantic model directory {directory}", "parameters": params,
+            "config": model.config.to_dict(), "weights_bytes": size}
+    if as_json:
+        print(json.dumps(info))
+        return 0
+    print(info["source"])
+    print(f"  parameters: {params:,} ({params / 1e6:.1f}M)")
+    print(f"  weights:    {size / 2**20:.1f} MiB ({WEIGHTS_FILE}), checked")
+    for key, value in info["config"].items():
+        print(f"  {key + ':':<20}{value}")
     return 0
 
 

@@ -98,3 +98,22 @@ def test_info_never_builds_the_model(tmp_path, capsys, monkeypatch):
     code, out = info(capsys, tmp_path, "--json")
     assert code == 0 and json.loads(out)["parameters"] == deep.num_parameters()
     assert len(built) <= 1                     # one block's shapes on meta, never 12 blocks
+
+
+def test_info_describes_a_text_model_directory_after_its_checks(tmp_path, capsys):
+    from soundstorm.engine.text_model import TextModelConfig, TextToSemantic
+
+    torch.manual_seed(0)
+    model = TextToSemantic(TextModelConfig.preset("tiny", semantic_vocab_size=40))
+    model.save_pretrained(tmp_path / "text")
+    code, out = info(capsys, tmp_path / "text")
+    params = sum(p.numel() for p in model.parameters())
+    assert code == 0 and out.startswith(f"text-to-semantic model directory {tmp_path / 'text'}")
+    assert f"parameters: {params:,}" in out and "semantic_vocab_size:40" in out
+    code, out = info(capsys, tmp_path / "text", "--json")
+    assert json.loads(out)["config"] == model.config.to_dict()
+    weights = load_file(str(tmp_path / "text/model.safetensors"))
+    weights.pop(next(iter(weights)))
+    save_file(weights, str(tmp_path / "text/model.safetensors"))
+    err = fails(capsys, tmp_path / "text")
+    assert err.startswith("soundstorm info: error:") and "missing" in err, err
