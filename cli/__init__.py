@@ -721,27 +721,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     # Training subcommands: listed here, parsed and run by soundstorm.training.cli, which
     # is imported only when one of them runs.
-    sub.add_parser("train", add_help=False,
-                   help="train a model on a token corpus (see: soundstorm train --help)")
-    sub.add_parser("synthetic-corpus", add_help=False,
-                   help="write a synthetic token corpus for tests and quick experiments")
-    sub.add_parser("speech-corpus", add_help=False,
-                   help="speak a reproducible espeak-ng corpus (the demo's training data)")
-    sub.add_parser("fit-codec", add_help=False,
-                   help="fit the built-in melrvq codec on audio")
-    sub.add_parser("fit-vocoder", add_help=False,
-                   help="train the melrvq codec's learned vocoder on audio")
-    sub.add_parser("fit-semantic", add_help=False,
-                   help="fit a semantic tokenizer (mfcc, hubert, w2v-bert k-means) on audio")
-    sub.add_parser("tokenize", add_help=False,
-                   help="audio files -> codec tokens + semantic ids (a training corpus)")
-    sub.add_parser("train-text", add_help=False,
-                   help="train the text-to-semantic model on a corpus with transcripts")
+    for name, text in TRAINING_HELP.items():
+        sub.add_parser(name, add_help=False, help=text)
     return parser
 
 
-TRAINING_COMMANDS = ("train", "synthetic-corpus", "speech-corpus", "fit-codec", "fit-vocoder",
-                     "fit-semantic", "tokenize", "train-text")
+TRAINING_HELP = {
+    "train": "train a model on a token corpus (see: soundstorm train --help)",
+    "synthetic-corpus": "write a synthetic token corpus for tests and quick experiments",
+    "speech-corpus": "speak a reproducible espeak-ng corpus (the demo's training data)",
+    "fit-codec": "fit the built-in melrvq codec on audio",
+    "fit-vocoder": "train the melrvq codec's learned vocoder on audio",
+    "fit-semantic": "fit a semantic tokenizer (mfcc, hubert, w2v-bert k-means) on audio",
+    "tokenize": "audio files -> codec tokens + semantic ids (a training corpus)",
+    "train-text": "train the text-to-semantic model on a corpus with transcripts",
+}
+TRAINING_COMMANDS = tuple(TRAINING_HELP)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

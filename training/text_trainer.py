@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from soundstorm.engine.text_model import WEIGHTS_FILE, TextModelConfig, TextToSemantic
+from soundstorm.engine.text_model import TextModelConfig, TextToSemantic
 from soundstorm.training import distributed as dist_utils
 from soundstorm.training.checkpoint import load_checkpoint, save_checkpoint
 from soundstorm.training.corpus import corpus_fingerprint
@@ -39,7 +39,8 @@ from soundstorm.training.text_data import (IGNORE, TEXTS_FILE, PairSampler, coll
 from soundstorm.training.trainer import (METRICS_FILE, TrainingDivergedError,
                                          TrainingSetupError, _append_metrics,
                                          _nonfinite_tensor, agree_on_resume,
-                                         load_resume_checkpoint, open_run_dir, read_metrics)
+                                         finished_run, load_resume_checkpoint, open_run_dir,
+                                         read_metrics)
 
 VAL_SEED_OFFSET = 0x7A1
 
@@ -179,11 +180,7 @@ class TextTrainer:
             epoch, done_in_epoch = state["data"]["epoch"], state["data"]["batches_done"]
         export = self.out / "model"
         if step >= cfg.steps:
-            if d.is_main and not (export / WEIGHTS_FILE).is_file():
-                model.save_pretrained(export)
-            dist_utils.barrier(d)
-            return {"step": step, "steps": cfg.steps, "steps_run": 0, "model": str(export),
-                    "train": None, "validation": None, "out": str(self.out)}
+            return finished_run(model, export, step, cfg.steps, self.out, d)
         open_run_dir(self.out, self.ckpt_dir, self.broken, cfg.to_dict(), step, d)
         start_step = step
         net = model if not d.distributed else DistributedDataParallel(

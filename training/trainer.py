@@ -273,11 +273,7 @@ class Trainer:
             load_init_weights(model, cfg.init_from)
         export = self.out / "model"
         if step >= cfg.steps:
-            if d.is_main and not (export / WEIGHTS_FILE).is_file():
-                model.save_pretrained(export)
-            dist_utils.barrier(d)
-            return {"step": step, "steps": cfg.steps, "steps_run": 0, "model": str(export),
-                    "train": None, "validation": None, "out": str(self.out)}
+            return finished_run(model, export, step, cfg.steps, self.out, d)
         open_run_dir(self.out, self.ckpt_dir, self.broken, cfg.to_dict(), step, d)
         start_step = step
 
@@ -447,6 +443,17 @@ def config_path(out: Path, step: int) -> Path:
     while path.exists():
         path, n = out / f"{base}.{n}.json", n + 1
     return path
+
+
+def finished_run(model: Any, export: Path, step: int, steps: int, out: Path,
+                 info: DistInfo) -> Dict[str, Any]:
+    """A run already at its target `steps`: rank 0 exports the model if it is not there
+    yet, every rank waits, and the summary says no step ran."""
+    if info.is_main and not (export / WEIGHTS_FILE).is_file():
+        model.save_pretrained(export)
+    dist_utils.barrier(info)
+    return {"step": step, "steps": steps, "steps_run": 0, "model": str(export),
+            "train": None, "validation": None, "out": str(out)}
 
 
 def open_run_dir(out: Path, ckpt_dir: Path, broken: List[Tuple[Path, str]],
