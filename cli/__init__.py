@@ -576,7 +576,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     run_demo(args.out, assets=args.assets or ASSETS, utterances=args.utterances,
              prompt_seconds=args.prompt_seconds, max_seconds=args.max_seconds, seed=args.seed,
              ablation=args.ablation, speaker_similarity=args.speaker_similarity,
-             progress=not args.quiet, backend=args.backend, quantize=args.quantize)
+             wer=args.wer, progress=not args.quiet, backend=args.backend,
+             quantize=args.quantize)
     return 0
 
 
@@ -694,7 +695,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "ids and a 3 s prompt of a voice it never heard. Writes the prompt, "
                     "original, codec resynthesis and generated audio as WAV, their "
                     "spectrograms as a PNG, and a report (real-time factor, speaker "
-                    "similarity, spectrogram distance, token accuracy, decoding ablation).",
+                    "similarity and rank among all the corpus's voices, word error rate, "
+                    "spectrogram distance, token accuracy, decoding ablation).",
         epilog="example: soundstorm demo --out soundstorm-demo/")
     d.add_argument("--out", default="soundstorm-demo", metavar="DIR",
                    help="output folder (default ./soundstorm-demo/)")
@@ -707,6 +709,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decode with the default schedule only")
     d.add_argument("--no-speaker-similarity", dest="speaker_similarity", action="store_false",
                    help="skip the resemblyzer speaker-similarity scores")
+    d.add_argument("--no-wer", dest="wer", action="store_false",
+                   help="skip the pocketsphinx word error rates")
     d.add_argument("--assets", metavar="DIR",
                    help="another demo assets directory (model/, codec/, semantic/, demo.json)")
     d.add_argument("--backend", default="torch",

@@ -52,6 +52,9 @@ def export_assets(work: Any, dest: Any = ASSETS) -> Dict[str, Any]:
         "corpus_minutes": corpus["train"]["minutes"],
         "corpus_voices": [v["name"] for v in corpus["voices"] if not v["heldout"]],
         "heldout_voices": held["voices"],
+        # Every voice whole (accent and variant, pitch, speed, formant warp), so that the
+        # demo can speak in any of them again.
+        "voices": corpus["voices"],
         "heldout_stream_offset": held["stream_offset"],
         "heldout_sentences_used": held["utterances"],
         "espeak_version": corpus["espeak_version"],
@@ -66,6 +69,11 @@ def export_assets(work: Any, dest: Any = ASSETS) -> Dict[str, Any]:
     }
     if (work / "text-run/model").is_dir():
         settings["text_model"] = export_text_model(work, dest)
+    times = work / "stage-times.tsv"
+    if times.is_file():  # reproduce.sh's seconds per stage (the last run of each)
+        stages = dict(line.split("\t") for line in times.read_text().splitlines()
+                      if line.count("\t") == 1)
+        settings["stage_seconds"] = {k: int(v) for k, v in stages.items() if v.isdigit()}
     (dest / "demo.json").write_text(json.dumps(settings, indent=1) + "\n")
     return settings
 

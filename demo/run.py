@@ -1,7 +1,7 @@
 """`soundstorm demo`: generate speech in held-out voices with the shipped model and measure it.
 
 For each of a few held-out utterances (sentences the model never saw, spoken by one of the
-two voices held out of training), the demo
+voices held out of training), the demo
 
 1. speaks the sentence with espeak-ng (the ground truth) and tokenizes it: semantic ids
    (what is said) and codec tokens (how it sounds);
@@ -16,9 +16,13 @@ as `report.json`):
 
 - real-time factor of the generation (model only, and with the codec's Griffin-Lim);
 - voice preservation: the cosine similarity of speaker embeddings (resemblyzer) between
-  the generated audio and the prompt's speaker, against the similarity to the 11 other
-  speakers, and how often the prompt's speaker is the closest of all 12 (every speaker's
-  reference passes through the codec too, so the codec's own sound is common to all);
+  the generated audio and the prompt's speaker, against the similarity to every other voice
+  of the corpus (held-out and training), and the rank of the prompt's speaker among them
+  (1: the nearest of all; every voice's reference passes through the codec too, so the
+  codec's own sound is common to all);
+- intelligibility: the word error rate of an offline recogniser (pocketsphinx, its search
+  constrained to the corpus's sentences) on the original speech, its codec resynthesis and
+  the generated speech;
 - the distance of the generated log-mel spectrogram to the original's, next to the
   codec's own distance (its floor), and the token accuracy per level (level 1 first);
 - the paper's decoding ablation on this model: its default schedule (16, 1, ..., 1)
@@ -99,19 +103,20 @@ def run_demo(out: Any = "soundstorm-demo", assets: Any = ASSETS, utterances: int
              prompt_seconds: float = 3.0, max_seconds: float = 6.0, seed: int = 0,
              ablation: bool = True, speaker_similarity: bool = True, progress: bool = True,
              log: Callable[[str], None] = print, backend: str = "torch",
-             quantize: Optional[str] = None) -> Dict[str, Any]:
+             quantize: Optional[str] = None, wer: bool = True) -> Dict[str, Any]:
     """Run the demo and write its files to `out`; returns the report.
 
     utterances:     held-out sentences to generate (alternating the held-out voices).
     prompt_seconds: length of the voice prompt.
     max_seconds:    held-out sentences are cut to at most this long.
     ablation:       also decode with the greedy and more-iterations schedules.
-    speaker_similarity: score voice preservation with resemblyzer (needs it installed).
+    speaker_similarity: score voice preservation with resemblyzer (needs it installed)
+                    against every voice of the corpus.
+    wer:            score intelligibility with pocketsphinx (needs it installed).
     backend, quantize: the engine's (see `Engine`); the shipped figures are backend "torch"
                     in float32.
     """
-    from soundstorm.training.speech_corpus import (VOICES, sentences, speak, require_espeak,
-                                                   voice_by_name)
+    from soundstorm.training.speech_corpus import sentences, speak, require_espeak
 
     for name, value, least in (("utterances", utterances, 1), ("seed", seed, 0)):
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
@@ -122,6 +127,7 @@ def run_demo(out: Any = "soundstorm-demo", assets: Any = ASSETS, utterances: int
             raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
     require_espeak()
     encoder = _speaker_encoder() if speaker_similarity else None
+    recognise = _recogniser() if wer else None
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     engine, codec, semantic, settings = load_assets(assets, backend=backend, quantize=quantize)
@@ -136,7 +142,8 @@ def run_demo(out: Any = "soundstorm-demo", assets: Any = ASSETS, utterances: int
         raise ValueError(f"prompt_seconds={prompt_seconds} leaves no room for a target in the "
                          f"model's {cfg.max_frames} frames")
 
-    voices = [voice_by_name(v) for v in settings["heldout_voices"]]
+    all_voices = demo_voices(settings)
+    voices = [all_voices[v] for v in settings["heldout_voices"]]
     texts = sentences(settings["corpus_seed"] + settings["heldout_stream_offset"])
     # Sentences drawn from the corpus's held-out stream, past those the corpus spoke.
     texts = itertools.islice(texts, settings["heldout_sentences_used"], None)
@@ -169,7 +176,10 @@ def run_demo(out: Any = "soundstorm-demo", assets: Any = ASSETS, utterances: int
     (out / "utterances").mkdir(exist_ok=True)
     bar = tqdm(targets, desc="demo", unit="utt", disable=not progress)
     for j, (voice, text) in enumerate(bar):
-        original = speak(text, voice)[: max_frames * codec.hop_length]
+        spoken = speak(text, voice)
+        original = spoken[: max_frames * codec.hop_length]
+        # a sentence cut short is not scored for its words (the audio lacks some of them)
+        scored = recognise is not None and len(original) == len(spoken)
         truth = codec.encode(original, sr)[0]
         frames = truth.shape[0]
         ids = _semantic_ids(semantic, original, sr)
@@ -183,6 +193,11 @@ def run_demo(out: Any = "soundstorm-demo", assets: Any = ASSETS, utterances: int
                                "seconds": round(frames / float(cfg.frame_rate), 3),
                                "schedules": {}}
         features_truth = codec.log_mel(torch.from_numpy(original)[None])[0][:frames]
+        row["cut"] = len(original) < len(spoken)
+        if scored:
+            row["words"] = len(_words(text))
+            row["recognised"] = {k: " ".join(recognise(a)) for k, a in
+                                 (("original", original), ("ground_truth", truth_audio))}
         row["codec_mel_distance_db"] = _mel_distance(codec.dequantize(truth[None])[0],
                                                      features_truth)
         for name, steps in schedules.items():
@@ -208,6 +223,10 @@ def run_demo(out: Any = "soundstorm-demo", assets: Any = ASSETS, utterances: int
                 "mel_distance_db": _mel_distance(codec.dequantize(generated[None])[0],
                                                  features_truth),
             }
+            if scored:
+                heard = recognise(audio)
+                result.update(recognised=" ".join(heard),
+                              word_errors=_word_errors(_words(text), heard))
             if name == "default":
                 _write_wav(out / "utterances" / f"{j:02d}-{voice.name}-generated.wav", audio, sr)
                 _write_wav(out / "utterances" / f"{j:02d}-{voice.name}-ground_truth.wav",
@@ -234,11 +253,24 @@ def run_demo(out: Any = "soundstorm-demo", assets: Any = ASSETS, utterances: int
                   "device": str(engine.device), "threads": torch.get_num_threads()},
         "prompt_seconds": prompt_frames / float(cfg.frame_rate),
         "heldout_voices": [v.name for v in voices],
+        "voices": len(all_voices),
         "schedules": {}, "utterances": [],
     }
     if encoder is not None:
-        refs = _speaker_references(encoder, VOICES, texts, speak, codec)
+        refs = _speaker_references(encoder, list(all_voices.values()), [next(texts), next(texts)],
+                                   speak, codec, progress)
         report["speaker_similarity"] = _similarity_report(encoder, refs, rows, clips)
+    heard = [r for r in rows if "words" in r]
+    if heard:  # word error rates over the utterances spoken whole
+        words = sum(r["words"] for r in heard)
+        report["wer"] = {
+            "utterances": len(heard), "words": words,
+            **{k: round(sum(_word_errors(_words(r["text"]), r["recognised"][k].split())
+                            for r in heard) / words, 4) for k in ("original", "ground_truth")},
+            "generated": {name: round(sum(r["schedules"][name]["word_errors"] for r in heard)
+                                      / words, 4) for name in schedules}}
+    elif recognise is not None:
+        log(f"no word error rate: every sentence was cut to max_seconds={max_seconds}")
     for name in schedules:
         per = [r["schedules"][name] for r in rows]
         acc = np.mean([s["token_accuracy"] for s in per], axis=0)
@@ -252,6 +284,8 @@ def run_demo(out: Any = "soundstorm-demo", assets: Any = ASSETS, utterances: int
         }
         if encoder is not None:
             summary.update(report["speaker_similarity"]["generated"][name])
+        if "wer" in report:
+            summary["wer"] = report["wer"]["generated"][name]
         report["schedules"][name] = summary
     report["codec_mel_distance_db"] = round(float(np.mean([r["codec_mel_distance_db"]
                                                            for r in rows])), 3)
@@ -264,8 +298,14 @@ def run_demo(out: Any = "soundstorm-demo", assets: Any = ASSETS, utterances: int
 
 
 def format_report(report: Dict[str, Any]) -> str:
-    lines = [f"{'schedule':<10} {'steps':<16} {'RTF':>6} {'+vocoder':>9} {'level-1 acc':>12} "
-             f"{'mel dist':>9} {'same spk':>9} {'other spk':>10} {'identified':>10} {'rank':>5}"]
+    sim, wer = report.get("speaker_similarity"), report.get("wer")
+    head = (f"{'schedule':<10} {'steps':<16} {'RTF':>6} {'+vocoder':>9} {'level-1 acc':>12} "
+            f"{'mel dist':>9}")
+    if sim:
+        head += f" {'same spk':>9} {'other spk':>10} {'identified':>10} {'rank':>6}"
+    if wer:
+        head += f" {'WER':>6}"
+    lines = [head]
     for name, s in report["schedules"].items():
         steps = ",".join(map(str, s["steps_per_level"]))
         line = (f"{name:<10} {steps:<16} {s['rtf']:>6.3f} {s['rtf_with_vocoder']:>9.3f} "
@@ -273,21 +313,85 @@ def format_report(report: Dict[str, Any]) -> str:
         if "similarity_prompt_speaker" in s:
             line += (f" {s['similarity_prompt_speaker']:>9.3f} "
                      f"{s['similarity_other_speakers']:>10.3f} {s['identified']:>10.2f} "
-                     f"{s['mean_rank']:>5.2f}")
+                     f"{s['mean_rank']:>6.2f}")
+        if "wer" in s:
+            line += f" {s['wer']:>6.3f}"
         lines.append(line)
     lines.append(f"codec floor: mel distance {report['codec_mel_distance_db']:.2f} dB "
                  "(ground-truth tokens resynthesised)")
-    sim = report.get("speaker_similarity")
     if sim:
         t = sim["ground_truth"]
         lines.append(f"ground truth resynthesis: same speaker {t['similarity_prompt_speaker']:.3f}, "
                      f"others {t['similarity_other_speakers']:.3f}, identified "
                      f"{t['identified']:.2f}, mean rank {t['mean_rank']:.2f} of "
-                     f"{len(sim['speakers'])}")
+                     f"{len(sim['speakers'])} voices")
+    if wer:
+        lines.append(f"word error rate ({wer['utterances']} utterances, {wer['words']} words): "
+                     f"original espeak-ng "
+                     f"{wer['original']:.3f}, codec resynthesis {wer['ground_truth']:.3f}")
     return "\n".join(lines)
 
 
+def demo_voices(settings: Dict[str, Any]) -> Dict[str, Any]:
+    """Every voice of the demo's corpus by name (a `speech_corpus.Voice` each): the voices
+    demo.json lists (accent and variant, pitch, speed, formant warp; held-out or not), or,
+    for settings that list none, the corpus's twelve fixed voices."""
+    from dataclasses import fields
+
+    from soundstorm.training.speech_corpus import VOICES, Voice
+
+    listed = settings.get("voices")
+    if listed is None:
+        return {v.name: v for v in VOICES}
+    names = {f.name for f in fields(Voice)}
+    kinds = {"name": (str, "a string"), "espeak": (str, "a string"),
+             "pitch": (int, "an integer"), "speed": (int, "an integer"),
+             "heldout": (bool, "true or false"), "warp": ((int, float), "a number")}
+    if not isinstance(listed, list) or not listed:
+        raise ValueError(f"demo settings: 'voices' must be a non-empty list of voices, got "
+                         f"{type(listed).__name__}")
+    voices = {}
+    for i, entry in enumerate(listed):
+        if not isinstance(entry, dict) or not {"name", "espeak", "pitch", "speed"} <= set(entry) \
+                or set(entry) - names:
+            raise ValueError(f"demo settings: voices[{i}] must be an object with name, espeak, "
+                             f"pitch, speed (and optionally heldout, warp), got {entry!r}")
+        for key, (kind, what) in kinds.items():
+            value = entry.get(key)
+            if key in entry and (not isinstance(value, kind) or
+                                 (kind is not bool and isinstance(value, bool))):
+                raise ValueError(f"demo settings: voices[{i}].{key} = {value!r} is not {what}")
+        if entry["name"] in voices:
+            raise ValueError(f"demo settings: voice {entry['name']!r} is listed twice")
+        voices[entry["name"]] = Voice(**entry)
+    missing = [v for v in settings.get("heldout_voices", []) if v not in voices]
+    if missing:
+        raise ValueError(f"demo settings: held-out voices {missing} are not among its voices")
+    return voices
+
+
 # -- pieces -----------------------------------------------------------------------------
+def _recogniser():
+    from soundstorm.demo.wer import Recogniser, corpus_vocabulary
+
+    try:
+        return Recogniser(corpus_vocabulary())
+    except RuntimeError as e:
+        raise RuntimeError(f"{e} (or pass wer=False / --no-wer)") from None
+
+
+def _words(text: str) -> List[str]:
+    from soundstorm.demo.wer import normalise
+
+    return normalise(text)
+
+
+def _word_errors(ref: List[str], hyp: List[str]) -> int:
+    from soundstorm.demo.wer import word_errors
+
+    return word_errors(ref, hyp)
+
+
 def _semantic_ids(semantic: Any, audio: np.ndarray, sr: int) -> torch.Tensor:
     ids = semantic.tokenize(audio, sr)
     return torch.as_tensor(ids, dtype=torch.int64).reshape(-1)
@@ -359,17 +463,24 @@ def _embed(encoder: Any, audio: np.ndarray, sr: int = 16000) -> np.ndarray:
     return encoder.embed_utterance(wav)
 
 
-def _speaker_references(encoder: Any, voices: Sequence, texts, speak,
-                        codec: Any) -> Dict[str, np.ndarray]:
-    """One embedding per speaker, from two sentences no other part of the demo uses, passed
+def _speaker_references(encoder: Any, voices: Sequence, ref_texts: Sequence[str], speak,
+                        codec: Any, progress: bool = True) -> Dict[str, np.ndarray]:
+    """One embedding per voice, from sentences no other part of the demo uses, passed
     through the codec like everything they are compared with (so that the codec's own
-    sound is common to all and only the voices differ)."""
-    ref_texts = [next(texts), next(texts)]
+    sound is common to all and only the voices differ). espeak-ng and the formant warp run
+    on a few threads; the codec and the speaker encoder take the voices in turn."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def spoken(v):
+        return np.concatenate([speak(t, v) for t in ref_texts])
+
     refs = {}
-    for v in voices:
-        audio = np.concatenate([speak(t, v) for t in ref_texts])
-        resynth = codec.decode(codec.encode(audio, codec.sample_rate))[0].numpy()
-        refs[v.name] = _embed(encoder, resynth)
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        for v, audio in zip(voices, tqdm(pool.map(spoken, voices), total=len(voices),
+                                         desc="speaker references", unit="voice",
+                                         disable=not progress)):
+            resynth = codec.decode(codec.encode(audio, codec.sample_rate))[0].numpy()
+            refs[v.name] = _embed(encoder, resynth)
     return refs
 
 
@@ -409,4 +520,4 @@ def _similarity_report(encoder: Any, refs: Dict[str, np.ndarray], rows: List[Dic
     return out
 
 
-__all__ = ["run_demo", "load_assets", "format_report", "ablation_schedules"]
+__all__ = ["run_demo", "load_assets", "format_report", "ablation_schedules", "demo_voices"]

@@ -224,26 +224,22 @@ def test_dialogue_bad_input(assets, tmp_path, capsys, transcript, voices, match)
 
 
 def test_word_error_measure_and_the_corpus_constrained_recogniser():
-    import sys
-    from pathlib import Path
+    from soundstorm.demo import wer
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-    import tts_quality
-
-    assert tts_quality.word_errors("a b c".split(), "a c d".split()) == 2
-    assert tts_quality.word_errors([], ["x"]) == 1
-    assert tts_quality.normalise("Did Nora see twelve kettles?") == \
+    assert wer.word_errors("a b c".split(), "a c d".split()) == 2
+    assert wer.word_errors([], ["x"]) == 1
+    assert wer.normalise("Did Nora see twelve kettles?") == \
         ["did", "nora", "see", "twelve", "kettles"]
-    grammar = tts_quality.corpus_grammar()
+    grammar = wer.corpus_grammar()
     public = grammar.split("public <s> =")[1]
     assert "<nouns>" in public and not any(c in public for c in ".,?!")
-    assert "\\2-grams:" in tts_quality.corpus_bigram_arpa(samples=200)
+    assert "\\2-grams:" in wer.corpus_bigram_arpa(samples=200)
     pytest.importorskip("pocketsphinx")
     from speech import require_espeak
     require_espeak()
     from soundstorm.training.speech_corpus import speak, voice_by_name
 
-    recognise = tts_quality.Recogniser(tts_quality.corpus_vocabulary())
+    recognise = wer.Recogniser(wer.corpus_vocabulary())
     text = "Nora found the silver kettle near the old station."
     hyp = recognise(speak(text, voice_by_name("us-m1")))
-    assert tts_quality.word_errors(tts_quality.normalise(text), hyp) <= 2, hyp
+    assert wer.word_errors(wer.normalise(text), hyp) <= 2, hyp
