@@ -13,6 +13,12 @@ skips it). Writes results.json, error_vs_q.png and WAV files of a held-out sente
 
     python bench/codec_quality.py --out bench-results/codec-quality
     python bench/codec_quality.py --voices 60 --minutes 10 --vocoder-steps 2000
+    python bench/codec_quality.py --codec demo/codec     # the shipped codec and vocoder
+
+With --codec DIR nothing is fitted: the codec in DIR (with its vocoder, if it has one) is
+scored on sentences spoken by the held-out voices of the demo settings next to it
+(--assets, default the shipped demo), from the held-out text stream past every sentence
+the corpus and the demo use.
 """
 
 from __future__ import annotations
@@ -61,6 +67,45 @@ def lsd_db(a: np.ndarray, b: np.ndarray, sr: int) -> float:
     return float(np.sqrt(np.mean((da - db) ** 2)))
 
 
+def fit(args, codec_dir: Path) -> tuple:
+    """Speak a corpus, fit the codec (and its vocoder) on its training voices: (training
+    clips, held-out clips, held-out audio, fit seconds, vocoder fit seconds)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        train, held_out = speak(Path(tmp), args.minutes, args.voices)
+        t0 = time.perf_counter()
+        fit_melrvq(train, codec_dir, num_quantizers=args.num_quantizers,
+                   codebook_size=args.codebook_size, seed=args.seed)
+        fit_s = time.perf_counter() - t0
+        vocoder_fit_s = None
+        if args.vocoder_steps > 0:
+            t0 = time.perf_counter()
+            fit_vocoder(codec_dir, train, steps=args.vocoder_steps, seed=args.seed)
+            vocoder_fit_s = time.perf_counter() - t0
+        sr = load_codec("melrvq", path=codec_dir, vocoder=False).sample_rate
+        clips = [read_audio(pth, sr)[0] for pth in held_out]
+    return train, held_out, clips, fit_s, vocoder_fit_s
+
+
+def heldout_speech(assets, n: int) -> tuple:
+    """`n` sentences spoken in turn by the held-out voices of the demo settings in `assets`
+    (the shipped demo by default), from the held-out text stream past everything the
+    corpus and the demo use: (voice names, audio)."""
+    import itertools
+
+    from soundstorm.demo import ASSETS
+    from soundstorm.demo.run import demo_voices
+    from soundstorm.training.speech_corpus import sentences, speak as say
+
+    settings = json.loads((Path(assets or ASSETS) / "demo.json").read_text())
+    voices = demo_voices(settings)
+    held = [voices[v] for v in settings["heldout_voices"]]
+    texts = itertools.islice(sentences(settings["corpus_seed"]
+                                       + settings["heldout_stream_offset"]),
+                             settings["heldout_sentences_used"] + 2000, None)
+    chosen = [(held[j % len(held)], next(texts)) for j in range(n)]
+    return [v.name for v, _ in chosen], [say(t, v) for v, t in chosen]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=Path("bench-results/codec-quality"))
@@ -75,29 +120,36 @@ def main() -> None:
     p.add_argument("--vocoder-steps", type=int, default=1500,
                    help="train the learned vocoder this long on the training voices (1500; "
                         "0: Griffin-Lim only)")
+    p.add_argument("--codec", type=Path,
+                   help="score this fitted melrvq codec directory instead of fitting one")
+    p.add_argument("--assets", type=Path,
+                   help="with --codec: demo assets whose held-out voices speak the test "
+                        "sentences (default: the shipped demo)")
+    p.add_argument("--sentences", type=int, default=16,
+                   help="with --codec: held-out sentences to score (16)")
     args = p.parse_args()
-    decoders = DECODERS if args.vocoder_steps > 0 else DECODERS[:1]
+    if args.codec is not None:
+        probe = load_codec("melrvq", path=args.codec)
+        args.num_quantizers, args.codebook_size = probe.num_quantizers, probe.codebook_size
+        args.vocoder_steps = 0
+        decoders = DECODERS if probe.decoder == "vocoder" else DECODERS[:1]
+    else:
+        decoders = DECODERS if args.vocoder_steps > 0 else DECODERS[:1]
     try:
         from pystoi import stoi
     except ImportError:
         stoi = None
     args.out.mkdir(parents=True, exist_ok=True)
 
-    with tempfile.TemporaryDirectory() as tmp:
-        train, held_out = speak(Path(tmp), args.minutes, args.voices)
+    if args.codec is not None:
+        codec_dir, fit_s, vocoder_fit_s = args.codec, None, None
+        train, (held_out, clips) = [], heldout_speech(args.assets, args.sentences)
+        args.minutes, args.voices = None, len(set(held_out))
+    else:
         codec_dir = args.out / "melrvq"
-        t0 = time.perf_counter()
-        fit_melrvq(train, codec_dir, num_quantizers=args.num_quantizers,
-                   codebook_size=args.codebook_size, seed=args.seed)
-        fit_s = time.perf_counter() - t0
-        vocoder_fit_s = None
-        if args.vocoder_steps > 0:
-            t0 = time.perf_counter()
-            fit_vocoder(codec_dir, train, steps=args.vocoder_steps, seed=args.seed)
-            vocoder_fit_s = time.perf_counter() - t0
-        full = load_codec("melrvq", path=codec_dir, vocoder=False)
-        sr = full.sample_rate
-        clips = [read_audio(pth, sr)[0] for pth in held_out]
+        train, held_out, clips, fit_s, vocoder_fit_s = fit(args, codec_dir)
+    full = load_codec("melrvq", path=codec_dir, vocoder=False)
+    sr = full.sample_rate
     seconds = sum(len(c) for c in clips) / sr
 
     import soundfile as sf
@@ -160,6 +212,7 @@ def main() -> None:
               "train_clips": len(train), "held_out_clips": len(held_out),
               "train_minutes": args.minutes, "voices": args.voices or len(VOICES),
               "vocoder_steps": args.vocoder_steps,
+              "codec": str(args.codec) if args.codec is not None else None,
               "per_q": rows, "griffin_lim_ceiling": ceilings["griffin-lim"],
               "vocoder_ceiling": ceilings.get("vocoder"), "speed": speed}
     (args.out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -191,8 +244,13 @@ def plot(result: dict, path: Path) -> None:
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.suptitle(f"melrvq, C={result['codebook_size']}, fit on {result['train_minutes']:g} min "
-                 f"of espeak-ng speech ({result['voices']} voices), scored on held-out voices")
+    if result.get("codec"):
+        fig.suptitle(f"melrvq codec {result['codec']}, C={result['codebook_size']}, scored on "
+                     f"{result['held_out_clips']} sentences of {result['voices']} held-out voices")
+    else:
+        fig.suptitle(f"melrvq, C={result['codebook_size']}, fit on {result['train_minutes']:g} "
+                     f"min of espeak-ng speech ({result['voices']} voices), scored on held-out "
+                     f"voices")
     fig.tight_layout()
     tmp = path.with_suffix(".tmp.png")
     fig.savefig(tmp, dpi=100)
