@@ -41,7 +41,8 @@ def export_assets(work: Any, dest: Any = ASSETS) -> Dict[str, Any]:
         if (dest / part).exists():
             shutil.rmtree(dest / part)
     model.save_pretrained(dest / "model")
-    shutil.copytree(work / "codec", dest / "codec")
+    # the codec with its vocoder (and the vocoder's training record, not its plot)
+    shutil.copytree(work / "codec", dest / "codec", ignore=shutil.ignore_patterns("*.png"))
     shutil.copytree(work / "semantic", dest / "semantic")
     records = read_metrics(work / "run/metrics.jsonl")
     train = [r for r in records if "loss" in r]

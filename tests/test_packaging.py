@@ -27,6 +27,7 @@ def test_wheel_maps_the_top_level_folders_into_soundstorm(tmp_path):
                    "soundstorm/demo/demo.json", "soundstorm/demo/model/config.json",
                    "soundstorm/demo/model/model.safetensors",
                    "soundstorm/demo/codec/codebooks.safetensors",
+                   "soundstorm/demo/codec/vocoder.safetensors", "soundstorm/demo/wer.py",
                    "soundstorm/demo/semantic/semantic.json",
                    "soundstorm/demo/text-model/model.safetensors",
                    "soundstorm/demo/text-model/config.json",
