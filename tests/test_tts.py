@@ -11,7 +11,6 @@ import pytest
 import soundfile as sf
 import torch
 
-from soundstorm.cli import main
 from soundstorm.demo import ASSETS
 from soundstorm.engine import Engine, ModelConfig, SoundStorm
 from soundstorm.engine.codecs import load_codec
