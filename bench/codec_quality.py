@@ -106,7 +106,7 @@ def heldout_speech(assets, n: int) -> tuple:
     return [v.name for v, _ in chosen], [say(t, v) for v, t in chosen]
 
 
-def main() -> None:
+def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=Path("bench-results/codec-quality"))
     p.add_argument("--num-quantizers", type=int, default=8)
@@ -127,7 +127,7 @@ def main() -> None:
                         "sentences (default: the shipped demo)")
     p.add_argument("--sentences", type=int, default=16,
                    help="with --codec: held-out sentences to score (16)")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.codec is not None:
         probe = load_codec("melrvq", path=args.codec)
         args.num_quantizers, args.codebook_size = probe.num_quantizers, probe.codebook_size

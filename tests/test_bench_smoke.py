@@ -283,3 +283,22 @@ def test_cpu_speed_compares_the_cpu_variants_side_by_side(capsys, tmp_path):
     assert r["batch"] == 2 and r["clock"] == "process CPU time"
     assert r["variants"]["torch-float32"]["speedup_over_torch_float32"] == 1.0
     assert all(v["fraction_of_int8_matmul"] > 0 for v in r["variants"].values())
+
+
+def test_codec_quality_scores_a_fitted_codec_with_both_decoders(tmp_path):
+    """--codec: the shipped codec on a held-out voice's sentence, Griffin-Lim and vocoder."""
+    pytest.importorskip("pystoi")
+    from speech import require_espeak
+    require_espeak()
+    import codec_quality
+    from soundstorm.demo import ASSETS
+
+    codec_quality.main(["--codec", str(ASSETS / "codec"), "--sentences", "1",
+                        "--out", str(tmp_path)])
+    r = json.loads((tmp_path / "results.json").read_text())
+    assert [row["q"] for row in r["per_q"]] == list(range(1, r["num_quantizers"] + 1))
+    for row in r["per_q"]:
+        assert {"lsd_db", "stoi", "vocoder_lsd_db", "vocoder_stoi"} <= set(row)
+    assert r["vocoder_ceiling"]["stoi"] > 0 and r["held_out_clips"] == 1
+    assert r["speed"]["vocoder_decode_rtf"] > 0 and r["speed"]["griffin-lim_decode_rtf"] > 0
+    assert (tmp_path / "error_vs_q.png").read_bytes()[:4] == b"\x89PNG"
