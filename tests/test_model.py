@@ -343,6 +343,6 @@ def test_files_without_checksums_still_load(tmp_path, model64):
 
 def test_the_shipped_demo_model_loads_as_stored():
     config, verified = check_pretrained(DEMO_MODEL)
-    assert not verified                               # exported before checksums existed
+    assert verified                                   # exported with its tensors' checksums
     model = SoundStorm.from_pretrained(DEMO_MODEL)
     assert model.config == config and model.head_weight.dtype == torch.float16
