@@ -14,7 +14,8 @@ generated audio as WAV, their spectrograms side by side as a PNG, every utteranc
 generated and resynthesised audio under `utterances/`, and a report (printed, and saved
 as `report.json`):
 
-- real-time factor of the generation (model only, and with the codec's Griffin-Lim);
+- real-time factor of the generation (model only, and with the codec's decoder: its
+  learned vocoder, or Griffin-Lim);
 - voice preservation: the cosine similarity of speaker embeddings (resemblyzer) between
   the generated audio and the prompt's speaker, against the similarity to every other voice
   of the corpus (held-out and training), and the rank of the prompt's speaker among them
@@ -45,6 +46,7 @@ import torch
 from tqdm.auto import tqdm
 
 from soundstorm.demo import ASSETS
+from soundstorm.demo.wer import normalise, word_errors
 from soundstorm.engine.config import DecodeConfig
 
 DEMO_FILE = "demo.json"
@@ -179,7 +181,9 @@ def run_demo(out: Any = "soundstorm-demo", assets: Any = ASSETS, utterances: int
         spoken = speak(text, voice)
         original = spoken[: max_frames * codec.hop_length]
         # a sentence cut short is not scored for its words (the audio lacks some of them)
-        scored = recognise is not None and len(original) == len(spoken)
+        cut = len(original) < len(spoken)
+        scored = recognise is not None and not cut
+        reference = normalise(text)
         truth = codec.encode(original, sr)[0]
         frames = truth.shape[0]
         ids = _semantic_ids(semantic, original, sr)
@@ -191,13 +195,14 @@ def run_demo(out: Any = "soundstorm-demo", assets: Any = ASSETS, utterances: int
         row_clips = {"ground_truth": truth_audio}
         row: Dict[str, Any] = {"voice": voice.name, "text": text,
                                "seconds": round(frames / float(cfg.frame_rate), 3),
-                               "schedules": {}}
+                               "cut": cut, "schedules": {}}
         features_truth = codec.log_mel(torch.from_numpy(original)[None])[0][:frames]
-        row["cut"] = len(original) < len(spoken)
         if scored:
-            row["words"] = len(_words(text))
-            row["recognised"] = {k: " ".join(recognise(a)) for k, a in
-                                 (("original", original), ("ground_truth", truth_audio))}
+            heard = {k: recognise(a) for k, a in (("original", original),
+                                                  ("ground_truth", truth_audio))}
+            row.update(words=len(reference),
+                       recognised={k: " ".join(h) for k, h in heard.items()},
+                       word_errors={k: word_errors(reference, h) for k, h in heard.items()})
         row["codec_mel_distance_db"] = _mel_distance(codec.dequantize(truth[None])[0],
                                                      features_truth)
         for name, steps in schedules.items():
@@ -224,9 +229,8 @@ def run_demo(out: Any = "soundstorm-demo", assets: Any = ASSETS, utterances: int
                                                  features_truth),
             }
             if scored:
-                heard = recognise(audio)
-                result.update(recognised=" ".join(heard),
-                              word_errors=_word_errors(_words(text), heard))
+                hyp = recognise(audio)
+                result.update(recognised=" ".join(hyp), word_errors=word_errors(reference, hyp))
             if name == "default":
                 _write_wav(out / "utterances" / f"{j:02d}-{voice.name}-generated.wav", audio, sr)
                 _write_wav(out / "utterances" / f"{j:02d}-{voice.name}-ground_truth.wav",
@@ -260,15 +264,15 @@ def run_demo(out: Any = "soundstorm-demo", assets: Any = ASSETS, utterances: int
         refs = _speaker_references(encoder, list(all_voices.values()), [next(texts), next(texts)],
                                    speak, codec, progress)
         report["speaker_similarity"] = _similarity_report(encoder, refs, rows, clips)
-    heard = [r for r in rows if "words" in r]
-    if heard:  # word error rates over the utterances spoken whole
-        words = sum(r["words"] for r in heard)
+    whole = [r for r in rows if "words" in r]
+    if whole:  # word error rates over the utterances spoken whole
+        total = sum(r["words"] for r in whole)
         report["wer"] = {
-            "utterances": len(heard), "words": words,
-            **{k: round(sum(_word_errors(_words(r["text"]), r["recognised"][k].split())
-                            for r in heard) / words, 4) for k in ("original", "ground_truth")},
-            "generated": {name: round(sum(r["schedules"][name]["word_errors"] for r in heard)
-                                      / words, 4) for name in schedules}}
+            "utterances": len(whole), "words": total,
+            **{k: round(sum(r["word_errors"][k] for r in whole) / total, 4)
+               for k in ("original", "ground_truth")},
+            "generated": {name: round(sum(r["schedules"][name]["word_errors"] for r in whole)
+                                      / total, 4) for name in schedules}}
     elif recognise is not None:
         log(f"no word error rate: every sentence was cut to max_seconds={max_seconds}")
     for name in schedules:
@@ -378,18 +382,6 @@ def _recogniser():
         return Recogniser(corpus_vocabulary())
     except RuntimeError as e:
         raise RuntimeError(f"{e} (or pass wer=False / --no-wer)") from None
-
-
-def _words(text: str) -> List[str]:
-    from soundstorm.demo.wer import normalise
-
-    return normalise(text)
-
-
-def _word_errors(ref: List[str], hyp: List[str]) -> int:
-    from soundstorm.demo.wer import word_errors
-
-    return word_errors(ref, hyp)
 
 
 def _semantic_ids(semantic: Any, audio: np.ndarray, sr: int) -> torch.Tensor:

@@ -8,8 +8,13 @@ import json
 from pathlib import Path
 from typing import Any, Dict, Type
 
+import torch
+
 # safetensors metadata key of the per-tensor sha256 digests (a JSON object).
 CHECKSUM_KEY = "tensor_sha256"
+# The tensor dtypes a model's weights file may hold, by their safetensors names.
+WEIGHT_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32,
+                 "F64": torch.float64}
 
 
 def read_format_json(path: Any, format_name: str, format_version: int, what: str,

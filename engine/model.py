@@ -15,19 +15,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from soundstorm.engine.config import ModelConfig
-from soundstorm.engine.files import (CHECKSUM_KEY, read_format_json, tensor_sha256,
-                                     write_model_dir)
+from soundstorm.engine.files import (CHECKSUM_KEY, WEIGHT_DTYPES, read_format_json,
+                                     tensor_sha256, write_model_dir)
 from soundstorm.kernels import Ops, get_ops
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 FORMAT_NAME = "soundstorm"
 FORMAT_VERSION = 1
-# safetensors metadata key of the weights' checksums: a JSON object {tensor name: sha256
-# of the tensor's bytes as stored}, written by `save_pretrained`, verified on load.
-# The tensor dtypes a weights file may hold, by their safetensors names.
-WEIGHT_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32,
-                 "F64": torch.float64}
 
 Level = Union[int, torch.Tensor, None]
 

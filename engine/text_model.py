@@ -34,15 +34,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from soundstorm.engine.files import (CHECKSUM_KEY, read_format_json, tensor_sha256,
-                                     write_model_dir)
+from soundstorm.engine.files import (CHECKSUM_KEY, WEIGHT_DTYPES, read_format_json,
+                                     tensor_sha256, write_model_dir)
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 FORMAT_NAME = "soundstorm-text-to-semantic"
 FORMAT_VERSION = 1
-WEIGHT_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32,
-                 "F64": torch.float64}
 
 # Text symbols: 4 specials, then the 256 byte values.
 PAD, END, SEP, TURN = 0, 1, 2, 3

@@ -92,6 +92,8 @@ def test_demo_end_to_end(tiny_assets, tmp_path):
     whole = [u for u in report["utterances"] if not u["cut"]]
     assert wer["utterances"] == len(whole) > 0
     assert wer["words"] == sum(u["words"] for u in whole) > 0
+    for k in ("original", "ground_truth"):
+        assert wer[k] == round(sum(u["word_errors"][k] for u in whole) / wer["words"], 4)
     assert 0 <= wer["original"] <= 1.5 and 0 <= wer["ground_truth"]
     # the recogniser hears the original espeak-ng speech: most of its words right
     assert wer["original"] < 0.5, [u["recognised"] for u in whole]
