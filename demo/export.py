@@ -71,10 +71,12 @@ def export_assets(work: Any, dest: Any = ASSETS) -> Dict[str, Any]:
     if (work / "text-run/model").is_dir():
         settings["text_model"] = export_text_model(work, dest)
     times = work / "stage-times.tsv"
-    if times.is_file():  # reproduce.sh's seconds per stage (the last run of each)
-        stages = dict(line.split("\t") for line in times.read_text().splitlines()
-                      if line.count("\t") == 1)
-        settings["stage_seconds"] = {k: int(v) for k, v in stages.items() if v.isdigit()}
+    if times.is_file():  # reproduce.sh's seconds per stage, summed over resumed runs
+        stages: Dict[str, int] = {}
+        for name, _, seconds in (line.partition("\t") for line in times.read_text().splitlines()):
+            if seconds.isdigit():
+                stages[name] = stages.get(name, 0) + int(seconds)
+        settings["stage_seconds"] = stages
     (dest / "demo.json").write_text(json.dumps(settings, indent=1) + "\n")
     return settings
 

@@ -9,7 +9,7 @@
 #
 # Every step is seeded; a re-run is resumable (finished stages are skipped, tokenize and
 # the two trainings continue where they stopped). The time of each stage is printed and
-# appended to WORK/stage-times.tsv.
+# appended to WORK/stage-times.tsv (export sums a resumed stage's runs into demo.json).
 set -euo pipefail
 WORK=${1:-demo-build}
 BIN=${SOUNDSTORM:-.venv/bin/soundstorm}

@@ -270,10 +270,10 @@ def test_pipeline_from_espeak_to_demo(tmp_path):
                "--out", w / "text-run", "--preset", "tiny", "--steps", 2, "--batch-size", 2,
                "--log-every", 1, "--no-progress") == 0
     (w / "stage-times.tsv").write_text("speech-corpus\t3\ntrain-soundstorm\t9\n"
-                                       "train-soundstorm\t11\n")  # a resumed stage: the last
+                                       "train-soundstorm\t11\n")  # a resumed stage: summed
     settings = export_assets(w, tmp_path / "assets")
     assert settings["training"]["steps"] == 2 and settings["text_model"]["steps"] == 2
-    assert settings["stage_seconds"] == {"speech-corpus": 3, "train-soundstorm": 11}
+    assert settings["stage_seconds"] == {"speech-corpus": 3, "train-soundstorm": 20}
     # every voice whole, so that the demo speaks in them again
     from soundstorm.demo.run import demo_voices
     from soundstorm.training.speech_corpus import VOICES
