@@ -195,7 +195,8 @@ def toy_config(tmp_path, data, **kw):
 
 def test_a_tiny_model_learns_a_toy_mapping(tmp_path, one_thread):
     data = toy_corpus(tmp_path / "corpus")
-    summary = train_text(toy_config(tmp_path, data))
+    # 500 steps: at 300 the unseen combinations came out right for some seeds and CPUs only
+    summary = train_text(toy_config(tmp_path, data, steps=500, decay_steps=500))
     assert summary["validation"]["val_acc"] > 0.9, summary
     model = TextToSemantic.from_pretrained(summary["model"])
     texts = ["cab dc", "add", "bad ca"]          # unseen combinations of seen words
