@@ -149,6 +149,42 @@ def test_size_flags_apply_over_the_preset_and_the_config_file(tmp_path):
         training_cli.build_train_config(parser.parse_args(["--preset", "tiny", "--dim", "30"]))
 
 
+# -- --level-weights -------------------------------------------------------------------
+def test_level_weights_train_only_the_levels_weighted_and_validate_them_all(corpora, tmp_path,
+                                                                           capsys):
+    (tmp_path / "c.yaml").write_text("level_weights: [1, 1, 1, 1]\n")
+    parser = training_cli.train_parser()
+    args = parser.parse_args(["--preset", "tiny", "--config", str(tmp_path / "c.yaml"),
+                              "--level-weights", "3,2,1,1"])
+    assert training_cli.build_train_config(args).level_weights == (3.0, 2.0, 1.0, 1.0)
+    assert training_cli.build_train_config(parser.parse_args(
+        ["--preset", "tiny", "--config", str(tmp_path / "c.yaml")])).level_weights == (1, 1, 1, 1)
+    assert "level_weights must be 4 numbers" in fails(
+        capsys, "train", *COMMON, "--data", corpora / "a", "--out", tmp_path / "bad",
+        "--level-weights", "1,1")
+    with pytest.raises(SystemExit) as e:   # argparse's usage, then the flag's error
+        cli("train", *COMMON, "--data", corpora / "a", "--out", tmp_path / "bad",
+            "--level-weights", "1,x")
+    assert e.value.code == 2
+    assert "--level-weights: expected numbers separated by commas, got '1,x'" in \
+        capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+    # all weight on level 2: training counts level-2 tokens only; validation, uniform as
+    # the paper's, still scores every level
+    cli("train", *COMMON, "--data", corpora / "a", "--val-data", corpora / "b", "--out",
+        tmp_path / "run", "--steps", 6, "--val-every", 6, "--level-weights", "0,1,0,0")
+    records = [json.loads(x) for x in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if "acc_level" in r]
+    val = [r for r in records if "val_acc_level" in r]
+    assert len(train) == 6 and val
+    for r in train:
+        assert r["acc_level"][1] is not None
+        assert [r["acc_level"][i] for i in (0, 2, 3)] == [None, None, None]
+    assert all(a is not None for a in val[-1]["val_acc_level"])
+    saved = json.loads((tmp_path / "run/train_config.json").read_text())
+    assert saved["level_weights"] == [0.0, 1.0, 0.0, 0.0]
+
+
 # -- resuming: the same data, one config file per invocation, nothing to do -------------
 def test_resume_needs_the_same_data_and_keeps_each_invocations_settings(corpora, tmp_path,
                                                                         capsys):

@@ -47,6 +47,8 @@ def test_presets_follow_the_paper():
     ({"model_overrides": {"dim": 63}}, "dim .63. must be divisible by heads"),
     ({"val_fraction": 0.1, "val_data": "x"}, "either val_data or val_fraction"),
     ({"nonsense": 1}, "unknown training setting"),
+    ({"level_weights": [1, 1]}, "level_weights must be 4 numbers >= 0"),
+    ({"level_weights": [0, 0, 0, 0]}, "with a positive sum, got \\[0, 0, 0, 0\\]"),
 ])
 def test_invalid_settings_are_named(changes, match):
     with pytest.raises(ValueError, match=match):

@@ -155,3 +155,38 @@ def test_bad_lengths_are_rejected():
         sample_mask(tokens, torch.tensor([0, 4]), torch.tensor([1, 2]), 0, MASK)
     with pytest.raises(ValueError, match="must be \\[B=2\\]"):
         sample_mask(tokens, torch.tensor([4]), torch.tensor([1, 2]), 0, MASK)
+
+
+def test_level_weights_set_how_often_each_level_is_drawn():
+    n = 3000
+    tokens, lengths = ragged_batch([6] * n)
+    keys = torch.arange(n)
+    weights = (3, 2, 0, 1)
+    m = sample_mask(tokens, lengths, keys, 3, MASK, level_weights=weights)
+    counts = np.bincount(m.level.numpy(), minlength=Q + 1)[1:]
+    assert counts[2] == 0                                   # a level of weight 0: never
+    expected = n * np.array([3, 2, 1]) / 6
+    assert stats.chisquare(counts[[0, 1, 3]], expected).pvalue > 1e-3
+    # the test can tell: uniform draws are rejected against these weights
+    uniform = sample_mask(tokens, lengths, keys, 3, MASK).level.numpy()
+    assert stats.chisquare(np.bincount(uniform, minlength=Q + 1)[[1, 2, 4]],
+                           n * 0.75 * np.array([3, 2, 1]) / 6).pvalue < 1e-6
+    # the rest of the mask follows the level drawn, as with uniform levels
+    for b in range(0, n, 97):
+        q = int(m.level[b])
+        assert torch.equal(m.targets[b] != IGNORE_INDEX, m.inputs[b, :, q - 1] == MASK)
+        assert not (m.inputs[b, :, :q - 1] == MASK).any()
+    # equal weights draw the same distribution as none, and a weight-only-on-the-last
+    # level always draws it
+    last = sample_mask(tokens, lengths, keys, 3, MASK, level_weights=(0, 0, 0, 5))
+    assert (last.level == Q).all()
+    first = sample_mask(tokens, lengths, keys, 3, MASK, level_weights=(1, 0, 0, 0))
+    assert (first.level == 1).all()
+
+
+@pytest.mark.parametrize("weights", [(1, 1, 1), (0, 0, 0, 0), (1, -1, 1, 1),
+                                     (1, float("nan"), 1, 1), (True, 1, 1, 1), "1111"])
+def test_bad_level_weights_are_named(weights):
+    tokens, lengths = ragged_batch([4, 4])
+    with pytest.raises(ValueError, match="level_weights must be 4 numbers >= 0"):
+        sample_mask(tokens, lengths, torch.tensor([1, 2]), 0, MASK, level_weights=weights)

@@ -32,6 +32,15 @@ from soundstorm.training.config import TrainConfig, load_config_file
 from soundstorm.training.paths import OutputPathError, check_output_dir
 
 # (setting, type, metavar, help). Every flag overrides the preset and the --config file.
+def _numbers(text: str) -> tuple:
+    """'2,1,1,1' -> (2.0, 1.0, 1.0, 1.0), for flags that take one number per level."""
+    try:
+        return tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got "
+                                         f"{text!r}") from None
+
+
 _FLAGS = [
     ("data", str, "DIR", "training corpus directory (corpus.json + manifest.jsonl + shards)"),
     ("val_data", str, "DIR", "validation corpus directory"),
@@ -49,6 +58,8 @@ _FLAGS = [
     ("decay_steps", int, "N", "after warm-up, lr *= decay_rate every N steps (smoothly)"),
     ("decay_rate", float, "R", "exponential decay factor per decay_steps"),
     ("grad_clip", float, "NORM", "clip the global gradient norm (0 = off)"),
+    ("level_weights", _numbers, "W,W,...", "how often each RVQ level is trained, coarse to "
+                                           "fine, e.g. 2,1,1,1 (default: uniformly, the paper's)"),
     ("min_seconds", float, "S", "shortest training window"),
     ("max_seconds", float, "S", "longest training window (paper: 30)"),
     ("bucket_batches", int, "N", "sort windows by length within groups of N batches (0 = off)"),

@@ -58,6 +58,9 @@ class TrainConfig:
     lr, weight_decay, betas, eps: AdamW. warmup_steps: linear ramp from 0 to lr;
         then lr * decay_rate ** ((step - warmup_steps) / decay_steps).
     grad_clip: max global gradient norm (0 = off). grad_accum: micro-batches per step.
+    level_weights: how often each RVQ level is the one trained, coarse to fine (None =
+        uniformly, as the paper; e.g. (2, 1, 1, 1) trains level 1 twice as often as each
+        other level). Validation always draws levels uniformly.
     min_seconds, max_seconds: window lengths (clamped to the model's max_frames).
     bucket_batches: length-bucketing group size in batches (0 = off).
     on_bad_shard: "raise" or "skip" (see `open_corpus`).
@@ -83,6 +86,7 @@ class TrainConfig:
     decay_steps: int = 2000
     decay_rate: float = 0.1
     grad_clip: float = 1.0
+    level_weights: Optional[tuple] = None
     min_seconds: float = 0.5
     max_seconds: float = 3.0
     bucket_batches: int = 0
@@ -145,6 +149,16 @@ class TrainConfig:
         for name in ("data", "out", "val_data", "init_from"):
             v = getattr(self, name)
             check(v is None or (isinstance(v, str) and bool(v)), name, "a path")
+        if self.level_weights is not None:
+            from soundstorm.training.masking import check_level_weights
+
+            try:
+                levels = self.model_config().num_quantizers
+            except (TypeError, ValueError):
+                levels = None  # the model settings' own error is raised below
+            if levels is not None:
+                object.__setattr__(self, "level_weights",
+                                   check_level_weights(self.level_weights, levels))
         if self.val_data is not None and self.val_fraction:
             raise ValueError("give either val_data or val_fraction, not both")
         try:
@@ -209,6 +223,8 @@ class TrainConfig:
     def to_dict(self) -> Dict[str, Any]:
         d = dataclasses.asdict(self)
         d["betas"] = list(self.betas)
+        if self.level_weights is not None:
+            d["level_weights"] = list(self.level_weights)
         return d
 
 

@@ -4,7 +4,9 @@ For every row b of real length T_b (frames numbered 1..T_b as in the paper):
 
 - a prompt delimiter t ~ U{0, ..., T_b - 1}: frames 1..t are the voice prompt and are never
   masked (in 0-based tensor indexing: frames [0, t)); t = 0 means no prompt;
-- an RVQ level q ~ U{1, ..., Q};
+- an RVQ level q ~ U{1, ..., Q} (or, when the run gives `level_weights`, level q with
+  probability w_q / sum(w): a way to spend more of a small budget on the levels that
+  matter most; validation always draws uniformly, as the paper does);
 - a mask ratio p = cos(u), u ~ U[0, pi/2]; each frame after t is masked at level q with
   probability p (iid Bernoulli);
 - every frame after t is masked at all levels > q;
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -80,8 +83,35 @@ def row_keys(seed: int, sample_keys: torch.Tensor, stream: int) -> torch.Tensor:
     return mix32(k ^ ((sample_keys >> 32) & MASK32))
 
 
+def check_level_weights(weights: Sequence[float], num_quantizers: int) -> tuple:
+    """The weights as a tuple of floats, or ValueError naming what is wrong with them."""
+    if isinstance(weights, (str, bytes)) or not isinstance(weights, Sequence) or \
+            len(weights) != num_quantizers or not all(
+                isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w)
+                and w >= 0 for w in weights) or not sum(weights) > 0:
+        raise ValueError(f"level_weights must be {num_quantizers} numbers >= 0 (one per RVQ "
+                         f"level, coarse to fine) with a positive sum, got {weights!r}")
+    return tuple(float(w) for w in weights)
+
+
+def draw_levels(seed: int, keys: torch.Tensor, num_quantizers: int,
+                level_weights: Optional[Sequence[float]] = None) -> torch.Tensor:
+    """int64 [B] the 1-based level of each row: uniform, or in proportion to the weights."""
+    h = row_keys(seed, keys, _STREAM_LEVEL)
+    if level_weights is None:
+        return h % num_quantizers + 1
+    w = torch.tensor(check_level_weights(level_weights, num_quantizers), dtype=torch.float64)
+    edges = (w.cumsum(0) / w.sum()).to(keys.device)
+    u = to_uniform(h).to(torch.float64)                           # in (0, 1)
+    # the first level whose cumulative share exceeds u; a level of weight 0 is never drawn
+    # (rounding in the last edge could leave u past it: fall back to the last weighted level)
+    last = int(torch.nonzero(w > 0).max())
+    return torch.searchsorted(edges, u, right=True).clamp(max=last) + 1
+
+
 def sample_mask(tokens: torch.Tensor, lengths: torch.Tensor, sample_keys: torch.Tensor,
-                seed: int, mask_id: int) -> MaskedBatch:
+                seed: int, mask_id: int,
+                level_weights: Optional[Sequence[float]] = None) -> MaskedBatch:
     """Draw the §3.2 mask for every row.
 
     tokens:      int64 [B, T, Q] ground-truth codes in [0, mask_id); frames at or past a
@@ -91,6 +121,7 @@ def sample_mask(tokens: torch.Tensor, lengths: torch.Tensor, sample_keys: torch.
                  epoch its own); equal keys and seed give equal masks
     seed:        the run's seed
     mask_id:     the MASK id (= codebook_size)
+    level_weights: None (levels drawn uniformly, the paper's) or Q weights >= 0
     """
     if tokens.ndim != 3:
         raise ValueError(f"tokens must be [B, T, Q], got shape {tuple(tokens.shape)}")
@@ -106,7 +137,7 @@ def sample_mask(tokens: torch.Tensor, lengths: torch.Tensor, sample_keys: torch.
 
     # The modulo bias of a 32-bit hash reduced mod T_b <= 2**16 is below 2**-16: negligible.
     prompt_len = row_keys(seed, keys, _STREAM_PROMPT) % lengths                      # [B]
-    level = row_keys(seed, keys, _STREAM_LEVEL) % Q + 1                              # [B]
+    level = draw_levels(seed, keys, Q, level_weights)                                # [B]
     u = to_uniform(row_keys(seed, keys, _STREAM_RATIO)).double() * (math.pi / 2)
     ratio = torch.cos(u).float()                                                     # [B]
 

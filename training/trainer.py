@@ -366,7 +366,8 @@ class Trainer:
         cfg, d = self.config, self.dist
         mask_id = self.model_config.mask_id
         micro = [b.to(d.device) for b in micro]
-        masked = [sample_mask(b.tokens, b.lengths, b.keys, cfg.seed, mask_id) for b in micro]
+        masked = [sample_mask(b.tokens, b.lengths, b.keys, cfg.seed, mask_id, cfg.level_weights)
+                  for b in micro]
         # The loss is a mean over every masked token of the global batch: count them first.
         count = torch.stack([m.loss_mask.sum() for m in masked]).sum().to(torch.float64)
         total = dist_utils.all_reduce_sum(count.reshape(1), d)
