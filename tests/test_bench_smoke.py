@@ -302,3 +302,33 @@ def test_codec_quality_scores_a_fitted_codec_with_both_decoders(tmp_path):
     assert r["vocoder_ceiling"]["stoi"] > 0 and r["held_out_clips"] == 1
     assert r["speed"]["vocoder_decode_rtf"] > 0 and r["speed"]["griffin-lim_decode_rtf"] > 0
     assert (tmp_path / "error_vs_q.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_voice_levels_scores_each_level_and_the_decode_after_the_true_level_1(tmp_path,
+                                                                              capsys):
+    from speech import require_espeak
+    require_espeak()
+    import voice_levels
+
+    r = voice_levels.main(["--utterances", "1", "--reference-voices", "3",
+                           "--out", str(tmp_path / "r.json")])
+    assert json.loads((tmp_path / "r.json").read_text()) == r
+    Q = 4
+    assert list(r["rows"]) == [f"truth levels 1..{k}" for k in range(1, Q + 1)] + [
+        "generated", "generated L1 + truth finer", "truth L1 + generated finer"]
+    assert r["reference_voices"] == 4          # the prompt's voice and 3 others
+    for row in r["rows"].values():
+        assert len(row["ranks"]) == 1 and 1 <= row["ranks"][0] <= 4
+        assert row["identified"] == (row["ranks"][0] == 1)
+        assert -1 <= row["others"] <= 1 and -1 <= row["same"] <= 1
+    # the decode after the true level 1 keeps it, and decodes the finer levels itself
+    forced = r["token_accuracy"]["truth L1 + generated finer"]
+    assert forced[0] == 1.0 and len(forced) == Q and max(forced[1:]) < 1
+    assert len(r["token_accuracy"]["generated"]) == Q
+    assert "truth L1 + generated finer" in capsys.readouterr().out
+    # a model the assets' codec cannot decode is named
+    from soundstorm.engine import ModelConfig, SoundStorm
+    SoundStorm(ModelConfig.preset("tiny")).save_pretrained(tmp_path / "tiny")
+    with pytest.raises(SystemExit):
+        voice_levels.main(["--model", str(tmp_path / "tiny"), "--utterances", "1"])
+    assert "has 4 levels of 32 codes over 16 semantic ids" in capsys.readouterr().err

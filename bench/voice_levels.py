@@ -1,0 +1,177 @@
+"""Where a generated voice is lost: speaker identity level by level.
+
+For held-out sentences spoken by the demo's held-out voices (or, with --voices training, by
+training voices), each with a 3 s prompt of its own voice as the demo gives it, this
+decodes with the default schedule and scores with resemblyzer, against every voice of
+the corpus, how close these token sets come to the prompt's speaker:
+
+- truth levels 1..k   the codec's own tokens, only the first k levels (k = 1..Q): how much
+                      of the voice each level carries;
+- generated           SoundStorm's tokens (what the demo scores);
+- generated L1 + truth finer, truth L1 + generated finer (the model decoding levels
+                      2..Q after the true level 1): whose errors cost the voice, the
+                      coarse level's or the finer levels'.
+
+Each row gives the similarity to the prompt's speaker, the mean over the other voices,
+how many utterances rank the prompt's speaker first, and its mean rank; plus the token
+accuracy per level of both decodes. --model scores another model (a training run's
+`model/` directory) with the demo's codec and tokenizer.
+
+    python bench/voice_levels.py                                # the shipped demo model
+    python bench/voice_levels.py --model demo-build/run/model --voices training
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from soundstorm.demo.run import (ASSETS, _embed, _semantic_ids, _speaker_encoder,
+                                 _speaker_references, demo_voices, load_assets)
+from soundstorm.engine.config import DecodeConfig
+from soundstorm.engine.decode import reference_decode
+from soundstorm.engine.engine import Engine
+
+
+def variants(truth: torch.Tensor, generated: torch.Tensor, forced: torch.Tensor) -> dict:
+    """Token sets [T, k] to score, by name (see the module docstring)."""
+    Q = truth.shape[1]
+    out = {f"truth levels 1..{k}": truth[:, :k] for k in range(1, Q + 1)}
+    out["generated"] = generated
+    out["generated L1 + truth finer"] = torch.cat([generated[:, :1], truth[:, 1:]], 1)
+    out["truth L1 + generated finer"] = forced
+    return out
+
+
+def decode_after_level1(engine, semantic, prompt, level1: torch.Tensor, frames: slice,
+                        decode: DecodeConfig, seed: int) -> torch.Tensor:
+    """The model's levels 2..Q with level 1 of the target frames given (the reference
+    decode, whose level-1 iterations then have nothing left to fill)."""
+    batch = engine.prepare(semantic, None, prompt, None, decode, seed)
+    batch.tokens[0, frames, 0] = level1
+    return reference_decode(engine, batch)[0, frames].cpu()
+
+
+def rank_scores(encoder, refs: dict, audio: np.ndarray, voice: str) -> dict:
+    names = list(refs)
+    matrix = np.stack([refs[n] for n in names])
+    e = _embed(encoder, audio)
+    cos = matrix @ e / (np.linalg.norm(matrix, axis=1) * np.linalg.norm(e))
+    same = names.index(voice)
+    others = np.delete(cos, same)
+    return {"same": float(cos[same]), "others": float(others.mean()),
+            "rank": int(1 + (others > cos[same]).sum())}
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--assets", default=str(ASSETS), help="demo assets (default: the shipped)")
+    p.add_argument("--model", help="score this model directory instead of the assets' model")
+    p.add_argument("--voices", choices=("heldout", "training"), default="heldout",
+                   help="whose prompts and sentences: the held-out voices (default) or as "
+                        "many training voices, spread over the corpus")
+    p.add_argument("--utterances", type=int, default=8, help="sentences, one voice each (8)")
+    p.add_argument("--reference-voices", type=int, default=0, metavar="N",
+                   help="rank among the prompts' voices and N others only (0 = every voice)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="write the results as JSON here")
+    args = p.parse_args(argv)
+    if args.utterances < 1 or args.reference_voices < 0:
+        p.error(f"--utterances must be >= 1 and --reference-voices >= 0, got "
+                f"{args.utterances} and {args.reference_voices}")
+
+    from soundstorm.training.speech_corpus import sentences, speak
+
+    engine, codec, semantic, settings = load_assets(args.assets)
+    if args.model:
+        engine = Engine(args.model, dtype=torch.float32)
+        cfg = engine.config
+        if (cfg.num_quantizers, cfg.codebook_size, cfg.semantic_vocab_size) != \
+                (codec.num_quantizers, codec.codebook_size, semantic.vocab_size):
+            p.error(f"--model {args.model} has {cfg.num_quantizers} levels of "
+                    f"{cfg.codebook_size} codes over {cfg.semantic_vocab_size} semantic ids; "
+                    f"the assets' codec and tokenizer have {codec.num_quantizers}, "
+                    f"{codec.codebook_size} and {semantic.vocab_size}")
+    cfg, sr = engine.config, codec.sample_rate
+    every = demo_voices(settings)
+    if args.voices == "heldout":
+        pool = [every[n] for n in settings["heldout_voices"]]
+    else:
+        training = [v for v in every.values() if not v.heldout]
+        pool = training[::max(1, len(training) // args.utterances)]
+    per_id = float(cfg.frame_rate) / float(cfg.semantic_rate)
+    prompt_ids = round(3.0 * float(cfg.semantic_rate))
+    prompt_frames = int(prompt_ids * per_id)
+    max_frames = min(int(6.0 * float(cfg.frame_rate)), cfg.max_frames - prompt_frames)
+    # the demo's text stream, past every sentence the corpus and the demo use
+    texts = itertools.islice(sentences(settings["corpus_seed"] + settings["heldout_stream_offset"]),
+                             settings["heldout_sentences_used"] + 64, None)
+    voices = [pool[j % len(pool)] for j in range(args.utterances)]
+    rest = [v for v in every.values() if v.name not in {x.name for x in voices}]
+    if args.reference_voices:
+        rest = rest[::max(1, len(rest) // args.reference_voices)][:args.reference_voices]
+    reference_voices = list({v.name: v for v in voices}.values()) + rest
+
+    decode = DecodeConfig()
+    encoder = _speaker_encoder()
+    clips = {}
+    accuracy = {"generated": [], "truth L1 + generated finer": []}
+    for j, voice in enumerate(tqdm(voices, desc="utterances", unit="utt")):
+        prompt_audio = speak(next(texts), voice)[: prompt_frames * codec.hop_length]
+        prompt_audio = np.pad(prompt_audio, (0, prompt_frames * codec.hop_length - len(prompt_audio)))
+        prompt = codec.encode(prompt_audio, sr)[0][:prompt_frames][None]
+        audio = speak(next(texts), voice)[: max_frames * codec.hop_length]
+        truth = codec.encode(audio, sr)[0]
+        frames = truth.shape[0]
+        ids = _semantic_ids(semantic, audio, sr)
+        need = math.ceil(frames / per_id)
+        ids = torch.cat([ids, ids[-1:].expand(max(0, need - len(ids)))])[:need]
+        full = torch.cat([_semantic_ids(semantic, prompt_audio, sr)[:prompt_ids], ids])[None]
+        target = slice(prompt_frames, prompt_frames + frames)
+        generated = engine.generate(full, prompt=prompt, decode=decode,
+                                    seed=args.seed + j)[0, target].cpu()
+        forced = decode_after_level1(engine, full, prompt, truth[:, 0], target, decode,
+                                     args.seed + j)
+        for name, tokens in (("generated", generated), ("truth L1 + generated finer", forced)):
+            accuracy[name].append((tokens == truth).float().mean(0).tolist())
+        for name, tokens in variants(truth, generated, forced).items():
+            wav = codec.synthesize(codec.dequantize(tokens[None]))[0].numpy()
+            clips.setdefault(name, []).append((voice.name, wav))
+
+    refs = _speaker_references(encoder, reference_voices, [next(texts), next(texts)], speak,
+                               codec)
+    rows = {}
+    for name, items in clips.items():
+        scores = [rank_scores(encoder, refs, wav, voice) for voice, wav in items]
+        rows[name] = {"same": round(float(np.mean([s["same"] for s in scores])), 4),
+                      "others": round(float(np.mean([s["others"] for s in scores])), 4),
+                      "identified": sum(s["rank"] == 1 for s in scores),
+                      "mean_rank": round(float(np.mean([s["rank"] for s in scores])), 2),
+                      "ranks": [s["rank"] for s in scores]}
+    result = {"model": args.model or str(Path(args.assets) / "model"), "voices": args.voices,
+              "utterances": args.utterances, "reference_voices": len(refs), "rows": rows,
+              "token_accuracy": {k: [round(float(a), 4) for a in np.mean(v, axis=0)]
+                                 for k, v in accuracy.items()}}
+    print(f"{'':30s} {'same':>6s} {'others':>7s} {'identified':>10s} {'mean rank':>9s}  "
+          f"(of {len(refs)} voices, {args.utterances} utterances, {args.voices} voices)")
+    for name, r in rows.items():
+        print(f"{name:30s} {r['same']:6.3f} {r['others']:7.3f} "
+              f"{r['identified']:>5d}/{args.utterances:<4d} {r['mean_rank']:9.2f}")
+    for name, acc in result["token_accuracy"].items():
+        print(f"token accuracy per level, {name}: {acc}")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
