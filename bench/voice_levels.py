@@ -35,7 +35,8 @@ import torch
 from tqdm.auto import tqdm
 
 from soundstorm.demo.run import (ASSETS, _embed, _semantic_ids, _speaker_encoder,
-                                 _speaker_references, demo_voices, load_assets)
+                                 _speaker_references, demo_voices, load_assets,
+                                 speaker_scores)
 from soundstorm.engine.config import DecodeConfig
 from soundstorm.engine.decode import reference_decode
 from soundstorm.engine.engine import Engine
@@ -58,17 +59,6 @@ def decode_after_level1(engine, semantic, prompt, level1: torch.Tensor, frames: 
     batch = engine.prepare(semantic, None, prompt, None, decode, seed)
     batch.tokens[0, frames, 0] = level1
     return reference_decode(engine, batch)[0, frames].cpu()
-
-
-def rank_scores(encoder, refs: dict, audio: np.ndarray, voice: str) -> dict:
-    names = list(refs)
-    matrix = np.stack([refs[n] for n in names])
-    e = _embed(encoder, audio)
-    cos = matrix @ e / (np.linalg.norm(matrix, axis=1) * np.linalg.norm(e))
-    same = names.index(voice)
-    others = np.delete(cos, same)
-    return {"same": float(cos[same]), "others": float(others.mean()),
-            "rank": int(1 + (others > cos[same]).sum())}
 
 
 def main(argv=None) -> dict:
@@ -150,7 +140,7 @@ def main(argv=None) -> dict:
                                codec)
     rows = {}
     for name, items in clips.items():
-        scores = [rank_scores(encoder, refs, wav, voice) for voice, wav in items]
+        scores = [speaker_scores(refs, _embed(encoder, wav), voice) for voice, wav in items]
         rows[name] = {"same": round(float(np.mean([s["same"] for s in scores])), 4),
                       "others": round(float(np.mean([s["others"] for s in scores])), 4),
                       "identified": sum(s["rank"] == 1 for s in scores),

@@ -476,21 +476,27 @@ def _speaker_references(encoder: Any, voices: Sequence, ref_texts: Sequence[str]
     return refs
 
 
+def speaker_scores(refs: Dict[str, np.ndarray], embedding: np.ndarray,
+                   voice: str) -> Dict[str, Any]:
+    """Cosine similarity of a speaker embedding to `voice`'s reference against the other
+    references: same, mean and max of the others, the nearest voice, and the rank of
+    `voice` (1 + the voices nearer than it: 1 is identified)."""
+    names = list(refs)
+    matrix = np.stack([refs[n] for n in names])
+    cos = matrix @ embedding / (np.linalg.norm(matrix, axis=1) * np.linalg.norm(embedding))
+    same = names.index(voice)
+    others = np.delete(cos, same)
+    return {"same": float(cos[same]), "others": float(others.mean()),
+            "max_other": float(others.max()), "identified": float(cos.argmax() == same),
+            "closest": names[int(cos.argmax())], "rank": int(1 + (others > cos[same]).sum())}
+
+
 def _similarity_report(encoder: Any, refs: Dict[str, np.ndarray], rows: List[Dict[str, Any]],
                        clips: List[Dict[str, np.ndarray]]):
     names = list(refs)
-    matrix = np.stack([refs[n] for n in names])
 
     def score(audio: np.ndarray, voice: str) -> Dict[str, float]:
-        e = _embed(encoder, audio)
-        cos = matrix @ e / (np.linalg.norm(matrix, axis=1) * np.linalg.norm(e))
-        same = names.index(voice)
-        others = np.delete(cos, same)
-        return {"same": float(cos[same]), "others": float(others.mean()),
-                "max_other": float(others.max()), "identified": float(cos.argmax() == same),
-                "closest": names[int(cos.argmax())],
-                # 1 + the voices nearer than the prompt's own: 1 is identified
-                "rank": int(1 + (others > cos[same]).sum())}
+        return speaker_scores(refs, _embed(encoder, audio), voice)
 
     def summary(scores: List[Dict[str, float]]) -> Dict[str, float]:
         return {"similarity_prompt_speaker": round(float(np.mean([s["same"] for s in scores])), 4),
@@ -512,4 +518,5 @@ def _similarity_report(encoder: Any, refs: Dict[str, np.ndarray], rows: List[Dic
     return out
 
 
-__all__ = ["run_demo", "load_assets", "format_report", "ablation_schedules", "demo_voices"]
+__all__ = ["run_demo", "load_assets", "format_report", "ablation_schedules", "demo_voices",
+           "speaker_scores"]

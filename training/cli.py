@@ -31,7 +31,7 @@ from soundstorm.engine.config import ModelConfig
 from soundstorm.training.config import TrainConfig, load_config_file
 from soundstorm.training.paths import OutputPathError, check_output_dir
 
-# (setting, type, metavar, help). Every flag overrides the preset and the --config file.
+
 def _numbers(text: str) -> tuple:
     """'2,1,1,1' -> (2.0, 1.0, 1.0, 1.0), for flags that take one number per level."""
     try:
@@ -41,6 +41,7 @@ def _numbers(text: str) -> tuple:
                                          f"{text!r}") from None
 
 
+# (setting, type, metavar, help). Every flag overrides the preset and the --config file.
 _FLAGS = [
     ("data", str, "DIR", "training corpus directory (corpus.json + manifest.jsonl + shards)"),
     ("val_data", str, "DIR", "validation corpus directory"),

@@ -100,12 +100,13 @@ def draw_levels(seed: int, keys: torch.Tensor, num_quantizers: int,
     h = row_keys(seed, keys, _STREAM_LEVEL)
     if level_weights is None:
         return h % num_quantizers + 1
-    w = torch.tensor(check_level_weights(level_weights, num_quantizers), dtype=torch.float64)
-    edges = (w.cumsum(0) / w.sum()).to(keys.device)
+    weights = check_level_weights(level_weights, num_quantizers)
+    w = torch.tensor(weights, dtype=torch.float64, device=keys.device)
+    edges = w.cumsum(0) / w.sum()
     u = to_uniform(h).to(torch.float64)                           # in (0, 1)
     # the first level whose cumulative share exceeds u; a level of weight 0 is never drawn
     # (rounding in the last edge could leave u past it: fall back to the last weighted level)
-    last = int(torch.nonzero(w > 0).max())
+    last = max(q for q, x in enumerate(weights) if x > 0)
     return torch.searchsorted(edges, u, right=True).clamp(max=last) + 1
 
 
