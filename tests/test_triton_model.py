@@ -84,6 +84,7 @@ def test_decoded_tokens_match_the_torch_backend(engines, decode):
     a = ref.generate(semantic, **kwargs)
     b = tri.generate(semantic, **kwargs)
     assert torch.equal(a, b)
+    b = b.cpu()   # on the engine's device (CUDA on a GPU machine); the prompt is on the CPU
     assert torch.equal(b[0, :5], prompt[0]) and (b[1, 18:] == -1).all()
 
 
@@ -97,7 +98,8 @@ def test_triton_refuses_float64_and_auto_then_picks_another_backend():
 
 def test_auto_prefers_triton_only_on_cuda():
     assert available_backends(torch.device("cpu"))[0] == CPU_AUTO
-    assert available_backends(torch.device("cpu"))[-1] == "triton"   # interpreter is on
+    # On CPU tensors Triton runs only in its interpreter (on where no GPU is, see _triton_setup)
+    assert ("triton" in available_backends(torch.device("cpu"))) == (DEVICE.type == "cpu")
     assert get_ops("auto", torch.device("cpu")).name == CPU_AUTO
     if torch.cuda.is_available():
         assert get_ops("auto", torch.device("cuda")).name == "triton"
