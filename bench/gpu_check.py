@@ -1,7 +1,7 @@
 """GPU acceptance check: one command for the first machine with a CUDA GPU.
 
     make gpu-check                        # = python bench/gpu_check.py
-    python bench/gpu_check.py --out gpu-check.json --budget 480 [--skip-bench]
+    python bench/gpu_check.py --out gpu-check.json --budget 480 [--skip-bench | --compile]
 
 Runs with the Python that is already there (a CUDA build of torch, maybe no network):
 
@@ -19,7 +19,8 @@ Runs with the Python that is already there (a CUDA build of torch, maybe no netw
    - `two-gpus`: two engines on two GPUs from two threads (part of `tests/test_gpu.py`,
      needs two GPUs);
    - `bench`: `bench/gpu_bench.py` (paper preset, 30 s, batch 1 and 8, bf16: Triton with
-     graphs vs torch eager vs torch.compile, alternating in one run);
+     graphs vs torch eager, alternating in one run; `--compile` adds torch.compile, whose
+     max-autotune warm-up alone takes minutes at the paper preset);
 3. writes everything to one JSON file and prints a one-line summary. Exit status 0 when
    nothing that ran failed (checks that could not run are listed, not failed).
 
@@ -96,9 +97,12 @@ def pytest_check(python: str, args: list, timeout: float, env: dict) -> dict:
             "output": r.stdout[-3000:] + r.stderr[-2000:] if failed else r.stdout[-600:]}
 
 
-def bench_check(python: str, timeout: float, env: dict, out: Path) -> dict:
+def bench_check(python: str, timeout: float, env: dict, out: Path,
+                compile_too: bool = False) -> dict:
+    variants = ["triton-graphs", "torch-eager"] + (["torch-compile"] if compile_too else [])
     cmd = [python, str(ROOT / "bench" / "gpu_bench.py"), "--preset", "paper", "--seconds", "30",
-           "--batch", "1", "8", "--dtype", "bfloat16", "--device", "cuda", "--json-out", str(out)]
+           "--batch", "1", "8", "--dtype", "bfloat16", "--device", "cuda", "--repeats", "3",
+           "--variants", *variants, "--json-out", str(out)]
     start = time.perf_counter()
     try:
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
@@ -119,6 +123,9 @@ def main(argv=None) -> int:
     p.add_argument("--budget", type=float, default=480.0,
                    help="seconds for all checks together (default: %(default)s)")
     p.add_argument("--skip-bench", action="store_true", help="leave out the benchmark")
+    p.add_argument("--compile", action="store_true",
+                   help="benchmark torch.compile too (its warm-up takes minutes: give a budget "
+                        "of 15 minutes or more)")
     p.add_argument("--python", default=sys.executable, help="the Python to check (default: this one)")
     args = p.parse_args(argv)
     if not args.budget > 0:
@@ -169,7 +176,8 @@ def main(argv=None) -> int:
     if args.skip_bench:
         not_checked["bench"] = "--skip-bench"
     else:
-        checks["bench"] = bench_check(args.python, left(), env, Path(args.out).with_suffix(".bench.json"))
+        checks["bench"] = bench_check(args.python, left(), env,
+                                      Path(args.out).with_suffix(".bench.json"), args.compile)
     return _finish(report, args.out)
 
 
