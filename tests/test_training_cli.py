@@ -183,6 +183,22 @@ def test_level_weights_train_only_the_levels_weighted_and_validate_them_all(corp
     assert all(a is not None for a in val[-1]["val_acc_level"])
     saved = json.loads((tmp_path / "run/train_config.json").read_text())
     assert saved["level_weights"] == [0.0, 1.0, 0.0, 0.0]
+    assert saved["level_weights_end"] is None
+    # weights that move over the run: level 1 only at the first step, level 4 only at the last
+    cli("train", *COMMON, "--data", corpora / "a", "--out", tmp_path / "moving", "--steps", 6,
+        "--level-weights", "1,0,0,0", "--level-weights-end", "0,0,0,1")
+    records = [json.loads(x) for x in
+               (tmp_path / "moving/metrics.jsonl").read_text().splitlines()]
+    train = [r["acc_level"] for r in records if "acc_level" in r]
+    assert len(train) == 6
+    assert [a is not None for a in train[0]] == [True, False, False, False]
+    assert [a is not None for a in train[-1]] == [False, False, False, True]
+    assert all(a[1] is None and a[2] is None for a in train)
+    saved = json.loads((tmp_path / "moving/train_config.json").read_text())
+    assert saved["level_weights_end"] == [0.0, 0.0, 0.0, 1.0]
+    assert "level_weights_end must be 4 numbers" in fails(
+        capsys, "train", *COMMON, "--data", corpora / "a", "--out", tmp_path / "bad",
+        "--level-weights-end", "1,1")
 
 
 # -- resuming: the same data, one config file per invocation, nothing to do -------------

@@ -190,3 +190,31 @@ def test_bad_level_weights_are_named(weights):
     tokens, lengths = ragged_batch([4, 4])
     with pytest.raises(ValueError, match="level_weights must be 4 numbers >= 0"):
         sample_mask(tokens, lengths, torch.tensor([1, 2]), 0, MASK, level_weights=weights)
+
+
+def test_level_weights_move_linearly_from_start_to_end_over_the_run():
+    from soundstorm.training.masking import level_weights_at
+    assert level_weights_at(5, 10, None, None, Q) is None                 # uniform throughout
+    assert level_weights_at(5, 10, (3, 2, 1, 1), None, Q) == (3, 2, 1, 1)
+    start, end = (3, 2, 1, 1), (2, 6, 1, 1)          # shares 3/7.. to 2/10..: mixed as shares
+    np.testing.assert_allclose(level_weights_at(0, 11, start, end, Q), np.array(start) / 7)
+    np.testing.assert_allclose(level_weights_at(10, 11, start, end, Q), np.array(end) / 10)
+    np.testing.assert_allclose(level_weights_at(5, 11, start, end, Q),
+                               (np.array(start) / 7 + np.array(end) / 10) / 2)
+    # past the last step (a resumed run with fewer steps) the end weights hold
+    np.testing.assert_allclose(level_weights_at(20, 11, start, end, Q), np.array(end) / 10)
+    # no start: from uniform; a one-step run trains with the start weights
+    np.testing.assert_allclose(level_weights_at(0, 5, None, (0, 1, 0, 0), Q), [0.25] * 4)
+    np.testing.assert_allclose(level_weights_at(4, 5, None, (0, 1, 0, 0), Q), [0, 1, 0, 0])
+    np.testing.assert_allclose(level_weights_at(0, 1, (1, 0, 0, 0), (0, 1, 0, 0), Q),
+                               [1, 0, 0, 0])
+    # the draws follow the mixed shares: halfway from level 1 only to level 4 only
+    n = 2000
+    tokens, lengths = ragged_batch([6] * n)
+    mid = level_weights_at(2, 5, (1, 0, 0, 0), (0, 0, 0, 1), Q)
+    levels = sample_mask(tokens, lengths, torch.arange(n), 3, MASK, level_weights=mid).level
+    counts = np.bincount(levels.numpy(), minlength=Q + 1)[1:]
+    assert counts[1] == counts[2] == 0
+    assert stats.chisquare(counts[[0, 3]], [n / 2, n / 2]).pvalue > 1e-3
+    with pytest.raises(ValueError, match="level_weights must be 4 numbers >= 0"):
+        level_weights_at(0, 5, None, (1, 1), Q)

@@ -61,6 +61,9 @@ _FLAGS = [
     ("grad_clip", float, "NORM", "clip the global gradient norm (0 = off)"),
     ("level_weights", _numbers, "W,W,...", "how often each RVQ level is trained, coarse to "
                                            "fine, e.g. 2,1,1,1 (default: uniformly, the paper's)"),
+    ("level_weights_end", _numbers, "W,W,...", "the level weights at the last step: each "
+                                               "level's share moves linearly to these from "
+                                               "--level-weights' (default: no change)"),
     ("min_seconds", float, "S", "shortest training window"),
     ("max_seconds", float, "S", "longest training window (paper: 30)"),
     ("bucket_batches", int, "N", "sort windows by length within groups of N batches (0 = off)"),

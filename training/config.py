@@ -61,6 +61,10 @@ class TrainConfig:
     level_weights: how often each RVQ level is the one trained, coarse to fine (None =
         uniformly, as the paper; e.g. (2, 1, 1, 1) trains level 1 twice as often as each
         other level). Validation always draws levels uniformly.
+    level_weights_end: the weights at the last step (None = level_weights throughout).
+        Each level's share moves linearly from its share under level_weights (uniform when
+        that is None) at step 0 to its share under these at the last step: e.g. (3, 2, 1, 1)
+        to (2, 3, 1, 1) spends the early steps on level 1 and moves them to level 2.
     min_seconds, max_seconds: window lengths (clamped to the model's max_frames).
     bucket_batches: length-bucketing group size in batches (0 = off).
     on_bad_shard: "raise" or "skip" (see `open_corpus`).
@@ -87,6 +91,7 @@ class TrainConfig:
     decay_rate: float = 0.1
     grad_clip: float = 1.0
     level_weights: Optional[tuple] = None
+    level_weights_end: Optional[tuple] = None
     min_seconds: float = 0.5
     max_seconds: float = 3.0
     bucket_batches: int = 0
@@ -149,7 +154,9 @@ class TrainConfig:
         for name in ("data", "out", "val_data", "init_from"):
             v = getattr(self, name)
             check(v is None or (isinstance(v, str) and bool(v)), name, "a path")
-        if self.level_weights is not None:
+        for name in ("level_weights", "level_weights_end"):
+            if getattr(self, name) is None:
+                continue
             from soundstorm.training.masking import check_level_weights
 
             try:
@@ -157,8 +164,11 @@ class TrainConfig:
             except (TypeError, ValueError):
                 levels = None  # the model settings' own error is raised below
             if levels is not None:
-                object.__setattr__(self, "level_weights",
-                                   check_level_weights(self.level_weights, levels))
+                try:
+                    weights = check_level_weights(getattr(self, name), levels)
+                except ValueError as e:
+                    raise ValueError(str(e).replace("level_weights", name, 1)) from None
+                object.__setattr__(self, name, weights)
         if self.val_data is not None and self.val_fraction:
             raise ValueError("give either val_data or val_fraction, not both")
         try:
@@ -223,8 +233,9 @@ class TrainConfig:
     def to_dict(self) -> Dict[str, Any]:
         d = dataclasses.asdict(self)
         d["betas"] = list(self.betas)
-        if self.level_weights is not None:
-            d["level_weights"] = list(self.level_weights)
+        for name in ("level_weights", "level_weights_end"):
+            if getattr(self, name) is not None:
+                d[name] = list(getattr(self, name))
         return d
 
 

@@ -6,7 +6,8 @@ For every row b of real length T_b (frames numbered 1..T_b as in the paper):
   masked (in 0-based tensor indexing: frames [0, t)); t = 0 means no prompt;
 - an RVQ level q ~ U{1, ..., Q} (or, when the run gives `level_weights`, level q with
   probability w_q / sum(w): a way to spend more of a small budget on the levels that
-  matter most; validation always draws uniformly, as the paper does);
+  matter most, optionally moving to `level_weights_end` over the run; validation always
+  draws uniformly, as the paper does);
 - a mask ratio p = cos(u), u ~ U[0, pi/2]; each frame after t is masked at level q with
   probability p (iid Bernoulli);
 - every frame after t is masked at all levels > q;
@@ -92,6 +93,25 @@ def check_level_weights(weights: Sequence[float], num_quantizers: int) -> tuple:
         raise ValueError(f"level_weights must be {num_quantizers} numbers >= 0 (one per RVQ "
                          f"level, coarse to fine) with a positive sum, got {weights!r}")
     return tuple(float(w) for w in weights)
+
+
+def level_weights_at(step: int, steps: int, start: Optional[Sequence[float]],
+                     end: Optional[Sequence[float]], num_quantizers: int) -> Optional[tuple]:
+    """The level weights of optimizer step `step` (0-based) of a `steps`-step run.
+
+    Without `end` the weights stay `start` (None: uniform). With `end` each level's share
+    moves linearly from its share under `start` (uniform when None) at step 0 to its share
+    under `end` at the last step; shares, not raw weights, are mixed, so (3, 2, 1, 1) and
+    (6, 4, 2, 2) schedule alike. Returns the shares, or None (uniform throughout).
+    """
+    if end is None:
+        return None if start is None else check_level_weights(start, num_quantizers)
+    a = (check_level_weights(start, num_quantizers) if start is not None
+         else (1.0,) * num_quantizers)
+    b = check_level_weights(end, num_quantizers)
+    f = min(max(step / max(steps - 1, 1), 0.0), 1.0)
+    sa, sb = sum(a), sum(b)
+    return tuple((1 - f) * x / sa + f * y / sb for x, y in zip(a, b))
 
 
 def draw_levels(seed: int, keys: torch.Tensor, num_quantizers: int,

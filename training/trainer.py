@@ -57,7 +57,7 @@ from soundstorm.training.corpus import TokenCorpus, corpus_fingerprint, open_cor
 from soundstorm.training.data import (Batch, DataPosition, TrainStream, WindowDataset,
                                       WindowSampler, collate, split_indices)
 from soundstorm.training.distributed import DistInfo
-from soundstorm.training.masking import masked_loss, sample_mask
+from soundstorm.training.masking import level_weights_at, masked_loss, sample_mask
 from soundstorm.training.paths import check_output_dir
 from soundstorm.training.plot import plot_curves
 from soundstorm.training.schedule import WarmupExponentialDecay
@@ -366,7 +366,9 @@ class Trainer:
         cfg, d = self.config, self.dist
         mask_id = self.model_config.mask_id
         micro = [b.to(d.device) for b in micro]
-        masked = [sample_mask(b.tokens, b.lengths, b.keys, cfg.seed, mask_id, cfg.level_weights)
+        weights = level_weights_at(step - 1, cfg.steps, cfg.level_weights, cfg.level_weights_end,
+                                   self.model_config.num_quantizers)
+        masked = [sample_mask(b.tokens, b.lengths, b.keys, cfg.seed, mask_id, weights)
                   for b in micro]
         # The loss is a mean over every masked token of the global batch: count them first.
         count = torch.stack([m.loss_mask.sum() for m in masked]).sum().to(torch.float64)
