@@ -102,7 +102,8 @@ def level_weights_at(step: int, steps: int, start: Optional[Sequence[float]],
     Without `end` the weights stay `start` (None: uniform). With `end` each level's share
     moves linearly from its share under `start` (uniform when None) at step 0 to its share
     under `end` at the last step; shares, not raw weights, are mixed, so (3, 2, 1, 1) and
-    (6, 4, 2, 2) schedule alike. Returns the shares, or None (uniform throughout).
+    (6, 4, 2, 2) schedule alike. Returns `start` as checked when there is no `end`, the
+    mixed shares when there is, or None (uniform throughout).
     """
     if end is None:
         return None if start is None else check_level_weights(start, num_quantizers)
