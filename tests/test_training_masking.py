@@ -216,5 +216,7 @@ def test_level_weights_move_linearly_from_start_to_end_over_the_run():
     counts = np.bincount(levels.numpy(), minlength=Q + 1)[1:]
     assert counts[1] == counts[2] == 0
     assert stats.chisquare(counts[[0, 3]], [n / 2, n / 2]).pvalue > 1e-3
-    with pytest.raises(ValueError, match="level_weights must be 4 numbers >= 0"):
+    with pytest.raises(ValueError, match="level_weights_end must be 4 numbers >= 0"):
         level_weights_at(0, 5, None, (1, 1), Q)
+    with pytest.raises(ValueError, match="^level_weights must be 4 numbers >= 0"):
+        level_weights_at(0, 5, (1, 1), (1, 1, 1, 1), Q)

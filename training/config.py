@@ -164,11 +164,8 @@ class TrainConfig:
             except (TypeError, ValueError):
                 levels = None  # the model settings' own error is raised below
             if levels is not None:
-                try:
-                    weights = check_level_weights(getattr(self, name), levels)
-                except ValueError as e:
-                    raise ValueError(str(e).replace("level_weights", name, 1)) from None
-                object.__setattr__(self, name, weights)
+                object.__setattr__(self, name,
+                                   check_level_weights(getattr(self, name), levels, name))
         if self.val_data is not None and self.val_fraction:
             raise ValueError("give either val_data or val_fraction, not both")
         try:

@@ -84,13 +84,15 @@ def row_keys(seed: int, sample_keys: torch.Tensor, stream: int) -> torch.Tensor:
     return mix32(k ^ ((sample_keys >> 32) & MASK32))
 
 
-def check_level_weights(weights: Sequence[float], num_quantizers: int) -> tuple:
-    """The weights as a tuple of floats, or ValueError naming what is wrong with them."""
+def check_level_weights(weights: Sequence[float], num_quantizers: int,
+                        name: str = "level_weights") -> tuple:
+    """The weights as a tuple of floats, or ValueError naming the setting `name` and what is
+    wrong with them."""
     if isinstance(weights, (str, bytes)) or not isinstance(weights, Sequence) or \
             len(weights) != num_quantizers or not all(
                 isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w)
                 and w >= 0 for w in weights) or not sum(weights) > 0:
-        raise ValueError(f"level_weights must be {num_quantizers} numbers >= 0 (one per RVQ "
+        raise ValueError(f"{name} must be {num_quantizers} numbers >= 0 (one per RVQ "
                          f"level, coarse to fine) with a positive sum, got {weights!r}")
     return tuple(float(w) for w in weights)
 
@@ -109,7 +111,7 @@ def level_weights_at(step: int, steps: int, start: Optional[Sequence[float]],
         return None if start is None else check_level_weights(start, num_quantizers)
     a = (check_level_weights(start, num_quantizers) if start is not None
          else (1.0,) * num_quantizers)
-    b = check_level_weights(end, num_quantizers)
+    b = check_level_weights(end, num_quantizers, "level_weights_end")
     f = min(max(step / max(steps - 1, 1), 0.0), 1.0)
     sa, sb = sum(a), sum(b)
     return tuple((1 - f) * x / sa + f * y / sb for x, y in zip(a, b))
