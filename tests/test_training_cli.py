@@ -246,6 +246,35 @@ def test_resume_needs_the_same_data_and_keeps_each_invocations_settings(corpora,
     assert configs["train_config.step-00000015.json"]["batch_size"] == 8
 
 
+def test_joined_utterances_train_validate_and_bind_the_resume(corpora, tmp_path, capsys):
+    out = tmp_path / "joined"
+    run = ["train", *COMMON, "--data", corpora / "a", "--out", out, "--val-fraction", 0.25,
+           "--val-every", 4, "--checkpoint-every", 4]
+    cli(*run, "--steps", 4, "--join-utterances", 3)
+    saved = json.loads((out / "train_config.json").read_text())
+    assert saved["join_utterances"] == 3
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len([r for r in records if "loss" in r]) == 4 and any("val_loss" in r for r in records)
+    err = fails(capsys, *run, "--steps", 8)
+    assert "was trained on another data stream: join_utterances: checkpoint 3, now 1" in err
+    assert cli(*run, "--steps", 8, "--join-utterances", 3) == 0
+    assert sorted(train_losses(out)) == list(range(1, 9))
+    assert "join_utterances = 0: expected an int >= 1" in fails(
+        capsys, "train", *COMMON, "--data", corpora / "a", "--out", tmp_path / "bad",
+        "--join-utterances", 0)
+    assert not (tmp_path / "bad").exists()
+
+
+def test_checkpoints_from_before_joining_resume_as_unjoined():
+    from soundstorm.training.trainer import data_changes
+    now = {"data": "a", "data_sha256": "x", "batch_size": 4, "seed": 0, "val_fraction": 0.0,
+           "min_seconds": 1.0, "max_seconds": 2.0, "bucket_batches": 0, "join_utterances": 1}
+    before = {k: v for k, v in now.items() if k != "join_utterances"}
+    assert data_changes(before, now) == []
+    assert data_changes(before, {**now, "join_utterances": 2}) == [
+        "join_utterances: checkpoint 1, now 2"]
+
+
 # -- the progress flags ---------------------------------------------------------------
 @pytest.mark.parametrize("parser, argv", [
     (training_cli.train_parser, ["--preset", "tiny"]),

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from soundstorm.training.corpus import (CorpusError, CorpusWriter, open_corpus)
+from soundstorm.training.corpus import (CorpusError, CorpusWriter, JoinedCorpus, join_utterances,
+                                        open_corpus)
 from soundstorm.training.data import (DataPosition, TrainStream, WindowSampler, collate,
                                       micro_batches, split_indices, WindowDataset)
 from soundstorm.training.synthetic import SyntheticSpec, Voices, synthesize, write_synthetic_corpus
@@ -270,3 +271,77 @@ def test_worker_processes_load_the_same_batches(corpus_dir):
         assert p0 == p2
         for x, y in zip(m0[0], m2[0]):
             assert torch.equal(x, y)
+
+
+def _frame_streams(utts, parts):
+    """The acoustic frames and per-frame semantic ids of utterances `parts` joined, built
+    directly from the utterances: every part but the last cut to an even length."""
+    acoustic, per_frame = [], []
+    for j, i in enumerate(parts):
+        a, sem = utts[i]["acoustic"], utts[i]["semantic"]
+        T = a.shape[0] if j == len(parts) - 1 else a.shape[0] // 2 * 2
+        acoustic.append(a[:T])
+        per_frame.append(sem[np.arange(T) // 2])
+    return np.concatenate(acoustic), np.concatenate(per_frame)
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_joined_utterances_read_as_one_recording(corpus_dir, n):
+    path, utts = corpus_dir
+    joined = join_utterances(open_corpus(path), n)
+    assert isinstance(joined, JoinedCorpus) and len(joined) == len(utts)
+    speakers = [u["speaker"] for u in utts]
+    for i in range(len(utts)):
+        same = [k for k in range(len(utts)) if speakers[k] == speakers[i]]
+        at = same.index(i)
+        parts = [same[(at + j) % len(same)] for j in range(min(n, len(same)))]
+        assert joined.ids[i] == "+".join(utts[k]["id"] for k in parts)
+        assert joined.speaker[i] == speakers[i]
+        want_a, want_s = _frame_streams(utts, parts)
+        T = int(joined.frames[i])
+        assert T == len(want_a)
+        for start in range(0, T, 2):
+            for frames in sorted({1, 2, 7, T - start}):
+                if frames < 1 or start + frames > T:
+                    continue
+                a, s = joined.read(i, start, frames)
+                assert np.array_equal(a, want_a[start:start + frames])
+                assert len(s) == (frames - 1) // 2 + 1
+                t = np.arange(frames)
+                assert np.array_equal(s[t // 2], want_s[start + t])
+        with pytest.raises(ValueError, match="not an aligned window of joined utterance"):
+            joined.read(i, 1, 1)
+        with pytest.raises(ValueError, match="not an aligned window"):
+            joined.read(i, 0, T + 1)
+
+
+def test_joined_utterances_feed_the_sampler_longer_windows(corpus_dir):
+    path, _ = corpus_dir
+    corpus = open_corpus(path)
+    joined = join_utterances(corpus, 3)
+    assert joined.total_frames > 2 * corpus.total_frames
+    sampler = WindowSampler(joined, seed=0, min_frames=40, max_frames=150, batch_size=5)
+    windows = sampler.windows(0)
+    assert len(windows) == len(corpus)
+    assert max(w.frames for w in windows) > int(corpus.frames.max())
+    for w in windows:
+        a, s = joined.read(w.index, w.start, w.frames)
+        assert a.shape == (w.frames, 3) and len(s) == (w.frames - 1) // 2 + 1
+
+
+def test_join_groups_and_settings(corpus_dir):
+    path, utts = corpus_dir
+    corpus = open_corpus(path)
+    assert join_utterances(corpus, 1) is corpus
+    for bad in (0, -1, 1.5, True, "2"):
+        with pytest.raises(ValueError, match=f"utterances must be an integer >= 1, got {bad!r}"):
+            join_utterances(corpus, bad)
+    with pytest.raises(ValueError, match="groups must hold one label per utterance"):
+        join_utterances(corpus, 2, np.zeros(3))
+    groups = np.arange(len(utts)) % 2
+    joined = join_utterances(corpus, 4, groups)
+    for i, name in enumerate(joined.ids):
+        members = [int(x[1:]) for x in name.split("+")]
+        assert members[0] == i
+        assert all(groups[k] == groups[i] and utts[k]["speaker"] == utts[i]["speaker"]
+                   for k in members)

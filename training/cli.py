@@ -66,6 +66,8 @@ _FLAGS = [
                                                "--level-weights' (default: no change)"),
     ("min_seconds", float, "S", "shortest training window"),
     ("max_seconds", float, "S", "longest training window (paper: 30)"),
+    ("join_utterances", int, "N", "join each utterance to its speaker's next N-1, so windows "
+                                  "and prompts span sentences as in a long recording (1 = off)"),
     ("bucket_batches", int, "N", "sort windows by length within groups of N batches (0 = off)"),
     ("num_workers", int, "N", "data-loading worker processes per training process"),
     ("on_bad_shard", str, "raise|skip", "a missing/corrupt shard: fail (default) or skip it "

@@ -66,6 +66,9 @@ class TrainConfig:
         that is None) at step 0 to its share under these at the last step: e.g. (3, 2, 1, 1)
         to (2, 3, 1, 1) spends the early steps on level 1 and moves them to level 2.
     min_seconds, max_seconds: window lengths (clamped to the model's max_frames).
+    join_utterances: join each utterance to its speaker's next ones, this many in all (1 =
+        off), so that a window, its prompt and its target may span sentences as in a long
+        recording (see `JoinedCorpus`); validation windows are joined the same way.
     bucket_batches: length-bucketing group size in batches (0 = off).
     on_bad_shard: "raise" or "skip" (see `open_corpus`).
     dtype: "auto" (bf16 autocast on CUDA, fp32 on CPU), "float32" or "bfloat16".
@@ -94,6 +97,7 @@ class TrainConfig:
     level_weights_end: Optional[tuple] = None
     min_seconds: float = 0.5
     max_seconds: float = 3.0
+    join_utterances: int = 1
     bucket_batches: int = 0
     num_workers: int = 0
     on_bad_shard: str = "raise"
@@ -120,7 +124,7 @@ class TrainConfig:
             return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
         for name in ("steps", "batch_size", "grad_accum", "log_every", "val_every",
-                     "checkpoint_every", "keep_checkpoints"):
+                     "checkpoint_every", "keep_checkpoints", "join_utterances"):
             check(is_int(getattr(self, name)) and getattr(self, name) >= 1, name, "an int >= 1")
         for name in ("warmup_steps", "val_batches", "bucket_batches", "num_workers"):
             check(is_int(getattr(self, name)) and getattr(self, name) >= 0, name, "an int >= 0")

@@ -223,8 +223,23 @@ class CorpusWriter:
             self.close()
 
 
+class _Utterances:
+    """Sizes shared by a corpus and its views: `ids`, `frames` and `meta` per utterance."""
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def total_frames(self) -> int:
+        return int(self.frames.sum())
+
+    @property
+    def hours(self) -> float:
+        return self.total_frames / self.meta.frame_rate / 3600
+
+
 @dataclass
-class TokenCorpus:
+class TokenCorpus(_Utterances):
     """A corpus opened for reading. Per-utterance arrays (int64 [N]) describe every
     utterance kept; shards are memory-mapped."""
     directory: Path
@@ -240,17 +255,6 @@ class TokenCorpus:
     skipped_shards: List[str] = field(default_factory=list)
     _acoustic: List[np.ndarray] = field(default_factory=list, repr=False)
     _semantic: List[np.ndarray] = field(default_factory=list, repr=False)
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    @property
-    def total_frames(self) -> int:
-        return int(self.frames.sum())
-
-    @property
-    def hours(self) -> float:
-        return self.total_frames / self.meta.frame_rate / 3600
 
     def shard_path(self, i: int, kind: str) -> Path:
         return self.directory / f"{self.shard_names[i]}.{kind}.npy"
@@ -279,6 +283,86 @@ class TokenCorpus:
                                   f"holds ids {x.min()}..{x.max()} outside 0..{vocab - 1} "
                                   "(corrupt shard?)")
         return acoustic, semantic
+
+
+class JoinedCorpus(_Utterances):
+    """A read-only view of `corpus` in which utterance i runs on into the next
+    `utterances - 1` utterances of its speaker (in corpus order, wrapping round to the
+    speaker's first), as one long recording would.
+
+    A corpus of single sentences trains the model only on prompts cut from the sentence it
+    continues; the engine is prompted with another recording of the voice. Joined, a
+    training window may cross from one sentence into the next, so the prompt and the
+    target can come from different sentences, and windows can be as long as the engine's.
+    Every utterance still starts one joined utterance, so an epoch visits each once.
+
+    Every part but the last is cut to a whole number of semantic ids (a multiple of the
+    rate denominator of frames) so the semantic stream stays aligned across the joins. A
+    speaker with fewer than `utterances` utterances has all of them joined once each.
+    `groups` (one label per utterance) keeps joins within a group, e.g. a training and a
+    validation split of one corpus.
+    The view has what the window sampler and dataset read of a `TokenCorpus`: `meta`,
+    `directory`, `ids`, `frames`, `speaker`, `len()` and `read`.
+    """
+
+    def __init__(self, corpus: TokenCorpus, utterances: int,
+                 groups: Optional[np.ndarray] = None):
+        if isinstance(utterances, bool) or not isinstance(utterances, int) or utterances < 1:
+            raise ValueError(f"utterances must be an integer >= 1, got {utterances!r}")
+        if groups is not None and np.shape(groups) != (len(corpus),):
+            raise ValueError(f"groups must hold one label per utterance ({len(corpus)}), got "
+                             f"shape {np.shape(groups)}")
+        self.base, self.utterances = corpus, utterances
+        self.meta, self.directory = corpus.meta, corpus.directory
+        self.skipped_shards = corpus.skipped_shards
+        num, den = corpus.meta.rate_fraction()
+        self._num, self._den = num, den
+        keys = list(zip(corpus.speaker.tolist(), [0] * len(corpus) if groups is None
+                        else np.asarray(groups).tolist()))
+        by_speaker: Dict[tuple, List[int]] = {}
+        for i, key in enumerate(keys):
+            by_speaker.setdefault(key, []).append(i)
+        position = {i: k for same in by_speaker.values() for k, i in enumerate(same)}
+        self._parts: List[List[tuple]] = []   # per joined utterance: (index, frames used)
+        for i, key in enumerate(keys):
+            same = by_speaker[key]
+            chain = [same[(position[i] + j) % len(same)] for j in range(min(utterances, len(same)))]
+            parts = [(u, int(corpus.frames[u]) // den * den) for u in chain[:-1]]
+            parts = [(u, f) for u, f in parts if f > 0]
+            parts.append((chain[-1], int(corpus.frames[chain[-1]])))
+            self._parts.append(parts)
+        self.ids = ["+".join(corpus.ids[u] for u, _ in parts) for parts in self._parts]
+        self.frames = np.array([sum(f for _, f in parts) for parts in self._parts], np.int64)
+        self.speaker = corpus.speaker
+
+    def read(self, index: int, frame_start: int, num_frames: int) -> tuple[np.ndarray, np.ndarray]:
+        """As `TokenCorpus.read`, over joined utterance `index`."""
+        num, den = self._num, self._den
+        end = frame_start + num_frames
+        if frame_start % den or frame_start < 0 or num_frames < 1 or end > self.frames[index]:
+            raise ValueError(f"window [{frame_start}, {end}) is not an aligned window of "
+                             f"joined utterance {self.ids[index]!r} ({self.frames[index]} "
+                             f"frames, starts multiple of {den})")
+        acoustic, semantic, offset = [], [], 0
+        for u, used in self._parts[index]:
+            lo, hi = max(frame_start, offset) - offset, min(end, offset + used) - offset
+            offset += used
+            if lo >= hi:
+                continue
+            a, s = self.base.read(u, lo, hi - lo)
+            if offset < end:  # a whole part of the window: exactly its frames' ids
+                s = s[:(hi - lo) * num // den]
+            acoustic.append(a)
+            semantic.append(s)
+        return np.concatenate(acoustic), np.concatenate(semantic)
+
+
+def join_utterances(corpus: TokenCorpus, utterances: int,
+                    groups: Optional[np.ndarray] = None) -> Union[TokenCorpus, JoinedCorpus]:
+    """`corpus` with each utterance joined to its speaker's next ones (`JoinedCorpus`);
+    `corpus` itself for utterances = 1."""
+    view = JoinedCorpus(corpus, utterances, groups)
+    return corpus if utterances == 1 else view
 
 
 def _fail(message: str, on_bad_shard: str, skipped: List[str], shard: str) -> None:

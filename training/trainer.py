@@ -53,7 +53,8 @@ from soundstorm.training.checkpoint import (checkpoint_name, checkpoint_step,
                                             list_checkpoints, load_checkpoint, remove_partial,
                                             save_checkpoint)
 from soundstorm.training.config import TrainConfig
-from soundstorm.training.corpus import TokenCorpus, corpus_fingerprint, open_corpus
+from soundstorm.training.corpus import (TokenCorpus, corpus_fingerprint, join_utterances,
+                                        open_corpus)
 from soundstorm.training.data import (Batch, DataPosition, TrainStream, WindowDataset,
                                       WindowSampler, collate, split_indices)
 from soundstorm.training.distributed import DistInfo
@@ -70,7 +71,9 @@ NO_CHECKPOINT = -1       # a resume decision: start from step 0
 _UNDECIDED = -2          # rank 0 could not decide where to resume from (it raises why)
 # The settings that decide the training data stream: a resumed run must share them.
 DATA_SETTINGS = ("batch_size", "seed", "val_fraction", "min_seconds", "max_seconds",
-                 "bucket_batches")
+                 "bucket_batches", "join_utterances")
+# What a checkpoint saved before a data setting existed ran with.
+_DATA_SETTING_DEFAULTS = {"join_utterances": 1}
 
 
 class TrainingSetupError(ValueError):
@@ -132,8 +135,9 @@ def data_changes(saved: Dict[str, Any], now: Dict[str, Any]) -> List[str]:
                        f"{str(saved.get('data_sha256'))[:12]}), now {now['data']} "
                        f"(sha256 {now['data_sha256'][:12]})")
     for k in DATA_SETTINGS:
-        if saved.get(k) != now[k]:
-            changes.append(f"{k}: checkpoint {saved.get(k)!r}, now {now[k]!r}")
+        was = saved.get(k, _DATA_SETTING_DEFAULTS.get(k))
+        if was != now[k]:
+            changes.append(f"{k}: checkpoint {was!r}, now {now[k]!r}")
     return changes
 
 
@@ -209,6 +213,9 @@ class Trainer:
         check_corpus_matches(self.corpus, cfg, "corpus")
         self.data_identity = data_identity(cfg, corpus_fingerprint(cfg.data))
         train_idx, val_idx = split_indices(len(self.corpus), cfg.val_fraction, cfg.seed)
+        # Joins stay within the split, so no validation audio is trained on.
+        self.corpus = join_utterances(self.corpus, cfg.join_utterances,
+                                      np.isin(np.arange(len(self.corpus)), val_idx))
         lo, hi = cfg.window_frames()
         self.sampler = WindowSampler(self.corpus, cfg.seed, lo, hi, cfg.batch_size,
                                      indices=train_idx, bucket_batches=cfg.bucket_batches)
@@ -216,6 +223,7 @@ class Trainer:
         if cfg.val_data is not None:
             val_corpus = open_corpus(cfg.val_data, on_bad_shard=cfg.on_bad_shard)
             check_corpus_matches(val_corpus, cfg, "validation corpus")
+            val_corpus = join_utterances(val_corpus, cfg.join_utterances)
             val_idx = np.arange(len(val_corpus))
         elif cfg.val_fraction:
             val_corpus = self.corpus
