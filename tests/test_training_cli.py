@@ -4,6 +4,7 @@ flags, the preset flags, resuming only on the same data, one train_config per in
 
 import json
 import shutil
+import warnings
 
 import pytest
 import torch
@@ -263,6 +264,24 @@ def test_joined_utterances_train_validate_and_bind_the_resume(corpora, tmp_path,
         capsys, "train", *COMMON, "--data", corpora / "a", "--out", tmp_path / "bad",
         "--join-utterances", 0)
     assert not (tmp_path / "bad").exists()
+
+
+def test_joining_a_corpus_of_one_speaker_id_warns(corpora, tmp_path):
+    one = tmp_path / "one-speaker"
+    shutil.copytree(corpora / "a", one)
+    lines = [json.loads(x) for x in (one / "manifest.jsonl").read_text().splitlines()]
+    assert len({x["speaker"] for x in lines}) > 1
+    (one / "manifest.jsonl").write_text("".join(json.dumps({**x, "speaker": 0}) + "\n"
+                                                for x in lines))
+    with pytest.warns(UserWarning, match=f"joins the {len(lines)} utterances of .* as one "
+                                         "voice: they all have speaker id 0"):
+        cli("train", *COMMON, "--data", one, "--out", tmp_path / "run", "--steps", 1,
+            "--join-utterances", 2)
+    with warnings.catch_warnings(record=True) as caught:   # many speakers: no word of it
+        warnings.simplefilter("always")
+        cli("train", *COMMON, "--data", corpora / "a", "--out", tmp_path / "run2", "--steps", 1,
+            "--join-utterances", 2)
+    assert not [w for w in caught if "as one voice" in str(w.message)]
 
 
 def test_checkpoints_from_before_joining_resume_as_unjoined():

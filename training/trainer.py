@@ -213,6 +213,12 @@ class Trainer:
         check_corpus_matches(self.corpus, cfg, "corpus")
         self.data_identity = data_identity(cfg, corpus_fingerprint(cfg.data))
         train_idx, val_idx = split_indices(len(self.corpus), cfg.val_fraction, cfg.seed)
+        if cfg.join_utterances > 1 and len(self.corpus) > 1 and \
+                len(np.unique(self.corpus.speaker)) == 1:
+            warnings.warn(f"join_utterances = {cfg.join_utterances} joins the {len(self.corpus)} "
+                          f"utterances of {cfg.data} as one voice: they all have speaker id "
+                          f"{int(self.corpus.speaker[0])} (give tokenize speaker names to keep "
+                          "joins within a voice)", stacklevel=2)
         # Joins stay within the split, so no validation audio is trained on.
         self.corpus = join_utterances(self.corpus, cfg.join_utterances,
                                       np.isin(np.arange(len(self.corpus)), val_idx))
