@@ -333,7 +333,7 @@ def test_join_groups_and_settings(corpus_dir):
     path, utts = corpus_dir
     corpus = open_corpus(path)
     assert join_utterances(corpus, 1) is corpus
-    for bad in (0, -1, 1.5, True, "2"):
+    for bad in (0, -1, 1.0, 1.5, True, "2"):
         with pytest.raises(ValueError, match=f"utterances must be an integer >= 1, got {bad!r}"):
             join_utterances(corpus, bad)
     with pytest.raises(ValueError, match="groups must hold one label per utterance"):

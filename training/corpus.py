@@ -312,7 +312,7 @@ class JoinedCorpus(_Utterances):
         if groups is not None and np.shape(groups) != (len(corpus),):
             raise ValueError(f"groups must hold one label per utterance ({len(corpus)}), got "
                              f"shape {np.shape(groups)}")
-        self.base, self.utterances = corpus, utterances
+        self.base = corpus
         self.meta, self.directory = corpus.meta, corpus.directory
         self.skipped_shards = corpus.skipped_shards
         num, den = corpus.meta.rate_fraction()
@@ -360,9 +360,10 @@ class JoinedCorpus(_Utterances):
 def join_utterances(corpus: TokenCorpus, utterances: int,
                     groups: Optional[np.ndarray] = None) -> Union[TokenCorpus, JoinedCorpus]:
     """`corpus` with each utterance joined to its speaker's next ones (`JoinedCorpus`);
-    `corpus` itself for utterances = 1."""
-    view = JoinedCorpus(corpus, utterances, groups)
-    return corpus if utterances == 1 else view
+    `corpus` itself for utterances = 1 (no view is built: the default costs nothing)."""
+    if type(utterances) is int and utterances == 1:
+        return corpus
+    return JoinedCorpus(corpus, utterances, groups)
 
 
 def _fail(message: str, on_bad_shard: str, skipped: List[str], shard: str) -> None:
