@@ -282,6 +282,10 @@ def test_joining_a_corpus_of_one_speaker_id_warns(corpora, tmp_path):
         cli("train", *COMMON, "--data", corpora / "a", "--out", tmp_path / "run2", "--steps", 1,
             "--join-utterances", 2)
     assert not [w for w in caught if "as one voice" in str(w.message)]
+    with pytest.warns(UserWarning, match=f"joins the {len(lines)} utterances of {one} as one "
+                                         "voice"):   # a --val-data corpus is joined too
+        cli("train", *COMMON, "--data", corpora / "a", "--val-data", one, "--out",
+            tmp_path / "run3", "--steps", 1, "--join-utterances", 2)
 
 
 def test_checkpoints_from_before_joining_resume_as_unjoined():

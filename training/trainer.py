@@ -182,6 +182,15 @@ class _Stats:
         }
 
 
+def _warn_if_one_voice(corpus: TokenCorpus, join: int, name: Any) -> None:
+    """Warn that joining `corpus` (`join` > 1) runs every utterance into any other, when
+    they all share one speaker id (a corpus tokenized without speaker names)."""
+    if join > 1 and len(corpus) > 1 and len(np.unique(corpus.speaker)) == 1:
+        warnings.warn(f"join_utterances = {join} joins the {len(corpus)} utterances of {name} "
+                      f"as one voice: they all have speaker id {int(corpus.speaker[0])} (give "
+                      "tokenize speaker names to keep joins within a voice)", stacklevel=3)
+
+
 class Trainer:
     """Builds everything a run needs from a `TrainConfig`, checking it all first."""
 
@@ -213,12 +222,7 @@ class Trainer:
         check_corpus_matches(self.corpus, cfg, "corpus")
         self.data_identity = data_identity(cfg, corpus_fingerprint(cfg.data))
         train_idx, val_idx = split_indices(len(self.corpus), cfg.val_fraction, cfg.seed)
-        if cfg.join_utterances > 1 and len(self.corpus) > 1 and \
-                len(np.unique(self.corpus.speaker)) == 1:
-            warnings.warn(f"join_utterances = {cfg.join_utterances} joins the {len(self.corpus)} "
-                          f"utterances of {cfg.data} as one voice: they all have speaker id "
-                          f"{int(self.corpus.speaker[0])} (give tokenize speaker names to keep "
-                          "joins within a voice)", stacklevel=2)
+        _warn_if_one_voice(self.corpus, cfg.join_utterances, cfg.data)
         # Joins stay within the split, so no validation audio is trained on.
         self.corpus = join_utterances(self.corpus, cfg.join_utterances,
                                       np.isin(np.arange(len(self.corpus)), val_idx))
@@ -229,6 +233,7 @@ class Trainer:
         if cfg.val_data is not None:
             val_corpus = open_corpus(cfg.val_data, on_bad_shard=cfg.on_bad_shard)
             check_corpus_matches(val_corpus, cfg, "validation corpus")
+            _warn_if_one_voice(val_corpus, cfg.join_utterances, cfg.val_data)
             val_corpus = join_utterances(val_corpus, cfg.join_utterances)
             val_idx = np.arange(len(val_corpus))
         elif cfg.val_fraction:
