@@ -10,7 +10,12 @@ the corpus, how close these token sets come to the prompt's speaker:
 - generated           SoundStorm's tokens (what the demo scores);
 - generated L1 + truth finer, truth L1 + generated finer (the model decoding levels
                       2..Q after the true level 1): whose errors cost the voice, the
-                      coarse level's or the finer levels'.
+                      coarse level's or the finer levels';
+- truth L1 + prompt's finer
+                      no model: each frame's levels 2..Q copied from the prompt frame
+                      nearest it in level-1 context (its level-1 codeword and its
+                      neighbours'): how much of the voice a model could take from the
+                      prompt by copying, at about the token accuracy it reaches.
 
 Each row gives the similarity to the prompt's speaker, the mean over the other voices,
 how many utterances rank the prompt's speaker first, and its mean rank; plus the token
@@ -42,14 +47,28 @@ from soundstorm.engine.decode import reference_decode
 from soundstorm.engine.engine import Engine
 
 
-def variants(truth: torch.Tensor, generated: torch.Tensor, forced: torch.Tensor) -> dict:
+def variants(truth: torch.Tensor, generated: torch.Tensor, forced: torch.Tensor,
+             copied: torch.Tensor) -> dict:
     """Token sets [T, k] to score, by name (see the module docstring)."""
     Q = truth.shape[1]
     out = {f"truth levels 1..{k}": truth[:, :k] for k in range(1, Q + 1)}
     out["generated"] = generated
     out["generated L1 + truth finer"] = torch.cat([generated[:, :1], truth[:, 1:]], 1)
     out["truth L1 + generated finer"] = forced
+    out["truth L1 + prompt's finer"] = copied
     return out
+
+
+def copy_from_prompt(codec, tokens: torch.Tensor, prompt: torch.Tensor) -> torch.Tensor:
+    """tokens [T, Q] with levels 2..Q replaced by those of the prompt frame ([P, Q]) nearest
+    each frame in level-1 context: its level-1 codeword, and at half weight its neighbours'."""
+    def context(t):
+        e = codec.dequantize(t[None, :, :1])[0]                                 # [T, D]
+        before = torch.cat([e[:1], e[:-1]])
+        after = torch.cat([e[1:], e[-1:]])
+        return torch.cat([0.5 * before, e, 0.5 * after], 1)
+    nearest = torch.cdist(context(tokens), context(prompt)).argmin(1)
+    return torch.cat([tokens[:, :1], prompt[nearest, 1:]], 1)
 
 
 def decode_after_level1(engine, semantic, prompt, level1: torch.Tensor, frames: slice,
@@ -113,7 +132,8 @@ def main(argv=None) -> dict:
     decode = DecodeConfig()
     encoder = _speaker_encoder()
     clips = {}
-    accuracy = {"generated": [], "truth L1 + generated finer": []}
+    accuracy = {"generated": [], "truth L1 + generated finer": [],
+                "truth L1 + prompt's finer": []}
     for j, voice in enumerate(tqdm(voices, desc="utterances", unit="utt")):
         prompt_audio = speak(next(texts), voice)[: prompt_frames * codec.hop_length]
         prompt_audio = np.pad(prompt_audio, (0, prompt_frames * codec.hop_length - len(prompt_audio)))
@@ -130,9 +150,11 @@ def main(argv=None) -> dict:
                                     seed=args.seed + j)[0, target].cpu()
         forced = decode_after_level1(engine, full, prompt, truth[:, 0], target, decode,
                                      args.seed + j)
-        for name, tokens in (("generated", generated), ("truth L1 + generated finer", forced)):
+        copied = copy_from_prompt(codec, truth, prompt[0])
+        for name, tokens in (("generated", generated), ("truth L1 + generated finer", forced),
+                             ("truth L1 + prompt's finer", copied)):
             accuracy[name].append((tokens == truth).float().mean(0).tolist())
-        for name, tokens in variants(truth, generated, forced).items():
+        for name, tokens in variants(truth, generated, forced, copied).items():
             wav = codec.synthesize(codec.dequantize(tokens[None]))[0].numpy()
             clips.setdefault(name, []).append((voice.name, wav))
 

@@ -315,7 +315,8 @@ def test_voice_levels_scores_each_level_and_the_decode_after_the_true_level_1(tm
     assert json.loads((tmp_path / "r.json").read_text()) == r
     Q = 4
     assert list(r["rows"]) == [f"truth levels 1..{k}" for k in range(1, Q + 1)] + [
-        "generated", "generated L1 + truth finer", "truth L1 + generated finer"]
+        "generated", "generated L1 + truth finer", "truth L1 + generated finer",
+        "truth L1 + prompt's finer"]
     assert r["reference_voices"] == 4          # the prompt's voice and 3 others
     for row in r["rows"].values():
         assert len(row["ranks"]) == 1 and 1 <= row["ranks"][0] <= 4
@@ -325,6 +326,8 @@ def test_voice_levels_scores_each_level_and_the_decode_after_the_true_level_1(tm
     forced = r["token_accuracy"]["truth L1 + generated finer"]
     assert forced[0] == 1.0 and len(forced) == Q and max(forced[1:]) < 1
     assert len(r["token_accuracy"]["generated"]) == Q
+    copied = r["token_accuracy"]["truth L1 + prompt's finer"]
+    assert copied[0] == 1.0 and len(copied) == Q and max(copied[1:]) < 1
     assert "truth L1 + generated finer" in capsys.readouterr().out
     # a model the assets' codec cannot decode is named
     from soundstorm.engine import ModelConfig, SoundStorm
@@ -332,3 +335,19 @@ def test_voice_levels_scores_each_level_and_the_decode_after_the_true_level_1(tm
     with pytest.raises(SystemExit):
         voice_levels.main(["--model", str(tmp_path / "tiny"), "--utterances", "1"])
     assert "has 4 levels of 32 codes over 16 semantic ids" in capsys.readouterr().err
+
+
+def test_copy_from_prompt_takes_the_finer_levels_of_the_nearest_prompt_frame():
+    import voice_levels
+
+    class Codec:   # level-1 codewords on a line: the codeword of code c is c
+        def dequantize(self, tokens):
+            return tokens[..., :1].float()
+
+    prompt = torch.tensor([[0, 10, 11, 12], [5, 20, 21, 22], [9, 30, 31, 32]])
+    tokens = torch.tensor([[9, 0, 0, 0], [9, 0, 0, 0], [4, 0, 0, 0], [1, 0, 0, 0]])
+    out = voice_levels.copy_from_prompt(Codec(), tokens, prompt)
+    assert torch.equal(out[:, 0], tokens[:, 0])               # level 1 kept
+    # contexts (prev/2, self, next/2): frame 0 (4.5, 9, 4.5) is nearest prompt frame 2
+    # (2.5, 9, 4.5); frame 3 (2, 1, 0.5) nearest prompt frame 0 (0, 0, 2.5)
+    assert out[:, 1:].tolist() == [[30, 31, 32], [30, 31, 32], [20, 21, 22], [10, 11, 12]]
