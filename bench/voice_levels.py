@@ -11,11 +11,12 @@ the corpus, how close these token sets come to the prompt's speaker:
 - generated L1 + truth finer, truth L1 + generated finer (the model decoding levels
                       2..Q after the true level 1): whose errors cost the voice, the
                       coarse level's or the finer levels';
-- truth L1 + prompt's finer
-                      no model: each frame's levels 2..Q copied from the prompt frame
-                      nearest it in level-1 context (its level-1 codeword and its
-                      neighbours'): how much of the voice a model could take from the
-                      prompt by copying, at about the token accuracy it reaches.
+- truth L1 + prompt's finer, generated L1 + prompt's finer
+                      no model for the finer levels: each frame's levels 2..Q copied from
+                      the prompt frame nearest it in level-1 context (its level-1
+                      codeword and its neighbours'): how much of the voice a model could
+                      take from the prompt by copying, at about the token accuracy it
+                      reaches, under the true level 1 and under the model's.
 
 Each row gives the similarity to the prompt's speaker, the mean over the other voices,
 how many utterances rank the prompt's speaker first, and its mean rank; plus the token
@@ -48,7 +49,7 @@ from soundstorm.engine.engine import Engine
 
 
 def variants(truth: torch.Tensor, generated: torch.Tensor, forced: torch.Tensor,
-             copied: torch.Tensor) -> dict:
+             copied: torch.Tensor, generated_copied: torch.Tensor) -> dict:
     """Token sets [T, k] to score, by name (see the module docstring)."""
     Q = truth.shape[1]
     out = {f"truth levels 1..{k}": truth[:, :k] for k in range(1, Q + 1)}
@@ -56,6 +57,7 @@ def variants(truth: torch.Tensor, generated: torch.Tensor, forced: torch.Tensor,
     out["generated L1 + truth finer"] = torch.cat([generated[:, :1], truth[:, 1:]], 1)
     out["truth L1 + generated finer"] = forced
     out["truth L1 + prompt's finer"] = copied
+    out["generated L1 + prompt's finer"] = generated_copied
     return out
 
 
@@ -151,10 +153,12 @@ def main(argv=None) -> dict:
         forced = decode_after_level1(engine, full, prompt, truth[:, 0], target, decode,
                                      args.seed + j)
         copied = copy_from_prompt(codec, truth, prompt[0])
+        generated_copied = copy_from_prompt(codec, generated, prompt[0])
         for name, tokens in (("generated", generated), ("truth L1 + generated finer", forced),
                              ("truth L1 + prompt's finer", copied)):
             accuracy[name].append((tokens == truth).float().mean(0).tolist())
-        for name, tokens in variants(truth, generated, forced, copied).items():
+        for name, tokens in variants(truth, generated, forced, copied,
+                                     generated_copied).items():
             wav = codec.synthesize(codec.dequantize(tokens[None]))[0].numpy()
             clips.setdefault(name, []).append((voice.name, wav))
 

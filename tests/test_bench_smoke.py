@@ -316,7 +316,7 @@ def test_voice_levels_scores_each_level_and_the_decode_after_the_true_level_1(tm
     Q = 4
     assert list(r["rows"]) == [f"truth levels 1..{k}" for k in range(1, Q + 1)] + [
         "generated", "generated L1 + truth finer", "truth L1 + generated finer",
-        "truth L1 + prompt's finer"]
+        "truth L1 + prompt's finer", "generated L1 + prompt's finer"]
     assert r["reference_voices"] == 4          # the prompt's voice and 3 others
     for row in r["rows"].values():
         assert len(row["ranks"]) == 1 and 1 <= row["ranks"][0] <= 4

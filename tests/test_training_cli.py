@@ -203,6 +203,35 @@ def test_level_weights_train_only_the_levels_weighted_and_validate_them_all(corp
 
 
 # -- resuming: the same data, one config file per invocation, nothing to do -------------
+
+def test_finer_full_mask_reaches_the_training_masks_and_not_validation(corpora, tmp_path,
+                                                                      monkeypatch, capsys):
+    import soundstorm.training.trainer as trainer_module
+    drawn = []
+
+    def recording(*args, **kwargs):
+        m = sample_mask(*args, **kwargs)
+        drawn.append((args[3], m.level.clone(), m.ratio.clone()))
+        return m
+
+    monkeypatch.setattr(trainer_module, "sample_mask", recording)
+    cli("train", *COMMON, "--data", corpora / "a", "--val-data", corpora / "b", "--out",
+        tmp_path / "run", "--steps", 4, "--val-every", 4, "--level-weights", "0,1,1,0",
+        "--finer-full-mask", 1)
+    seed = json.loads((tmp_path / "run/train_config.json").read_text())["seed"]
+    train = [(lv, r) for s, lv, r in drawn if s == seed]
+    val = [(lv, r) for s, lv, r in drawn if s != seed]
+    assert len(train) == 4 and val
+    assert all((r == 1).all() for _, r in train)            # every finer row fully masked
+    assert any((r < 1).any() for _, r in val)                # validation keeps the paper's
+    saved = json.loads((tmp_path / "run/train_config.json").read_text())
+    assert saved["finer_full_mask"] == 1.0
+    assert "finer_full_mask must be a number in [0, 1]" in fails(
+        capsys, "train", *COMMON, "--data", corpora / "a", "--out", tmp_path / "bad",
+        "--finer-full-mask", 2)
+    assert not (tmp_path / "bad").exists()
+
+
 def test_resume_needs_the_same_data_and_keeps_each_invocations_settings(corpora, tmp_path,
                                                                         capsys):
     out = tmp_path / "run"

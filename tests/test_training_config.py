@@ -51,6 +51,8 @@ def test_presets_follow_the_paper():
     ({"level_weights": [0, 0, 0, 0]}, "with a positive sum, got \\[0, 0, 0, 0\\]"),
     ({"level_weights_end": [1, 2, 3]}, "level_weights_end must be 4 numbers >= 0"),
     ({"level_weights_end": [1, -1, 0, 0]}, "level_weights_end must be 4 numbers >= 0"),
+    ({"finer_full_mask": 1.5}, "finer_full_mask must be a number in \\[0, 1\\]"),
+    ({"finer_full_mask": None}, "finer_full_mask must be a number in \\[0, 1\\]"),
     ({"join_utterances": 0}, "join_utterances = 0: expected an int >= 1"),
     ({"join_utterances": 2.0}, "join_utterances = 2.0: expected an int >= 1"),
 ])

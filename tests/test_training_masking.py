@@ -220,3 +220,38 @@ def test_level_weights_move_linearly_from_start_to_end_over_the_run():
         level_weights_at(0, 5, None, (1, 1), Q)
     with pytest.raises(ValueError, match="^level_weights must be 4 numbers >= 0"):
         level_weights_at(0, 5, (1, 1), (1, 1, 1, 1), Q)
+
+
+def test_finer_full_mask_masks_a_share_of_finer_level_rows_completely():
+    n = 4000
+    tokens, lengths = ragged_batch([40] * n)
+    keys = torch.arange(n)
+    paper = sample_mask(tokens, lengths, keys, 5, MASK)
+    m = sample_mask(tokens, lengths, keys, 5, MASK, finer_full_mask=0.5)
+    # the level, prompt and every level-1 row are the paper's draw
+    assert torch.equal(m.level, paper.level) and torch.equal(m.prompt_len, paper.prompt_len)
+    one = m.level == 1
+    assert torch.equal(m.inputs[one], paper.inputs[one])
+    assert torch.equal(m.ratio[one], paper.ratio[one])
+    # a finer row either keeps its paper mask or masks all of its level after the prompt
+    after = torch.arange(40)[None, :] >= m.prompt_len[:, None]
+    q_masked = (m.inputs == MASK).gather(2, (m.level - 1)[:, None, None].expand(n, 40, 1))[..., 0]
+    full = (m.ratio == 1.0) & ~one
+    assert torch.equal(q_masked[full], after[full])
+    assert torch.equal(m.inputs[~one & ~full], paper.inputs[~one & ~full])
+    assert torch.equal(m.targets != IGNORE_INDEX, q_masked)
+    # about half of the finer rows, independently of the level
+    for q in (2, 3, 4):
+        rows = m.level == q
+        assert stats.binomtest(int(full[rows].sum()), int(rows.sum()), 0.5).pvalue > 1e-3
+    # every finer row at 1, none at 0
+    assert (sample_mask(tokens, lengths, keys, 5, MASK, finer_full_mask=1.0).ratio[~one] == 1).all()
+    assert torch.equal(sample_mask(tokens, lengths, keys, 5, MASK, finer_full_mask=0.0).inputs,
+                       paper.inputs)
+
+
+@pytest.mark.parametrize("value", [-0.1, 1.5, float("nan"), True, "0.5"])
+def test_bad_finer_full_mask_is_named(value):
+    tokens, lengths = ragged_batch([4, 4])
+    with pytest.raises(ValueError, match="finer_full_mask must be a number in"):
+        sample_mask(tokens, lengths, torch.tensor([1, 2]), 0, MASK, finer_full_mask=value)

@@ -64,6 +64,9 @@ _FLAGS = [
     ("level_weights_end", _numbers, "W,W,...", "the level weights at the last step: each "
                                                "level's share moves linearly to these from "
                                                "--level-weights' (default: no change)"),
+    ("finer_full_mask", float, "P", "share of rows training a level > 1 that mask all of it "
+                                    "after the prompt, as one-pass decoding asks (0 = the "
+                                    "paper's cosine ratio)"),
     ("min_seconds", float, "S", "shortest training window"),
     ("max_seconds", float, "S", "longest training window (paper: 30)"),
     ("join_utterances", int, "N", "join each utterance to its speaker's next N-1, so windows "

@@ -65,6 +65,12 @@ class TrainConfig:
         Each level's share moves linearly from its share under level_weights (uniform when
         that is None) at step 0 to its share under these at the last step: e.g. (3, 2, 1, 1)
         to (2, 3, 1, 1) spends the early steps on level 1 and moves them to level 2.
+    finer_full_mask: the share of rows training a level > 1 that mask all of that level
+        after the prompt (0 = the paper's cosine mask ratio for every row). The paper's
+        schedule decodes each finer level in one pass, from the prompt and the coarser
+        levels alone; such rows train exactly that, so the model must take the voice's
+        fine detail from the prompt rather than from the level's own unmasked tokens.
+        Validation always uses the paper's mask.
     min_seconds, max_seconds: window lengths (clamped to the model's max_frames).
     join_utterances: join each utterance to its speaker's next ones, this many in all (1 =
         off), so that a window, its prompt and its target may span sentences as in a long
@@ -95,6 +101,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     level_weights: Optional[tuple] = None
     level_weights_end: Optional[tuple] = None
+    finer_full_mask: float = 0.0
     min_seconds: float = 0.5
     max_seconds: float = 3.0
     join_utterances: int = 1
@@ -170,6 +177,9 @@ class TrainConfig:
             if levels is not None:
                 object.__setattr__(self, name,
                                    check_level_weights(getattr(self, name), levels, name))
+        from soundstorm.training.masking import check_finer_full_mask
+
+        check_finer_full_mask(self.finer_full_mask)
         if self.val_data is not None and self.val_fraction:
             raise ValueError("give either val_data or val_fraction, not both")
         try:

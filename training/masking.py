@@ -11,6 +11,10 @@ For every row b of real length T_b (frames numbered 1..T_b as in the paper):
 - a mask ratio p = cos(u), u ~ U[0, pi/2]; each frame after t is masked at level q with
   probability p (iid Bernoulli);
 - every frame after t is masked at all levels > q;
+- optionally (`finer_full_mask` f > 0), a row training a level q > 1 masks every frame
+  after t at level q with probability f instead (p = 1): what the paper's schedule asks
+  at inference, where each finer level is decoded in one pass from the prompt and the
+  coarser levels alone, with none of its own tokens to lean on;
 - the loss is the cross-entropy on the masked level-q tokens only. Semantic conditioning
   is never masked (it is not even an input here); padding frames are never masked and
   never counted.
@@ -45,6 +49,7 @@ _STREAM_PROMPT = 0x11
 _STREAM_LEVEL = 0x22
 _STREAM_RATIO = 0x33
 _STREAM_FRAMES = 0x44
+_STREAM_FULL = 0x55
 
 
 @dataclass
@@ -57,7 +62,8 @@ class MaskedBatch:
                                 IGNORE_INDEX (-100) everywhere else
     level:      int64 [B]       the level q of each row (1-based)
     prompt_len: int64 [B]       the delimiter t: frames [0, t) are the prompt
-    ratio:      float32 [B]     the mask ratio p = cos(u) drawn for the row
+    ratio:      float32 [B]     the mask ratio p = cos(u) drawn for the row (1 for a row
+                                fully masked by finer_full_mask)
     """
     inputs: torch.Tensor
     targets: torch.Tensor
@@ -95,6 +101,15 @@ def check_level_weights(weights: Sequence[float], num_quantizers: int,
         raise ValueError(f"{name} must be {num_quantizers} numbers >= 0 (one per RVQ "
                          f"level, coarse to fine) with a positive sum, got {weights!r}")
     return tuple(float(w) for w in weights)
+
+
+def check_finer_full_mask(value: float) -> float:
+    """`value` if it is a probability, else ValueError naming finer_full_mask."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+            not 0.0 <= value <= 1.0:
+        raise ValueError(f"finer_full_mask must be a number in [0, 1] (the share of rows "
+                         f"training a level > 1 that mask all of it), got {value!r}")
+    return float(value)
 
 
 def level_weights_at(step: int, steps: int, start: Optional[Sequence[float]],
@@ -135,7 +150,8 @@ def draw_levels(seed: int, keys: torch.Tensor, num_quantizers: int,
 
 def sample_mask(tokens: torch.Tensor, lengths: torch.Tensor, sample_keys: torch.Tensor,
                 seed: int, mask_id: int,
-                level_weights: Optional[Sequence[float]] = None) -> MaskedBatch:
+                level_weights: Optional[Sequence[float]] = None,
+                finer_full_mask: float = 0.0) -> MaskedBatch:
     """Draw the §3.2 mask for every row.
 
     tokens:      int64 [B, T, Q] ground-truth codes in [0, mask_id); frames at or past a
@@ -146,6 +162,8 @@ def sample_mask(tokens: torch.Tensor, lengths: torch.Tensor, sample_keys: torch.
     seed:        the run's seed
     mask_id:     the MASK id (= codebook_size)
     level_weights: None (levels drawn uniformly, the paper's) or Q weights >= 0
+    finer_full_mask: in [0, 1], the probability that a row training a level > 1 masks all
+                 of that level after its prompt (0: the paper's cosine ratio for every row)
     """
     if tokens.ndim != 3:
         raise ValueError(f"tokens must be [B, T, Q], got shape {tuple(tokens.shape)}")
@@ -158,12 +176,17 @@ def sample_mask(tokens: torch.Tensor, lengths: torch.Tensor, sample_keys: torch.
     if bool((lengths < 1).any()) or bool((lengths > T).any()):
         raise ValueError(f"lengths must lie in 1..{T}, got {lengths.tolist()}")
     keys = sample_keys.to(device=device, dtype=torch.int64)
+    check_finer_full_mask(finer_full_mask)
 
     # The modulo bias of a 32-bit hash reduced mod T_b <= 2**16 is below 2**-16: negligible.
     prompt_len = row_keys(seed, keys, _STREAM_PROMPT) % lengths                      # [B]
     level = draw_levels(seed, keys, Q, level_weights)                                # [B]
     u = to_uniform(row_keys(seed, keys, _STREAM_RATIO)).double() * (math.pi / 2)
     ratio = torch.cos(u).float()                                                     # [B]
+    if finer_full_mask > 0:
+        full = (level > 1) & (to_uniform(row_keys(seed, keys, _STREAM_FULL)).double()
+                              < finer_full_mask)
+        ratio = ratio.masked_fill(full, 1.0)       # every uniform draw lies below 1
 
     t = torch.arange(T, device=device)
     real = t[None, :] < lengths[:, None]                                             # [B, T]

@@ -387,8 +387,8 @@ class Trainer:
         micro = [b.to(d.device) for b in micro]
         weights = level_weights_at(step - 1, cfg.steps, cfg.level_weights, cfg.level_weights_end,
                                    self.model_config.num_quantizers)
-        masked = [sample_mask(b.tokens, b.lengths, b.keys, cfg.seed, mask_id, weights)
-                  for b in micro]
+        masked = [sample_mask(b.tokens, b.lengths, b.keys, cfg.seed, mask_id, weights,
+                              cfg.finer_full_mask) for b in micro]
         # The loss is a mean over every masked token of the global batch: count them first.
         count = torch.stack([m.loss_mask.sum() for m in masked]).sum().to(torch.float64)
         total = dist_utils.all_reduce_sum(count.reshape(1), d)
