@@ -186,3 +186,9 @@ def test_synthetic_corpus_command(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["synthetic-corpus", str(tmp_path / "s")])
     assert "already holds a corpus" in capsys.readouterr().err
+
+
+def test_finer_full_mask_is_stored_as_a_float():
+    cfg = TrainConfig.preset("tiny", finer_full_mask=1)
+    assert cfg.finer_full_mask == 1.0 and isinstance(cfg.finer_full_mask, float)
+    assert TrainConfig.preset("tiny").finer_full_mask == 0.0

@@ -179,7 +179,7 @@ class TrainConfig:
                                    check_level_weights(getattr(self, name), levels, name))
         from soundstorm.training.masking import check_finer_full_mask
 
-        check_finer_full_mask(self.finer_full_mask)
+        object.__setattr__(self, "finer_full_mask", check_finer_full_mask(self.finer_full_mask))
         if self.val_data is not None and self.val_fraction:
             raise ValueError("give either val_data or val_fraction, not both")
         try:
