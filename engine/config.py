@@ -67,6 +67,11 @@ LIMITS: dict[str, int] = {
     "conv_expansion": 16,
     "max_frames": 2 ** 16,
 }
+# Largest key width of the prompt lookup (0 turns it off).
+MAX_PROMPT_LOOKUP = 2 ** 12
+# Fields a saved config may leave out (added after the format was fixed; their defaults
+# are the model saved before them).
+OPTIONAL_FIELDS = ("prompt_lookup",)
 # Rates in Hz: at most MAX_RATE, and semantic_rate / frame_rate must reduce to a fraction
 # whose terms are at most MAX_RATE_TERM (frame t reads semantic index t * num // den).
 MAX_RATE = 10 ** 6
@@ -83,6 +88,14 @@ class ModelConfig:
     width `ff_dim`, and a convolution module whose inner width is `conv_expansion * dim`
     with a depthwise kernel of `conv_kernel` frames. `max_frames` is the longest sequence
     a single forward pass accepts.
+
+    `prompt_lookup` (0: off, the paper's model) adds to the input embeddings a lookup into
+    the frames whose codes are all known (the voice prompt): every frame attends to them by
+    the similarity of level-1 codes in context alone, through `prompt_lookup`-wide learned
+    keys, and reads their finer codes (see `soundstorm.engine.model.PromptLookup`). It
+    makes copying the prompt speaker's finer codes, which is what keeps a voice, one learned
+    lookup instead of something the Conformer must discover. Older configs without the
+    field load with it off.
 
     Every size field must lie in 1..`LIMITS[field]` (`ModelConfig.LIMITS`: e.g. depth <= 256,
     dim <= 65536, max_frames <= 65536); rates must be positive, at most 10**6 Hz, and
@@ -103,10 +116,22 @@ class ModelConfig:
     conv_kernel: int = 5
     conv_expansion: int = 2
     max_frames: int = 1500
+    prompt_lookup: int = 0
 
     def __post_init__(self) -> None:
         for name, limit in LIMITS.items():
             _positive_int(name, getattr(self, name), limit)
+        lookup = self.prompt_lookup
+        if isinstance(lookup, bool) or not isinstance(lookup, int):
+            raise TypeError(f"prompt_lookup must be an int (0: off), got "
+                            f"{type(lookup).__name__} {lookup!r}")
+        if not 0 <= lookup <= MAX_PROMPT_LOOKUP:
+            raise ValueError(f"prompt_lookup must lie in 0..{MAX_PROMPT_LOOKUP} (the width of "
+                             f"its keys; 0: off), got {lookup}")
+        if lookup:
+            if self.num_quantizers < 2:
+                raise ValueError("prompt_lookup reads the finer levels of the prompt: it "
+                                 "needs num_quantizers >= 2, got 1 (set prompt_lookup = 0)")
         semantic_rate = _rate("semantic_rate", self.semantic_rate)
         frame_rate = _rate("frame_rate", self.frame_rate)
         for name, rate in (("semantic_rate", semantic_rate), ("frame_rate", frame_rate)):
@@ -172,7 +197,10 @@ class ModelConfig:
         q, cb = self.num_quantizers, self.codebook_size
         embed = self.semantic_vocab_size * d + (q * cb + 1) * d
         heads = ln + q * (cb * d + cb)
-        return embed + self.depth * block + heads
+        lookup = 0
+        if self.prompt_lookup:
+            lookup = (cb + 1) * self.prompt_lookup + 3 + 2 + (q - 1) * cb * d
+        return embed + self.depth * block + heads + lookup
 
     # -- construction -------------------------------------------------------------------
     @classmethod

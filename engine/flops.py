@@ -33,7 +33,11 @@ def forward_gemms(config: ModelConfig, batch: int, frames: int, heads: int = 1) 
     d, f, c, L = config.dim, config.ff_dim, config.conv_dim, config.depth
     rows = batch * frames
     bh, dh = batch * config.heads, config.head_dim
-    return [
+    lookup = []
+    if config.prompt_lookup:         # the prompt lookup: level-1 key scores, finer values
+        lookup = [Gemm("lookup_scores", batch, frames, config.prompt_lookup, frames),
+                  Gemm("lookup_values", batch, frames, frames, d)]
+    return lookup + [
         Gemm("ffn_up", 1, rows, d, f, 2 * L),
         Gemm("ffn_down", 1, rows, f, d, 2 * L),
         Gemm("qkv", 1, rows, d, 3 * d, L),

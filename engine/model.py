@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from pathlib import Path
 from typing import Dict, Optional, Tuple, Union
@@ -14,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from soundstorm.engine.config import ModelConfig
+from soundstorm.engine.config import OPTIONAL_FIELDS, ModelConfig
 from soundstorm.engine.files import (CHECKSUM_KEY, WEIGHT_DTYPES, read_format_json,
                                      tensor_sha256, write_model_dir)
 from soundstorm.kernels import Ops, get_ops
@@ -109,6 +110,79 @@ class ConformerBlock(nn.Module):
         return out
 
 
+class PromptLookup(nn.Module):
+    """A lookup into the reference frames: the real frames whose Q codes are all known
+    (the voice prompt; during decoding, also any frame decoded completely).
+
+    Every frame i whose level-1 code is known attends to the references j != i with
+    weights softmax_j(s * k_i . k_j): k is a learned `prompt_lookup`-wide embedding of the
+    level-1 code, mixed over the frame and its two neighbours with three learned weights
+    and scaled to unit length, and s a learned sharpness. The keys see level 1 in context
+    and nothing else, not even position. Frame i reads g * sum_j w_ij v_j, v_j the sum of
+    learned embeddings of j's codes at levels 2..Q and g a learned gain that starts at 0
+    (the model starts as the one without the lookup), and adds it to its input. A frame
+    with no reference (no prompt) or no level-1 code yet reads 0.
+
+    Keys start random, so equal level-1 contexts match best and, at the initial sharpness,
+    far above the rest: the lookup starts as "copy the finer codes of the prompt frame
+    that says the same", which is what keeps a speaker's voice, and learns which contexts
+    count as alike.
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        Q, C, D, K = (config.num_quantizers, config.codebook_size, config.dim,
+                      config.prompt_lookup)
+        self.codebook_size = C
+        self.key_embed = nn.Embedding(C + 1, K)
+        # Weights of the previous frame, the frame itself and the next frame in a key.
+        self.context = nn.Parameter(torch.empty(3))
+        # log of the sharpness s (a log keeps it positive).
+        self.log_scale = nn.Parameter(torch.empty(()))
+        self.gain = nn.Parameter(torch.empty(()))
+        # Level q's code c (q = 2..Q) at row (q - 2) * C + c.
+        self.value_embed = nn.Embedding((Q - 1) * C, D)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.key_embed.weight, std=self.key_embed.weight.shape[1] ** -0.5)
+        with torch.no_grad():
+            self.context.copy_(torch.tensor([0.5, 1.0, 0.5]))
+            self.log_scale.fill_(math.log(16.0))
+            self.gain.zero_()
+        nn.init.normal_(self.value_embed.weight, std=0.02)
+
+    def forward(self, tokens: torch.Tensor, frame_mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """tokens int64 [B, T, Q] (MASK = codebook_size), frame_mask bool [B, T] or None ->
+        [B, T, D] in the weights' dtype. Free of host syncs."""
+        B, T, Q = tokens.shape
+        C = self.codebook_size
+        # Padding frames may hold any value: clamp so that the gathers stay in range; they
+        # are neither references nor neighbours.
+        codes = tokens.clamp(0, C)
+        real = codes[..., 0] >= 0 if frame_mask is None else frame_mask      # [B, T]
+        # Scores in float32 at least (float64 for a float64 model).
+        dtype = torch.promote_types(self.key_embed.weight.dtype, torch.float32)
+        e = self.key_embed(codes[..., 0]).to(dtype) * real[..., None]
+        w = self.context.to(dtype)
+        k = (w[1] * e + w[0] * F.pad(e[:, :-1], (0, 0, 1, 0))
+             + w[2] * F.pad(e[:, 1:], (0, 0, 0, 1)))
+        k = k * torch.rsqrt(k.square().sum(dim=2, keepdim=True) + 1e-12)
+        scores = torch.bmm(k, k.transpose(1, 2)) * self.log_scale.to(dtype).exp()   # [B, T, T]
+        reference = real & (codes != C).all(dim=2)                                # [B, T]
+        reads = real & (codes[..., 0] != C)                                       # [B, T]
+        t = torch.arange(T, device=tokens.device)
+        allowed = (reads[:, :, None] & reference[:, None, :]
+                   & (t[:, None] != t[None, :]))                                  # [B, T, T]
+        # A finite fill: a row with no reference stays finite (uniform) and is zeroed next.
+        weights = torch.softmax(scores.masked_fill(~allowed, -1e9), dim=2)
+        weights = weights.masked_fill(~allowed, 0.0) * self.gain.to(dtype)
+        offsets = torch.arange(Q - 1, device=tokens.device) * C
+        finer = codes[..., 1:].clamp(max=C - 1) + offsets                         # [B, T, Q-1]
+        values = self.value_embed(finer).sum(dim=2)                               # [B, T, D]
+        return torch.bmm(weights.to(values.dtype), values)
+
+
 def _norm_args(norm: nn.LayerNorm) -> tuple:
     return norm.weight, norm.bias, norm.eps
 
@@ -134,6 +208,7 @@ class SoundStorm(nn.Module):
         self.semantic_embed = nn.Embedding(config.semantic_vocab_size, D)
         # Level q's code c lives at row q * C + c; the last row is the shared MASK.
         self.acoustic_embed = nn.Embedding(Q * C + 1, D)
+        self.lookup = PromptLookup(config) if config.prompt_lookup else None
         self.blocks = nn.ModuleList(ConformerBlock(config) for _ in range(config.depth))
         self.norm = nn.LayerNorm(D)
         self.head_weight = nn.Parameter(torch.empty(Q, C, D))
@@ -175,6 +250,8 @@ class SoundStorm(nn.Module):
         num, den = cfg.semantic_index_fraction()
         x = self.ops.summed_embedding(semantic, tokens, self.semantic_embed.weight,
                                       self.acoustic_embed.weight, num, den)
+        if self.lookup is not None:
+            x = x + self.lookup(tokens, frame_mask).to(x.dtype)
         for block in self.blocks:
             x = block(x, frame_mask, self.ops)
         return self.logits(self.norm(x), level)
@@ -457,7 +534,8 @@ def load_config(directory: Union[str, Path]) -> ModelConfig:
         raise ValueError(f"{path}: invalid model config: {e}") from e
     # A saved config names every field: one left out would silently take its default,
     # which may still fit the weights' shapes (e.g. the number of heads).
-    missing = sorted({f.name for f in dataclasses.fields(ModelConfig)} - set(data["model"]))
+    missing = sorted({f.name for f in dataclasses.fields(ModelConfig)} - set(data["model"])
+                     - set(OPTIONAL_FIELDS))
     if missing:
         raise ValueError(f"{path}: invalid model config: missing field(s) {missing}")
     return config

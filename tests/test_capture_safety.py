@@ -9,6 +9,7 @@ import _triton_setup  # noqa: F401  (must come first: picks interpreter or GPU)
 from _triton_setup import DEVICE
 
 import copy
+import dataclasses
 import json
 import os
 import random
@@ -82,9 +83,10 @@ def old_step(runner):
     return step
 
 
-@pytest.fixture(scope="module")
-def model(tiny_config):
-    return make_model(tiny_config, seed=5, sharpen=20.0)
+@pytest.fixture(scope="module", params=[0, 8], ids=["paper", "prompt-lookup"])
+def model(tiny_config, request):
+    return make_model(dataclasses.replace(tiny_config, prompt_lookup=request.param), seed=5,
+                      sharpen=20.0)
 
 
 def test_every_mode_of_scheduled_decoding_is_capture_safe_on_cpu(model, tiny_config, monkeypatch):
@@ -192,13 +194,13 @@ def test_the_guard_catches_syncs_and_copies():
 
 META_SCRIPT = r"""
 import json, sys, torch
-from soundstorm.engine import Engine
+from soundstorm.engine import Engine, ModelConfig, SoundStorm
 from soundstorm.engine.capture import check_step_modes
 from soundstorm.engine.runner import ALL_MODES, StepRunner
 from soundstorm.engine.scheduler import batch_buckets
 
-backend = sys.argv[1]
-engine = Engine.from_preset("tiny", backend="torch")
+backend, lookup = sys.argv[1], int(sys.argv[2])
+engine = Engine(SoundStorm(ModelConfig.preset("tiny", prompt_lookup=lookup)), backend="torch")
 if backend == "triton":
     import soundstorm.kernels.triton as triton_backend
     engine.ops = engine.model.ops = triton_backend.TRITON_OPS
@@ -215,14 +217,14 @@ print(json.dumps(ops))
 """
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_the_step_reads_no_host_tensor_on_a_device(backend):
+@pytest.mark.parametrize("backend,lookup", [("torch", 0), ("triton", 0), ("triton", 8)])
+def test_the_step_reads_no_host_tensor_on_a_device(backend, lookup):
     """On the meta device (compiled Triton kernels, as on a GPU: a fresh process without
     the interpreter) the step reads nothing from the host, in every mode and bucket."""
     if backend == "triton":
         pytest.importorskip("triton")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, "-c", META_SCRIPT, backend], capture_output=True,
+    r = subprocess.run([sys.executable, "-c", META_SCRIPT, backend, str(lookup)], capture_output=True,
                        text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     ops = json.loads(r.stdout.strip().splitlines()[-1])

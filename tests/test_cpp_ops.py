@@ -400,8 +400,9 @@ def test_without_the_extension_cpp_raises_and_the_package_still_imports():
     DecodeConfig(steps_per_level=(4, 1, 1, 1), temperature=0.0, gumbel_scale=0.0),
     DecodeConfig(steps_per_level=(3, 2, 1, 1)),   # sampled, with annealed Gumbel noise
 ], ids=["greedy", "sampled"])
-def test_engine_decodes_the_same_tokens_as_torch(decode):
-    model = make_model(ModelConfig.preset("tiny"), seed=3, sharpen=20.0)
+@pytest.mark.parametrize("lookup", [0, 8], ids=["paper", "prompt-lookup"])
+def test_engine_decodes_the_same_tokens_as_torch(decode, lookup):
+    model = make_model(ModelConfig.preset("tiny", prompt_lookup=lookup), seed=3, sharpen=20.0)
     ref = Engine(copy.deepcopy(model), backend="torch")
     eng = Engine(copy.deepcopy(model), backend="cpp")
     assert eng.backend == "cpp" and eng.model.ops.masked_resample is cpp.masked_resample

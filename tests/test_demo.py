@@ -260,7 +260,8 @@ def test_pipeline_from_espeak_to_demo(tmp_path):
     config = tmp_path / "train.json"
     config.write_text(json.dumps({"model_overrides": {
         "dim": 32, "depth": 1, "heads": 2, "ff_dim": 64, "num_quantizers": 2,
-        "codebook_size": 16, "semantic_vocab_size": 8, "max_frames": 256},
+        "codebook_size": 16, "semantic_vocab_size": 8, "max_frames": 256,
+        "prompt_lookup": 8},
         "batch_size": 4, "min_seconds": 1.0, "max_seconds": 2.0, "log_every": 1,
         "val_every": 2, "checkpoint_every": 2}))
     assert cli("train", "--preset", "tiny", "--config", config, "--data", w / "tokens/train",

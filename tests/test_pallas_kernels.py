@@ -2,6 +2,7 @@
 interpret mode on this CPU, and the TPU lowering of each kernel and of the whole decode
 (`jax.export(..., platforms=["tpu"])`)."""
 
+import dataclasses
 import functools
 
 import numpy as np
@@ -23,7 +24,7 @@ from soundstorm.kernels.pallas.resample import (candidates, masked_resample,  # 
                                                 masked_resample_reference)
 from soundstorm.kernels.pallas.select import select, select_reference  # noqa: E402
 
-from conftest import random_semantic  # noqa: E402
+from conftest import make_model, random_semantic  # noqa: E402
 
 INTERPRET = True
 
@@ -144,14 +145,17 @@ def test_decode_with_the_kernels_equals_the_jnp_decode(tiny_model, tiny_config):
     assert torch.equal(got, want)
 
 
-@pytest.mark.parametrize("kernels", ["jnp", "pallas"])
-def test_whole_decode_lowers_for_tpu(tiny_model, tiny_config, kernels):
-    engine = XlaEngine(tiny_model, kernels=kernels)
+@pytest.mark.parametrize("kernels,lookup", [("jnp", 0), ("pallas", 0), ("pallas", 8)])
+def test_whole_decode_lowers_for_tpu(tiny_model, tiny_config, kernels, lookup):
+    model = tiny_model
+    if lookup:
+        model = make_model(dataclasses.replace(tiny_config, prompt_lookup=lookup))
+    engine = XlaEngine(model, kernels=kernels)
     _, arrays, schedule = engine.inputs(random_semantic(tiny_config, 2, 9), seed=1)
     embedding = resample = attention = None
     if kernels == "pallas":                                # compiled, not interpreted
         embedding, resample, attention = summed_embedding, masked_resample, flash_attention
-    cfg = tiny_config
+    cfg = model.config
 
     def program(params, semantic, tokens, lengths, lo, hi, sched, table):
         return decode_all(params, cfg, semantic, tokens, lengths, lo, hi, sched, table,

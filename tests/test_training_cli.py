@@ -144,7 +144,8 @@ def test_size_flags_apply_over_the_preset_and_the_config_file(tmp_path):
     assert (model.dim, model.depth, model.heads, model.ff_dim) == (32, 1, 2, 48)
     assert model.num_quantizers == 4           # the rest is the tiny preset's
     for name in ("--dim", "--depth", "--heads", "--ff-dim", "--max-frames", "--conv-kernel",
-                 "--num-quantizers", "--codebook-size", "--semantic-vocab-size"):
+                 "--num-quantizers", "--codebook-size", "--semantic-vocab-size",
+                 "--prompt-lookup"):
         assert name in parser.format_help()
     with pytest.raises(ValueError, match="dim .30. must be divisible by heads"):
         training_cli.build_train_config(parser.parse_args(["--preset", "tiny", "--dim", "30"]))

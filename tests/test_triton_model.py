@@ -22,9 +22,10 @@ from soundstorm.kernels.dispatch import _cpp_built
 CPU_AUTO = "cpp" if _cpp_built() else "torch"
 
 
-@pytest.fixture(scope="module")
-def engines():
-    model = make_model(ModelConfig.preset("tiny"), seed=3, sharpen=20.0)
+@pytest.fixture(scope="module", params=[0, 8], ids=["paper", "prompt-lookup"])
+def engines(request):
+    model = make_model(ModelConfig.preset("tiny", prompt_lookup=request.param), seed=3,
+                       sharpen=20.0)
     return (Engine(copy.deepcopy(model), device=DEVICE, backend="torch"),
             Engine(copy.deepcopy(model), device=DEVICE, backend="triton"))
 

@@ -2,6 +2,7 @@
 masked resampling op, and whole decodes (greedy and sampled) through `XlaEngine.generate`
 with the torch decoder's invariants checked at every iteration."""
 
+import dataclasses
 import re
 
 import numpy as np
@@ -19,7 +20,7 @@ from soundstorm.kernels.pallas.resample import masked_resample_reference  # noqa
 from soundstorm.kernels.pallas.select import select_reference  # noqa: E402
 from soundstorm.kernels.resample import masked_resample_reference as torch_resample  # noqa: E402
 
-from conftest import random_codes, random_semantic  # noqa: E402
+from conftest import make_model, random_codes, random_semantic  # noqa: E402
 from test_decode import check_invariants  # noqa: E402
 
 SEEDS = [0, 1, 2 ** 40 + 7, 2 ** 63 - 1]
@@ -121,6 +122,15 @@ def test_decode_equals_torch_engine(engines, tiny_config, decode):
     got = xla_engine.generate(**kw, decode=decode, seed=[11, 2 ** 50, 3])
     assert got.dtype == torch.int64 and got.shape == want.shape
     assert torch.equal(got, want)
+
+
+def test_decode_with_the_prompt_lookup_equals_torch_engine(tiny_config):
+    model = make_model(dataclasses.replace(tiny_config, prompt_lookup=8), seed=1, sharpen=20.0)
+    kw = _batch(tiny_config)
+    for decode in (DecodeConfig(temperature=0, gumbel_scale=0), DecodeConfig()):
+        want = Engine(model, backend="torch").generate(**kw, decode=decode, seed=[1, 2, 3])
+        got = XlaEngine(model).generate(**kw, decode=decode, seed=[1, 2, 3])
+        assert torch.equal(got, want)
 
 
 def test_a_rows_tokens_do_not_depend_on_its_companions(engines, tiny_config):

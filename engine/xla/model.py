@@ -87,6 +87,32 @@ def block(x, p, lengths, frame_mask, cos, sin, heads: int, attention=attention_r
 Op = Callable[..., jax.Array]
 
 
+def prompt_lookup(params, config: ModelConfig, tokens: jax.Array,
+                  frame_mask: jax.Array) -> jax.Array:
+    """`soundstorm.engine.model.PromptLookup`: what every frame with a level-1 code reads
+    from the reference frames (real, all codes known) that share its level-1 context,
+    float32 [B, T, D]."""
+    B, T, Q = tokens.shape
+    C = config.codebook_size
+    codes = jnp.clip(tokens, 0, C)
+    e = params["lookup.key_embed.weight"].astype(jnp.float32)[codes[..., 0]]
+    e = e * frame_mask[..., None]
+    w = params["lookup.context"].astype(jnp.float32)
+    k = (w[1] * e + w[0] * jnp.pad(e[:, :-1], ((0, 0), (1, 0), (0, 0)))
+         + w[2] * jnp.pad(e[:, 1:], ((0, 0), (0, 1), (0, 0))))
+    k = k * jax.lax.rsqrt(jnp.sum(jnp.square(k), axis=2, keepdims=True) + 1e-12)
+    scale = jnp.exp(params["lookup.log_scale"].astype(jnp.float32))
+    scores = jnp.einsum("bik,bjk->bij", k, k) * scale
+    reference = frame_mask & jnp.all(codes != C, axis=2)
+    reads = frame_mask & (codes[..., 0] != C)
+    allowed = reads[:, :, None] & reference[:, None, :] & ~jnp.eye(T, dtype=bool)
+    weights = jax.nn.softmax(jnp.where(allowed, scores, -1e9), axis=2)
+    weights = jnp.where(allowed, weights, 0.0) * params["lookup.gain"].astype(jnp.float32)
+    finer = jnp.minimum(codes[..., 1:], C - 1) + jnp.arange(Q - 1) * C
+    values = params["lookup.value_embed.weight"].astype(jnp.float32)[finer].sum(axis=2)
+    return jnp.einsum("bij,bjd->bid", weights, values)
+
+
 def hidden(params, config: ModelConfig, semantic: jax.Array, tokens: jax.Array,
            lengths: jax.Array, embedding: Optional[Op] = None,
            attention: Optional[Op] = None) -> jax.Array:
@@ -102,6 +128,8 @@ def hidden(params, config: ModelConfig, semantic: jax.Array, tokens: jax.Array,
     x = embed(semantic, tokens, params["semantic_embed.weight"],
               params["acoustic_embed.weight"], num, den)
     frame_mask = jnp.arange(T)[None, :] < lengths[:, None]
+    if config.prompt_lookup:
+        x = x + prompt_lookup(params, config, tokens, frame_mask).astype(x.dtype)
     cos, sin = rotary_tables(T, config.head_dim)
 
     def layer(x, p):

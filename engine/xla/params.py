@@ -31,6 +31,10 @@ BLOCK_KEYS = (
 TOP_KEYS = ("semantic_embed.weight", "acoustic_embed.weight", "norm.weight", "norm.bias",
             "head_weight", "head_bias")
 
+# The prompt lookup's keys, present when `config.prompt_lookup` is not 0.
+LOOKUP_KEYS = ("lookup.key_embed.weight", "lookup.context", "lookup.log_scale",
+               "lookup.gain", "lookup.value_embed.weight")
+
 Params = Dict[str, Any]
 # Parameter (and activation) dtypes of the XLA path.
 DTYPES = ("float32", "bfloat16")
@@ -53,13 +57,14 @@ def params_from_state(state: Mapping[str, Any], config: ModelConfig,
             value = value.detach().cpu().float().numpy()
         return np.asarray(value, dtype=np.float32)
 
-    missing = [k for k in TOP_KEYS if k not in state]
+    top = TOP_KEYS + (LOOKUP_KEYS if config.prompt_lookup else ())
+    missing = [k for k in top if k not in state]
     missing += [f"blocks.{i}.{k}" for i in range(config.depth) for k in BLOCK_KEYS
                 if f"blocks.{i}.{k}" not in state]
     if missing:
         raise ValueError(f"state is missing {len(missing)} tensor(s) of a {config.depth}-layer "
                          f"model, first {missing[0]!r}")
-    params: Params = {k: jnp.asarray(host(state[k]), target) for k in TOP_KEYS}
+    params: Params = {k: jnp.asarray(host(state[k]), target) for k in top}
     blocks = {}
     for key in BLOCK_KEYS:
         stacked = np.stack([host(state[f"blocks.{i}.{key}"]) for i in range(config.depth)])
