@@ -20,8 +20,9 @@ the corpus, how close these token sets come to the prompt's speaker:
 
 Each row gives the similarity to the prompt's speaker, the mean over the other voices,
 how many utterances rank the prompt's speaker first, and its mean rank; plus the token
-accuracy per level of both decodes. --model scores another model (a training run's
-`model/` directory) with the demo's codec and tokenizer.
+accuracy per level of both decodes, and for a model with a prompt lookup, that of the
+finer codes the lookup alone votes for after the true level 1. --model scores another
+model (a training run's `model/` directory) with the demo's codec and tokenizer.
 
     python bench/voice_levels.py                                # the shipped demo model
     python bench/voice_levels.py --model demo-build/run/model --voices training
@@ -38,6 +39,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from soundstorm.demo.run import (ASSETS, _embed, _semantic_ids, _speaker_encoder,
@@ -71,6 +73,22 @@ def copy_from_prompt(codec, tokens: torch.Tensor, prompt: torch.Tensor) -> torch
         return torch.cat([0.5 * before, e, 0.5 * after], 1)
     nearest = torch.cdist(context(tokens), context(prompt)).argmin(1)
     return torch.cat([tokens[:, :1], prompt[nearest, 1:]], 1)
+
+
+def lookup_vote(model, tokens: torch.Tensor, prompt: torch.Tensor) -> torch.Tensor:
+    """tokens [T, Q] with levels 2..Q replaced by what the model's prompt lookup reads
+    most of: at each level, the code on which its weights over the prompt frames ([P, Q])
+    put the most mass, with the target's finer levels masked as when they are decoded.
+    How well the lookup itself copies, whatever the rest of the model makes of it."""
+    C = model.config.codebook_size
+    P = prompt.shape[0]
+    seq = torch.cat([prompt, tokens]).to(torch.int64)[None]
+    seq[0, P:, 1:] = C
+    with torch.no_grad():
+        w = model.lookup.weights(seq.to(model.head_weight.device), None)[0, P:, :P].cpu()
+    votes = [(w @ F.one_hot(prompt[:, q].to(torch.int64), C).to(w.dtype)).argmax(1)
+             for q in range(1, prompt.shape[1])]
+    return torch.cat([tokens[:, :1], torch.stack(votes, 1)], 1)
 
 
 def decode_after_level1(engine, semantic, prompt, level1: torch.Tensor, frames: slice,
@@ -154,9 +172,13 @@ def main(argv=None) -> dict:
                                      args.seed + j)
         copied = copy_from_prompt(codec, truth, prompt[0])
         generated_copied = copy_from_prompt(codec, generated, prompt[0])
-        for name, tokens in (("generated", generated), ("truth L1 + generated finer", forced),
-                             ("truth L1 + prompt's finer", copied)):
-            accuracy[name].append((tokens == truth).float().mean(0).tolist())
+        scored = [("generated", generated), ("truth L1 + generated finer", forced),
+                  ("truth L1 + prompt's finer", copied)]
+        if engine.model.lookup is not None:
+            scored.append(("truth L1 + lookup's vote", lookup_vote(engine.model, truth,
+                                                                   prompt[0])))
+        for name, tokens in scored:
+            accuracy.setdefault(name, []).append((tokens == truth).float().mean(0).tolist())
         for name, tokens in variants(truth, generated, forced, copied,
                                      generated_copied).items():
             wav = codec.synthesize(codec.dequantize(tokens[None]))[0].numpy()

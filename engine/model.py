@@ -155,6 +155,17 @@ class PromptLookup(nn.Module):
     def forward(self, tokens: torch.Tensor, frame_mask: Optional[torch.Tensor]) -> torch.Tensor:
         """tokens int64 [B, T, Q] (MASK = codebook_size), frame_mask bool [B, T] or None ->
         [B, T, D] in the weights' dtype. Free of host syncs."""
+        Q, C = tokens.shape[2], self.codebook_size
+        weights = self.weights(tokens, frame_mask) * self.gain.to(torch.promote_types(
+            self.gain.dtype, torch.float32))
+        offsets = torch.arange(Q - 1, device=tokens.device) * C
+        finer = tokens[..., 1:].clamp(0, C - 1) + offsets                         # [B, T, Q-1]
+        values = self.value_embed(finer).sum(dim=2)                               # [B, T, D]
+        return torch.bmm(weights.to(values.dtype), values)
+
+    def weights(self, tokens: torch.Tensor, frame_mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """[B, T, T] (float32, or float64 for a float64 model): how much frame i reads of
+        frame j, before the gain; rows sum to 1, or are 0 where a frame reads nothing."""
         B, T, Q = tokens.shape
         C = self.codebook_size
         # Padding frames may hold any value: clamp so that the gathers stay in range; they
@@ -176,11 +187,7 @@ class PromptLookup(nn.Module):
                    & (t[:, None] != t[None, :]))                                  # [B, T, T]
         # A finite fill: a row with no reference stays finite (uniform) and is zeroed next.
         weights = torch.softmax(scores.masked_fill(~allowed, -1e9), dim=2)
-        weights = weights.masked_fill(~allowed, 0.0) * self.gain.to(dtype)
-        offsets = torch.arange(Q - 1, device=tokens.device) * C
-        finer = codes[..., 1:].clamp(max=C - 1) + offsets                         # [B, T, Q-1]
-        values = self.value_embed(finer).sum(dim=2)                               # [B, T, D]
-        return torch.bmm(weights.to(values.dtype), values)
+        return weights.masked_fill(~allowed, 0.0)
 
 
 def _norm_args(norm: nn.LayerNorm) -> tuple:

@@ -351,3 +351,22 @@ def test_copy_from_prompt_takes_the_finer_levels_of_the_nearest_prompt_frame():
     # contexts (prev/2, self, next/2): frame 0 (4.5, 9, 4.5) is nearest prompt frame 2
     # (2.5, 9, 4.5); frame 3 (2, 1, 0.5) nearest prompt frame 0 (0, 0, 2.5)
     assert out[:, 1:].tolist() == [[30, 31, 32], [30, 31, 32], [20, 21, 22], [10, 11, 12]]
+
+
+def test_lookup_vote_reads_the_finer_codes_of_the_prompt_frame_with_the_same_context():
+    import voice_levels
+    from soundstorm.engine.model import SoundStorm
+
+    torch.manual_seed(0)
+    cfg = ModelConfig.preset("tiny", prompt_lookup=64)
+    model = SoundStorm(cfg).eval()
+    with torch.no_grad():
+        model.lookup.log_scale.fill_(6.0)            # a sharp lookup: the twin dominates
+    C, Q = cfg.codebook_size, cfg.num_quantizers
+    prompt = torch.stack([torch.randperm(C)[:20]] + [torch.randint(0, C, (20,))
+                                                     for _ in range(Q - 1)], 1)
+    tokens = torch.cat([prompt[5:15, :1], torch.zeros(10, Q - 1, dtype=torch.long)], 1)
+    out = voice_levels.lookup_vote(model, tokens, prompt)
+    assert torch.equal(out[:, 0], tokens[:, 0])
+    # the inner frames have a prompt twin with the same context on both sides
+    assert torch.equal(out[1:-1, 1:], prompt[6:14, 1:])
