@@ -90,12 +90,12 @@ class ModelConfig:
     a single forward pass accepts.
 
     `prompt_lookup` (0: off, the paper's model) adds to the input embeddings a lookup into
-    the frames whose codes are all known (the voice prompt): every frame attends to them by
-    the similarity of level-1 codes in context alone, through `prompt_lookup`-wide learned
-    keys, and reads their finer codes (see `soundstorm.engine.model.PromptLookup`). It
-    makes copying the prompt speaker's finer codes, which is what keeps a voice, one learned
-    lookup instead of something the Conformer must discover. Older configs without the
-    field load with it off.
+    the frames whose codes are all known (the voice prompt): every frame whose level-1 code
+    is known attends to them by the similarity of level-1 codes in context alone, through
+    `prompt_lookup`-wide learned keys, and reads their finer codes (see
+    `soundstorm.engine.model.PromptLookup`). It makes copying the prompt speaker's finer
+    codes, which is what keeps a voice, one learned lookup instead of something the
+    Conformer must discover. Older configs without the field load with it off.
 
     Every size field must lie in 1..`LIMITS[field]` (`ModelConfig.LIMITS`: e.g. depth <= 256,
     dim <= 65536, max_frames <= 65536); rates must be positive, at most 10**6 Hz, and
