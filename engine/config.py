@@ -92,7 +92,8 @@ class ModelConfig:
     `prompt_lookup` (0: off, the paper's model) adds to the input embeddings a lookup into
     the frames whose codes are all known (the voice prompt): every frame whose level-1 code
     is known attends to them by the similarity of level-1 codes in context alone, through
-    `prompt_lookup`-wide learned keys, and reads their finer codes (see
+    `prompt_lookup`-wide learned keys, reads their finer codes, and mixes its vote for a
+    finer code into that level's output distribution through a learned per-frame gate (see
     `soundstorm.engine.model.PromptLookup`). It makes copying the prompt speaker's finer
     codes, which is what keeps a voice, one learned lookup instead of something the
     Conformer must discover. Older configs without the field load with it off.
@@ -199,7 +200,7 @@ class ModelConfig:
         heads = ln + q * (cb * d + cb)
         lookup = 0
         if self.prompt_lookup:
-            lookup = (cb + 1) * self.prompt_lookup + 3 + 2 + (q - 1) * cb * d
+            lookup = (cb + 1) * self.prompt_lookup + 3 + 2 + (q - 1) * (cb * d + d + 1)
         return embed + self.depth * block + heads + lookup
 
     # -- construction -------------------------------------------------------------------

@@ -34,9 +34,11 @@ def forward_gemms(config: ModelConfig, batch: int, frames: int, heads: int = 1) 
     rows = batch * frames
     bh, dh = batch * config.heads, config.head_dim
     lookup = []
-    if config.prompt_lookup:         # the prompt lookup: level-1 key scores, finer values
+    if config.prompt_lookup:   # the prompt lookup: level-1 key scores, finer values, votes
+        votes = min(heads, config.num_quantizers - 1)     # for a finer level's head each
         lookup = [Gemm("lookup_scores", batch, frames, config.prompt_lookup, frames),
-                  Gemm("lookup_values", batch, frames, frames, d)]
+                  Gemm("lookup_values", batch, frames, frames, d),
+                  Gemm("lookup_votes", batch, frames, frames, config.codebook_size * votes)]
     return lookup + [
         Gemm("ffn_up", 1, rows, d, f, 2 * L),
         Gemm("ffn_down", 1, rows, f, d, 2 * L),

@@ -123,6 +123,14 @@ class PromptLookup(nn.Module):
     (the model starts as the one without the lookup), and adds it to its input. A frame
     with no reference (no prompt) or no level-1 code yet reads 0.
 
+    The same weights also give each reading frame a vote for its level-q code (q >= 2),
+    v_iq(c) = sum_j w_ij [code_jq = c], and the output at level q is the mixture
+    (1 - g_iq) softmax(head logits) + g_iq v_iq with a learned gate
+    g_iq = sigmoid(h_i . a_q + b_q) of the final hidden state (`copy`): a direct path from
+    the prompt's codes to the prediction, which the input read alone does not give (the
+    network has to learn to carry a code from its input to its output). Level 1, and frames
+    that read nothing, keep the head's logits.
+
     Keys start random, so equal level-1 contexts match best and, at the initial sharpness,
     far above the rest: the lookup starts as "copy the finer codes of the prompt frame
     that says the same", which is what keeps a speaker's voice, and learns which contexts
@@ -142,6 +150,9 @@ class PromptLookup(nn.Module):
         self.gain = nn.Parameter(torch.empty(()))
         # Level q's code c (q = 2..Q) at row (q - 2) * C + c.
         self.value_embed = nn.Embedding((Q - 1) * C, D)
+        # The copy gate of level q at row q - 2: a per-frame logit h . a_q + b_q.
+        self.copy_weight = nn.Parameter(torch.empty(Q - 1, D))
+        self.copy_bias = nn.Parameter(torch.empty(Q - 1))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -151,13 +162,20 @@ class PromptLookup(nn.Module):
             self.log_scale.fill_(math.log(16.0))
             self.gain.zero_()
         nn.init.normal_(self.value_embed.weight, std=0.02)
+        # The gates start at one half everywhere: the untrained lookup already copies.
+        nn.init.zeros_(self.copy_weight)
+        nn.init.zeros_(self.copy_bias)
 
     def forward(self, tokens: torch.Tensor, frame_mask: Optional[torch.Tensor]) -> torch.Tensor:
         """tokens int64 [B, T, Q] (MASK = codebook_size), frame_mask bool [B, T] or None ->
-        [B, T, D] in the weights' dtype. Free of host syncs."""
+        what each frame reads into its input, [B, T, D] in the weights' dtype. Free of host
+        syncs."""
+        return self.read(tokens, self.weights(tokens, frame_mask))
+
+    def read(self, tokens: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """`forward` from the lookup's `weights` [B, T, T]."""
         Q, C = tokens.shape[2], self.codebook_size
-        weights = self.weights(tokens, frame_mask) * self.gain.to(torch.promote_types(
-            self.gain.dtype, torch.float32))
+        weights = weights * self.gain.to(weights.dtype)
         offsets = torch.arange(Q - 1, device=tokens.device) * C
         finer = tokens[..., 1:].clamp(0, C - 1) + offsets                         # [B, T, Q-1]
         values = self.value_embed(finer).sum(dim=2)                               # [B, T, D]
@@ -188,6 +206,49 @@ class PromptLookup(nn.Module):
         # A finite fill: a row with no reference stays finite (uniform) and is zeroed next.
         weights = torch.softmax(scores.masked_fill(~allowed, -1e9), dim=2)
         return weights.masked_fill(~allowed, 0.0)
+
+    def copy(self, logits: torch.Tensor, h: torch.Tensor, tokens: torch.Tensor,
+             weights: torch.Tensor, level: Level) -> torch.Tensor:
+        """The head's `logits` of `level` (as `SoundStorm.logits` returns them, level already
+        checked) mixed with the lookup's vote: at level q >= 2, for every frame that reads
+        (a row of `weights` [B, T, T] that is not 0), the log of
+        (1 - g) softmax(logits) + g * vote, g = sigmoid(h . a_q + b_q) from the final hidden
+        states `h` [B, T, D]; elsewhere the logits unchanged. Same shape and dtype as
+        `logits`; computed in the weights' dtype. Free of host syncs."""
+        B, T, Q = tokens.shape
+        C = self.codebook_size
+        dtype = weights.dtype
+        hd, a, b = h.to(dtype), self.copy_weight.to(dtype), self.copy_bias.to(dtype)
+        codes = torch.arange(C, device=tokens.device)
+        reads = (weights.sum(dim=2) > 0).to(dtype)                                # [B, T]
+        if level is None:                                   # every head: levels 2..Q at once
+            onehot = (tokens[..., 1:, None] == codes).to(dtype).flatten(2)      # [B, T, (Q-1)C]
+            vote = torch.bmm(weights, onehot).view(B, T, Q - 1, C)
+            gate = torch.einsum("btd,qd->btq", hd, a) + b                        # [B, T, Q-1]
+            finer = self._mix(logits[:, :, 1:], vote, gate, reads[..., None])
+            return torch.cat([logits[:, :, :1], finer], dim=2)
+        if isinstance(level, torch.Tensor):                 # one level per row
+            idx = level.to(device=tokens.device, dtype=torch.long) - 1          # [B]
+            column = tokens.gather(2, idx[:, None, None].expand(B, T, 1))[..., 0]
+            row = (idx - 1).clamp(min=0)
+            gate = torch.einsum("btd,bd->bt", hd, a[row]) + b[row][:, None]
+            reads = reads * (idx >= 1).to(dtype)[:, None]
+        else:
+            if level == 1:
+                return logits
+            column = tokens[..., level - 1]
+            gate = hd @ a[level - 2] + b[level - 2]
+        vote = torch.bmm(weights, (column[..., None] == codes).to(dtype))       # [B, T, C]
+        return self._mix(logits, vote, gate, reads)
+
+    @staticmethod
+    def _mix(logits: torch.Tensor, vote: torch.Tensor, gate: torch.Tensor,
+             reads: torch.Tensor) -> torch.Tensor:
+        dtype = vote.dtype
+        g = (torch.sigmoid(gate) * reads)[..., None]
+        p = torch.softmax(logits.to(dtype), dim=-1)
+        mixed = torch.log((p + g * (vote - p)).clamp_min(torch.finfo(dtype).tiny))
+        return torch.where(reads[..., None] > 0, mixed, logits.to(dtype)).to(logits.dtype)
 
 
 def _norm_args(norm: nn.LayerNorm) -> tuple:
@@ -257,11 +318,17 @@ class SoundStorm(nn.Module):
         num, den = cfg.semantic_index_fraction()
         x = self.ops.summed_embedding(semantic, tokens, self.semantic_embed.weight,
                                       self.acoustic_embed.weight, num, den)
+        weights = None
         if self.lookup is not None:
-            x = x + self.lookup(tokens, frame_mask).to(x.dtype)
+            weights = self.lookup.weights(tokens, frame_mask)
+            x = x + self.lookup.read(tokens, weights).to(x.dtype)
         for block in self.blocks:
             x = block(x, frame_mask, self.ops)
-        return self.logits(self.norm(x), level)
+        h = self.norm(x)
+        logits = self.logits(h, level)
+        if weights is not None:
+            logits = self.lookup.copy(logits, h, tokens, weights, level)
+        return logits
 
     def logits(self, h: torch.Tensor, level: Level) -> torch.Tensor:
         """Apply the head(s) of `level` (see `forward`) to final hidden states [B, T, D]."""

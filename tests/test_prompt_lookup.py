@@ -54,6 +54,31 @@ def loop_lookup(lookup: PromptLookup, tokens, lengths):
     return out
 
 
+def loop_copy(model, h, tokens, lengths, level: int, logits):
+    """`PromptLookup.copy` of one level, written out frame by frame in float64."""
+    lookup = model.lookup
+    B, T, Q = tokens.shape
+    C = lookup.codebook_size
+    weights = lookup.weights(tokens.clone(), torch.arange(T)[None] < lengths[:, None]).double()
+    out = logits.detach().double().clone()
+    if level == 1:
+        return out
+    a = lookup.copy_weight.detach().double()[level - 2]
+    b = float(lookup.copy_bias.detach()[level - 2])
+    for i_b in range(B):
+        for i in range(int(lengths[i_b])):
+            if weights[i_b, i].sum() == 0:
+                continue
+            vote = torch.zeros(C, dtype=torch.float64)
+            for j in range(T):
+                if weights[i_b, i, j] > 0:
+                    vote[int(tokens[i_b, j, level - 1])] += weights[i_b, i, j]
+            g = torch.sigmoid(h[i_b, i].double() @ a + b)
+            p = torch.softmax(out[i_b, i], 0)
+            out[i_b, i] = torch.log((1 - g) * p + g * vote)
+    return out
+
+
 def trained_like(model):
     """Weights far from their init, so that every term of the lookup matters."""
     with torch.no_grad():
@@ -82,6 +107,80 @@ def test_lookup_equals_the_loop_over_frame_pairs():
     assert got[0, :13].abs().amax(dim=1).min() > 0
 
 
+def _copy_case():
+    cfg = lookup_config()
+    torch.manual_seed(10)
+    model = trained_like(SoundStorm(cfg).double())
+    B, T = 3, 15
+    semantic = random_semantic(cfg, B, 8, seed=11)
+    tokens = random_codes(cfg, B, T, cfg.num_quantizers, seed=12)
+    tokens[0, 8:, 1:] = cfg.mask_id           # a decoding state: prompt, then finer masked
+    tokens[0, 12:, 0] = cfg.mask_id           # no level-1 code yet: those frames keep the head
+    tokens[1, 10:] = 10 ** 6                  # padding
+    tokens[2, :, 2] = cfg.mask_id             # no reference: the row keeps the head
+    lengths = torch.tensor([T, 10, T])
+    # The final hidden states and the plain head, from the same forward with the lookup's
+    # copy taken out of it.
+    seen = {}
+
+    def keep_the_head(logits, h, *rest):
+        seen["h"] = h
+        return logits
+
+    model.lookup.copy = keep_the_head
+    with torch.no_grad():
+        plain = model(semantic, tokens, lengths, level=None)
+    del model.lookup.copy
+    return model, semantic, tokens, lengths, seen["h"], plain
+
+
+def test_the_copy_mixes_each_finer_level_with_the_lookups_vote_as_a_loop_does():
+    model, semantic, tokens, lengths, h, plain = _copy_case()
+    Q = model.config.num_quantizers
+    mask = torch.arange(tokens.shape[1])[None] < lengths[:, None]
+    with torch.no_grad():
+        every = model(semantic, tokens, lengths, level=None)
+        for level in range(1, Q + 1):
+            want = loop_copy(model, h, tokens, lengths, level, plain[:, :, level - 1])
+            got = model(semantic, tokens, lengths, level=level)
+            torch.testing.assert_close(got[mask], want[mask])
+            torch.testing.assert_close(every[:, :, level - 1][mask], want[mask])
+        # One level per row picks each row's own level.
+        levels = torch.tensor([3, 1, 2])
+        got = model(semantic, tokens, lengths, level=levels)
+        for b, level in enumerate(levels.tolist()):
+            want = loop_copy(model, h, tokens, lengths, level, plain[:, :, level - 1])[b]
+            torch.testing.assert_close(got[b, :int(lengths[b])], want[:int(lengths[b])])
+    # Level 1, frames that read nothing and rows without a reference keep the head's logits;
+    # the frames that read get a distribution (log-probabilities that sum to 1).
+    assert torch.equal(every[..., 0, :], plain[..., 0, :])
+    assert torch.equal(every[0, 12:], plain[0, 12:]) and torch.equal(every[2], plain[2])
+    torch.testing.assert_close(every[0, :12, 1:].exp().sum(-1),
+                               torch.ones(12, Q - 1, dtype=torch.float64))
+    assert not torch.allclose(every[0, :12, 1:], plain[0, :12, 1:])
+
+
+def test_the_copy_gate_decides_between_the_head_and_the_vote():
+    model, semantic, tokens, lengths, h, plain = _copy_case()
+    with torch.no_grad():
+        model.lookup.copy_weight.zero_()
+        model.lookup.copy_bias.fill_(-1e4)                # gate 0: the head alone
+        off = model(semantic, tokens, lengths, level=2)
+        model.lookup.copy_bias.fill_(1e4)                 # gate 1: the vote alone
+        on = model(semantic, tokens, lengths, level=2)
+        weights = model.lookup.weights(tokens, None)
+    torch.testing.assert_close(off[0, :12], torch.log_softmax(plain[0, :12, 1], -1))
+    # The vote alone puts all its mass on the prompt's level-2 codes, in proportion to the
+    # weights of the frames that hold them.
+    vote = on[0, :12].exp()
+    prompt_codes = set(tokens[0, :8, 1].tolist())
+    assert {int(c) for c in (vote.sum(0) > 1e-30).nonzero()} <= prompt_codes
+    i = 10
+    want = torch.zeros(model.config.codebook_size, dtype=torch.float64)
+    want.index_add_(0, tokens[0, :8, 1], weights[0, i, :8])
+    torch.testing.assert_close(vote[i], want)
+
+
 def test_only_level_one_context_and_the_references_finer_codes_count():
     cfg = lookup_config()
     model = trained_like(make_model(cfg, seed=2))
@@ -107,22 +206,25 @@ def test_the_models_output_depends_on_the_prompt_only_through_it_when_off_it_is_
     assert not any(k.startswith("lookup.") for k in off.state_dict())
     assert {k for k in on.state_dict() if k.startswith("lookup.")} == {
         "lookup.key_embed.weight", "lookup.context", "lookup.log_scale", "lookup.gain",
-        "lookup.value_embed.weight"}
-    # The gain starts at 0: an untrained lookup changes nothing.
+        "lookup.value_embed.weight", "lookup.copy_weight", "lookup.copy_bias"}
+    # The gain starts at 0: an untrained lookup reads nothing into the input.
     tokens0 = random_codes(on.config, 1, 20, on.config.num_quantizers, seed=1)
     assert on.lookup(tokens0, None).abs().max() == 0
     for m in (off, on):
         assert m.num_parameters == m.config.num_parameters()
-    # With the lookup's values zeroed the model is the model without it.
+    # With the lookup's values zeroed and its copy gates shut the model is the model without
+    # it, up to the log-softmax the copy applies.
     with torch.no_grad():
         on.lookup.value_embed.weight.zero_()
+        on.lookup.copy_bias.fill_(-1e4)
         for name, p in off.named_parameters():
             on.get_parameter(name).copy_(p)
     cfg = on.config
     semantic = random_semantic(cfg, 2, 10, seed=4)
     tokens = random_codes(cfg, 2, 20, cfg.num_quantizers, seed=5)
     with torch.no_grad():
-        torch.testing.assert_close(on(semantic, tokens, level=2), off(semantic, tokens, level=2))
+        torch.testing.assert_close(on(semantic, tokens, level=2).log_softmax(-1),
+                                   off(semantic, tokens, level=2).log_softmax(-1))
 
 
 def test_config_checks_prompt_lookup():
@@ -217,10 +319,11 @@ def test_a_model_with_the_lookup_learns_to_copy_what_only_the_prompt_shows():
     assert without < 0.5, without
 
 
-def test_the_flop_count_adds_the_lookups_two_products():
+def test_the_flop_count_adds_the_lookups_three_products():
     from soundstorm.engine.flops import forward_flops
     off = ModelConfig.preset("tiny")
     on = lookup_config()
-    B, T = 3, 50
-    extra = 2 * B * T * T * (on.prompt_lookup + on.dim)
-    assert forward_flops(on, B, T) == forward_flops(off, B, T) + extra
+    B, T, Q, C = 3, 50, on.num_quantizers, on.codebook_size
+    for heads, votes in ((1, 1), (Q, Q - 1)):
+        extra = 2 * B * T * T * (on.prompt_lookup + on.dim + votes * C)
+        assert forward_flops(on, B, T, heads) == forward_flops(off, B, T, heads) + extra

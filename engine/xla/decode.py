@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from soundstorm.engine.config import DecodeConfig, ModelConfig
-from soundstorm.engine.xla.model import hidden, head
+from soundstorm.engine.xla.model import forward
 from soundstorm.kernels.pallas.resample import masked_resample_reference
 
 
@@ -70,8 +70,7 @@ def decode_step(params, config: ModelConfig, semantic, tokens, lengths, seed_lo,
     column = jax.lax.dynamic_index_in_dim(tokens, level - 1, axis=2, keepdims=False)
     frame_valid = jnp.arange(T)[None, :] < lengths[:, None]
     eligible = (column == config.mask_id) & frame_valid
-    h = hidden(params, config, semantic, tokens, lengths, embedding, attention)
-    logits = head(params, h, level)
+    logits = forward(params, config, semantic, tokens, lengths, level, embedding, attention)
     args = (logits, column, eligible, num_keep_a[index], keep_all_a[index], seed_lo, seed_hi,
             level, iteration_a[index], temperature, noise_a[index], sample_a[index])
     new = resample(*args) if resample is not None else masked_resample_reference(*args, table)

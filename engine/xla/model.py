@@ -87,11 +87,11 @@ def block(x, p, lengths, frame_mask, cos, sin, heads: int, attention=attention_r
 Op = Callable[..., jax.Array]
 
 
-def prompt_lookup(params, config: ModelConfig, tokens: jax.Array,
-                  frame_mask: jax.Array) -> jax.Array:
-    """`soundstorm.engine.model.PromptLookup`: what every frame with a level-1 code reads
-    from the reference frames (real, all codes known) that share its level-1 context,
-    float32 [B, T, D]."""
+def lookup_weights(params, config: ModelConfig, tokens: jax.Array,
+                   frame_mask: jax.Array) -> jax.Array:
+    """`soundstorm.engine.model.PromptLookup.weights`: how much every frame with a level-1
+    code reads of each reference frame (real, all codes known) that shares its level-1
+    context, float32 [B, T, T]; rows sum to 1, or are 0 where a frame reads nothing."""
     B, T, Q = tokens.shape
     C = config.codebook_size
     codes = jnp.clip(tokens, 0, C)
@@ -107,16 +107,57 @@ def prompt_lookup(params, config: ModelConfig, tokens: jax.Array,
     reads = frame_mask & (codes[..., 0] != C)
     allowed = reads[:, :, None] & reference[:, None, :] & ~jnp.eye(T, dtype=bool)
     weights = jax.nn.softmax(jnp.where(allowed, scores, -1e9), axis=2)
-    weights = jnp.where(allowed, weights, 0.0) * params["lookup.gain"].astype(jnp.float32)
-    finer = jnp.minimum(codes[..., 1:], C - 1) + jnp.arange(Q - 1) * C
+    return jnp.where(allowed, weights, 0.0)
+
+
+def prompt_lookup(params, config: ModelConfig, tokens: jax.Array,
+                  weights: jax.Array) -> jax.Array:
+    """`soundstorm.engine.model.PromptLookup.read`: what every frame reads into its input
+    through the lookup's `weights`, float32 [B, T, D]."""
+    Q, C = tokens.shape[2], config.codebook_size
+    weights = weights * params["lookup.gain"].astype(jnp.float32)
+    finer = jnp.clip(tokens[..., 1:], 0, C - 1) + jnp.arange(Q - 1) * C
     values = params["lookup.value_embed.weight"].astype(jnp.float32)[finer].sum(axis=2)
     return jnp.einsum("bij,bjd->bid", weights, values)
+
+
+def lookup_copy(params, config: ModelConfig, logits: jax.Array, h: jax.Array,
+                tokens: jax.Array, weights: jax.Array, level) -> jax.Array:
+    """`soundstorm.engine.model.PromptLookup.copy`: the head's `logits` of `level` (a Python
+    int, a traced int32 scalar, or None for every head) mixed with the lookup's vote at the
+    finer levels, float32 of the logits' shape."""
+    B, T, Q = tokens.shape
+    C = config.codebook_size
+    codes = jnp.arange(C)
+    reads = jnp.sum(weights, axis=2) > 0                                        # [B, T]
+    a = params["lookup.copy_weight"].astype(jnp.float32)
+    b = params["lookup.copy_bias"].astype(jnp.float32)
+    if level is None:
+        onehot = (tokens[..., 1:, None] == codes).astype(jnp.float32).reshape(B, T, -1)
+        vote = jnp.einsum("bij,bjc->bic", weights, onehot).reshape(B, T, Q - 1, C)
+        gate = jnp.einsum("btd,qd->btq", h, a) + b
+        finer = _mix(logits[:, :, 1:], vote, gate, reads[..., None])
+        return jnp.concatenate([logits[:, :, :1], finer], axis=2)
+    column = jax.lax.dynamic_index_in_dim(tokens, level - 1, axis=2, keepdims=False)
+    row = jnp.maximum(level - 2, 0)
+    gate = (jnp.einsum("btd,d->bt", h, jax.lax.dynamic_index_in_dim(a, row, 0, False))
+            + jax.lax.dynamic_index_in_dim(b, row, 0, False))
+    vote = jnp.einsum("bij,bjc->bic", weights, (column[..., None] == codes).astype(jnp.float32))
+    return _mix(logits, vote, gate, reads & (level >= 2))
+
+
+def _mix(logits, vote, gate, reads):
+    g = (jax.nn.sigmoid(gate) * reads)[..., None]
+    p = jax.nn.softmax(logits, axis=-1)
+    mixed = jnp.log(jnp.maximum(p + g * (vote - p), jnp.finfo(jnp.float32).tiny))
+    return jnp.where(reads[..., None], mixed, logits)
 
 
 def hidden(params, config: ModelConfig, semantic: jax.Array, tokens: jax.Array,
            lengths: jax.Array, embedding: Optional[Op] = None,
            attention: Optional[Op] = None) -> jax.Array:
-    """Final hidden states float32 [B, T, D] (after the last LayerNorm).
+    """Final hidden states float32 [B, T, D] (after the last LayerNorm), and the prompt
+    lookup's weights [B, T, T] (`lookup_weights`; None without the lookup).
 
     semantic int32 [B, S]; tokens int32 [B, T, Q] (MASK = codebook_size); lengths int32 [B]
     real frames per row (1..T). `embedding` and `attention` replace the `jnp` references
@@ -128,8 +169,10 @@ def hidden(params, config: ModelConfig, semantic: jax.Array, tokens: jax.Array,
     x = embed(semantic, tokens, params["semantic_embed.weight"],
               params["acoustic_embed.weight"], num, den)
     frame_mask = jnp.arange(T)[None, :] < lengths[:, None]
+    weights = None
     if config.prompt_lookup:
-        x = x + prompt_lookup(params, config, tokens, frame_mask).astype(x.dtype)
+        weights = lookup_weights(params, config, tokens, frame_mask)
+        x = x + prompt_lookup(params, config, tokens, weights).astype(x.dtype)
     cos, sin = rotary_tables(T, config.head_dim)
 
     def layer(x, p):
@@ -137,7 +180,7 @@ def hidden(params, config: ModelConfig, semantic: jax.Array, tokens: jax.Array,
                      attention or attention_reference), None
 
     x, _ = jax.lax.scan(layer, x, params["blocks"])
-    return layer_norm(x, params["norm.weight"], params["norm.bias"])
+    return layer_norm(x, params["norm.weight"], params["norm.bias"]), weights
 
 
 def head(params, h: jax.Array, level) -> jax.Array:
@@ -150,9 +193,13 @@ def head(params, h: jax.Array, level) -> jax.Array:
 
 def forward(params, config: ModelConfig, semantic, tokens, lengths, level,
             embedding: Optional[Op] = None, attention: Optional[Op] = None) -> jax.Array:
-    """Logits float32 [B, T, C] of `level` (see `hidden` and `head`); level None gives
-    every head, [B, T, Q, C]."""
-    h = hidden(params, config, semantic, tokens, lengths, embedding, attention)
+    """Logits float32 [B, T, C] of `level` (see `hidden` and `head`; with the prompt lookup,
+    its copy mixed in: `lookup_copy`); level None gives every head, [B, T, Q, C]."""
+    h, weights = hidden(params, config, semantic, tokens, lengths, embedding, attention)
     if level is None:
-        return jnp.einsum("btd,qcd->btqc", h, params["head_weight"]) + params["head_bias"]
-    return head(params, h, level)
+        logits = jnp.einsum("btd,qcd->btqc", h, params["head_weight"]) + params["head_bias"]
+    else:
+        logits = head(params, h, level)
+    if weights is not None:
+        logits = lookup_copy(params, config, logits, h, tokens, weights, level)
+    return logits

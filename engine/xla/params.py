@@ -33,7 +33,8 @@ TOP_KEYS = ("semantic_embed.weight", "acoustic_embed.weight", "norm.weight", "no
 
 # The prompt lookup's keys, present when `config.prompt_lookup` is not 0.
 LOOKUP_KEYS = ("lookup.key_embed.weight", "lookup.context", "lookup.log_scale",
-               "lookup.gain", "lookup.value_embed.weight")
+               "lookup.gain", "lookup.value_embed.weight", "lookup.copy_weight",
+               "lookup.copy_bias")
 
 Params = Dict[str, Any]
 # Parameter (and activation) dtypes of the XLA path.
