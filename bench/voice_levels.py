@@ -21,7 +21,8 @@ the corpus, how close these token sets come to the prompt's speaker:
 Each row gives the similarity to the prompt's speaker, the mean over the other voices,
 how many utterances rank the prompt's speaker first, and its mean rank; plus the token
 accuracy per level of both decodes, and for a model with a prompt lookup, that of the
-finer codes the lookup alone votes for after the true level 1. --model scores another
+finer codes the lookup alone votes for after the true level 1, and the mean gate with
+which each finer level mixes that vote into its output (`copy_gate`). --model scores another
 model (a training run's `model/` directory) with the demo's codec and tokenizer.
 
     python bench/voice_levels.py                                # the shipped demo model
@@ -91,6 +92,34 @@ def lookup_vote(model, tokens: torch.Tensor, prompt: torch.Tensor) -> torch.Tens
     return torch.cat([tokens[:, :1], torch.stack(votes, 1)], 1)
 
 
+def copy_gates(model, semantic: torch.Tensor, prompt: torch.Tensor,
+               tokens: torch.Tensor) -> list:
+    """The mean copy gate (`PromptLookup.copy`) of a lookup model over the target frames
+    at each level 2..Q, in the state in which that level is decoded after `tokens` [T, Q]
+    (the model's own decode): the prompt ([1, P, Q]), the target's coarser levels, the
+    level and the finer ones masked. How much each finer level trusts the lookup's vote
+    over its own head."""
+    C, Q = model.config.codebook_size, model.config.num_quantizers
+    P = prompt.shape[1]
+    device = model.head_weight.device
+    seen = {}
+    hook = model.norm.register_forward_hook(lambda module, args, out: seen.update(h=out))
+    gates = []
+    try:
+        for level in range(2, Q + 1):
+            seq = torch.cat([prompt[0], tokens]).to(torch.int64)[None].clone()
+            seq[0, P:, level - 1:] = C
+            with torch.no_grad():
+                model(semantic.to(device), seq.to(device), level=level)
+                a = model.lookup.copy_weight[level - 2].to(seen["h"].dtype)
+                b = model.lookup.copy_bias[level - 2].to(seen["h"].dtype)
+                gate = torch.sigmoid(seen["h"][0, P:] @ a + b)
+            gates.append(float(gate.float().mean()))
+    finally:
+        hook.remove()
+    return gates
+
+
 def decode_after_level1(engine, semantic, prompt, level1: torch.Tensor, frames: slice,
                         decode: DecodeConfig, seed: int) -> torch.Tensor:
     """The model's levels 2..Q with level 1 of the target frames given (the reference
@@ -151,7 +180,7 @@ def main(argv=None) -> dict:
 
     decode = DecodeConfig()
     encoder = _speaker_encoder()
-    clips = {}
+    clips, gates = {}, []
     accuracy = {"generated": [], "truth L1 + generated finer": [],
                 "truth L1 + prompt's finer": []}
     for j, voice in enumerate(tqdm(voices, desc="utterances", unit="utt")):
@@ -177,6 +206,7 @@ def main(argv=None) -> dict:
         if engine.model.lookup is not None:
             scored.append(("truth L1 + lookup's vote", lookup_vote(engine.model, truth,
                                                                    prompt[0])))
+            gates.append(copy_gates(engine.model, full, prompt, forced))
         for name, tokens in scored:
             accuracy.setdefault(name, []).append((tokens == truth).float().mean(0).tolist())
         for name, tokens in variants(truth, generated, forced, copied,
@@ -198,6 +228,8 @@ def main(argv=None) -> dict:
               "utterances": args.utterances, "reference_voices": len(refs), "rows": rows,
               "token_accuracy": {k: [round(float(a), 4) for a in np.mean(v, axis=0)]
                                  for k, v in accuracy.items()}}
+    if gates:
+        result["copy_gate"] = [round(float(g), 4) for g in np.mean(gates, axis=0)]
     print(f"{'':30s} {'same':>6s} {'others':>7s} {'identified':>10s} {'mean rank':>9s}  "
           f"(of {len(refs)} voices, {args.utterances} utterances, {args.voices} voices)")
     for name, r in rows.items():
@@ -205,6 +237,9 @@ def main(argv=None) -> dict:
               f"{r['identified']:>5d}/{args.utterances:<4d} {r['mean_rank']:9.2f}")
     for name, acc in result["token_accuracy"].items():
         print(f"token accuracy per level, {name}: {acc}")
+    if gates:
+        print(f"mean copy gate at levels 2..{cfg.num_quantizers}, truth L1 + generated "
+              f"finer: {result['copy_gate']}")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=1) + "\n")

@@ -370,3 +370,26 @@ def test_lookup_vote_reads_the_finer_codes_of_the_prompt_frame_with_the_same_con
     assert torch.equal(out[:, 0], tokens[:, 0])
     # the inner frames have a prompt twin with the same context on both sides
     assert torch.equal(out[1:-1, 1:], prompt[6:14, 1:])
+
+
+def test_copy_gates_are_the_mean_gate_of_each_finer_level_in_its_decoding_state():
+    import voice_levels
+    from soundstorm.engine.model import SoundStorm
+
+    torch.manual_seed(1)
+    cfg = ModelConfig.preset("tiny", prompt_lookup=8)
+    model = SoundStorm(cfg).eval()
+    C, Q = cfg.codebook_size, cfg.num_quantizers
+    with torch.no_grad():
+        model.lookup.copy_bias.copy_(torch.tensor([-2.0, 0.0, 3.0]))
+    prompt = torch.randint(0, C, (1, 12, Q))
+    tokens = torch.randint(0, C, (10, Q))
+    semantic = torch.randint(0, cfg.semantic_vocab_size, (1, 22))
+    gates = voice_levels.copy_gates(model, semantic, prompt, tokens)
+    # the weights are 0 at init: each gate is its bias's sigmoid, whatever the state
+    assert gates == pytest.approx(torch.sigmoid(torch.tensor([-2.0, 0.0, 3.0])).tolist())
+    with torch.no_grad():
+        model.lookup.copy_weight.normal_(std=0.05)
+    gates = voice_levels.copy_gates(model, semantic, prompt, tokens)
+    assert len(gates) == Q - 1 and all(0 < g < 1 for g in gates)
+    assert not model.norm._forward_hooks                     # the hook is removed
