@@ -20,6 +20,7 @@
   soundstorm fit-semantic AUDIO... --out semantic/                  (soundstorm.training)
   soundstorm tokenize speech/train.jsonl --codec melrvq --codec-path codec/ --semantic sem/ --out tokens/
   soundstorm train-text --data tokens/ --out text-run/                (soundstorm.training)
+  soundstorm calibrate-copy run/model --data tokens/ --out calib/     (soundstorm.training)
 """
 
 from __future__ import annotations
@@ -739,6 +740,7 @@ TRAINING_HELP = {
     "fit-semantic": "fit a semantic tokenizer (mfcc, hubert, w2v-bert k-means) on audio",
     "tokenize": "audio files -> codec tokens + semantic ids (a training corpus)",
     "train-text": "train the text-to-semantic model on a corpus with transcripts",
+    "calibrate-copy": "fit a prompt lookup model's copy gates to voices it was not trained on",
 }
 TRAINING_COMMANDS = tuple(TRAINING_HELP)
 

@@ -3,7 +3,9 @@
     python -m soundstorm.demo.export WORK [--dest DIR]
 
 WORK is the folder `demo/reproduce.sh` builds in (speech/, codec/, semantic/, run/, and
-text-run/ for the text-to-semantic model, exported as text-model/). The
+text-run/ for the text-to-semantic model, exported as text-model/). Where WORK/calibrated
+holds the run's model with its copy gates calibrated (`soundstorm calibrate-copy`), that
+model is exported, and `demo.json` records the calibration. The
 model is stored in float16 (the engine loads it as float32), which halves its size; the
 codec codebooks and semantic k-means are copied as they are, and `demo.json` records what
 the demo needs to draw held-out speech (corpus seed, held-out voices and sentences) plus
@@ -35,7 +37,9 @@ def export_assets(work: Any, dest: Any = ASSETS) -> Dict[str, Any]:
         if not (work / part).exists():
             raise FileNotFoundError(f"{work / part} is missing: run demo/reproduce.sh first")
     corpus = json.loads((work / "speech/speech-corpus.json").read_text())
-    model = SoundStorm.from_pretrained(work / "run/model", dtype=torch.float16)
+    calibrated = work / "calibrated"
+    source = calibrated if (calibrated / "config.json").is_file() else work / "run/model"
+    model = SoundStorm.from_pretrained(source, dtype=torch.float16)
     dest.mkdir(parents=True, exist_ok=True)
     for part in ("model", "codec", "semantic"):
         if (dest / part).exists():
@@ -68,6 +72,11 @@ def export_assets(work: Any, dest: Any = ASSETS) -> Dict[str, Any]:
         },
         "reproduce": "bash demo/reproduce.sh",
     }
+    if source == calibrated:
+        from soundstorm.training.copy_calibration import REPORT_FILE
+        report = json.loads((calibrated / REPORT_FILE).read_text())
+        settings["copy_calibration"] = {k: report[k] for k in
+                                        ("utterances", "prompt_seconds", "levels")}
     if (work / "text-run/model").is_dir():
         settings["text_model"] = export_text_model(work, dest)
     times = work / "stage-times.tsv"

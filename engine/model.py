@@ -225,7 +225,7 @@ class PromptLookup(nn.Module):
             onehot = (tokens[..., 1:, None] == codes).to(dtype).flatten(2)      # [B, T, (Q-1)C]
             vote = torch.bmm(weights, onehot).view(B, T, Q - 1, C)
             gate = torch.einsum("btd,qd->btq", hd, a) + b                        # [B, T, Q-1]
-            finer = self._mix(logits[:, :, 1:], vote, gate, reads[..., None])
+            finer = self.mix(logits[:, :, 1:], vote, gate, reads[..., None])
             return torch.cat([logits[:, :, :1], finer], dim=2)
         if isinstance(level, torch.Tensor):                 # one level per row
             idx = level.to(device=tokens.device, dtype=torch.long) - 1          # [B]
@@ -239,11 +239,20 @@ class PromptLookup(nn.Module):
             column = tokens[..., level - 1]
             gate = hd @ a[level - 2] + b[level - 2]
         vote = torch.bmm(weights, (column[..., None] == codes).to(dtype))       # [B, T, C]
-        return self._mix(logits, vote, gate, reads)
+        return self.mix(logits, vote, gate, reads)
+
+    def vote(self, tokens: torch.Tensor, weights: torch.Tensor, level: int) -> torch.Tensor:
+        """The lookup's vote for level `level`'s code (2..Q), [B, T, C] in the weights'
+        dtype: the weight each frame gives the references that hold code c."""
+        codes = torch.arange(self.codebook_size, device=tokens.device)
+        return torch.bmm(weights, (tokens[..., level - 1, None] == codes).to(weights.dtype))
 
     @staticmethod
-    def _mix(logits: torch.Tensor, vote: torch.Tensor, gate: torch.Tensor,
-             reads: torch.Tensor) -> torch.Tensor:
+    def mix(logits: torch.Tensor, vote: torch.Tensor, gate: torch.Tensor,
+            reads: torch.Tensor) -> torch.Tensor:
+        """log((1 - g) softmax(logits) + g * vote), g = sigmoid(gate) * reads, where `reads`
+        (1 or 0, the shape of `gate`) is 1; the logits elsewhere. Logits [..., C], vote
+        [..., C] (its dtype is the computation's), gate and reads [...]."""
         dtype = vote.dtype
         g = (torch.sigmoid(gate) * reads)[..., None]
         p = torch.softmax(logits.to(dtype), dim=-1)

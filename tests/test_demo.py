@@ -247,7 +247,7 @@ def test_pipeline_from_espeak_to_demo(tmp_path):
 
     w = tmp_path / "work"
     cli = lambda *argv: cli_main([str(a) for a in argv])  # noqa: E731
-    assert cli("speech-corpus", w / "speech", "--minutes", "0.3", "--heldout-utterances", "1",
+    assert cli("speech-corpus", w / "speech", "--minutes", "1.2", "--heldout-utterances", "2",
                "--no-progress") == 0
     assert cli("fit-codec", w / "speech/train.jsonl", "--out", w / "codec", "--num-quantizers",
                2, "--codebook-size", 16, "--iterations", 3, "--no-progress") == 0
@@ -272,7 +272,15 @@ def test_pipeline_from_espeak_to_demo(tmp_path):
                "--log-every", 1, "--no-progress") == 0
     (w / "stage-times.tsv").write_text("speech-corpus\t3\ntrain-soundstorm\t9\n"
                                        "train-soundstorm\t11\n")  # a resumed stage: summed
+    # The lookup's copy gates calibrated (on the held-out voices here, for the plumbing):
+    # export takes the calibrated model and records the calibration.
+    assert cli("calibrate-copy", w / "run/model", "--data", w / "tokens/heldout", "--out",
+               w / "calibrated", "--prompt-seconds", 0.5, "--no-progress") == 0
     settings = export_assets(w, tmp_path / "assets")
+    assert set(settings["copy_calibration"]["levels"]) == {"2"}
+    calibrated = SoundStorm.from_pretrained(w / "calibrated").lookup.copy_bias
+    exported = SoundStorm.from_pretrained(tmp_path / "assets/model").lookup.copy_bias
+    torch.testing.assert_close(exported.float(), calibrated.half().float())
     assert settings["training"]["steps"] == 2 and settings["text_model"]["steps"] == 2
     assert settings["stage_seconds"] == {"speech-corpus": 3, "train-soundstorm": 20}
     # every voice whole, so that the demo speaks in them again

@@ -711,10 +711,53 @@ def cmd_tokenize(argv: Sequence[str]) -> int:
     return 0
 
 
+# -- calibrate-copy -------------------------------------------------------------------
+def calibrate_copy_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="soundstorm calibrate-copy",
+        description="Fit the copy gates of a model with a prompt lookup to voices it was not "
+                    "trained on: one offset per finer level, chosen for the likelihood of "
+                    "those voices' tokens with a prompt from another utterance of the same "
+                    "speaker, in the state in which each finer level is decoded. The model "
+                    "is saved with those offsets and nothing else changed, with a report "
+                    "(copy-calibration.json).",
+        epilog="example: soundstorm calibrate-copy run/model --data tokens/calibration "
+               "--out calibrated/")
+    p.add_argument("model", metavar="MODEL", help="model directory (a training run's model/)")
+    p.add_argument("--data", required=True, metavar="TOKENS",
+                   help="token corpus of voices the model was not trained on (soundstorm "
+                        "tokenize; every speaker with two utterances or more)")
+    p.add_argument("--out", required=True, metavar="DIR", help="write the calibrated model here")
+    p.add_argument("--prompt-seconds", type=float, default=3.0,
+                   help="prompt length, from another utterance of the speaker (3.0)")
+    add_progress_flags(p)
+    return p
+
+
+def cmd_calibrate_copy(argv: Sequence[str]) -> int:
+    args = calibrate_copy_parser().parse_args(argv)
+    prog = "soundstorm calibrate-copy"
+    from soundstorm.training.copy_calibration import calibrate_copy
+
+    _check_outputs(prog, {"--out": args.out})
+    arguments = {"MODEL": args.model, "--data": args.data, "--out": args.out}
+    report = _run(prog, arguments, lambda: calibrate_copy(
+        args.model, args.data, args.out, prompt_seconds=args.prompt_seconds,
+        progress=_progress(args)))
+    for q, level in report["levels"].items():
+        print(f"level {q}: gate {level['mean_gate'][0]:.3f} -> {level['mean_gate'][1]:.3f}, "
+              f"nll {level['nll'][0]:.3f} -> {level['nll'][1]:.3f}, greedy accuracy "
+              f"{level['accuracy'][0]:.3f} -> {level['accuracy'][1]:.3f} "
+              f"({level['frames']} frames)")
+    print(f"calibrated on {report['utterances']} utterances: {args.out}")
+    return 0
+
+
 COMMANDS = {"train": cmd_train, "synthetic-corpus": cmd_synthetic,
             "speech-corpus": cmd_speech_corpus, "fit-codec": cmd_fit_codec,
             "fit-vocoder": cmd_fit_vocoder,
-            "fit-semantic": cmd_fit_semantic, "tokenize": cmd_tokenize}
+            "fit-semantic": cmd_fit_semantic, "tokenize": cmd_tokenize,
+            "calibrate-copy": cmd_calibrate_copy}
 
 
 def _train_text(argv: Sequence[str]) -> int:

@@ -1,0 +1,136 @@
+"""Calibrating a prompt lookup model's copy gates on voices it was not trained on
+(`soundstorm calibrate-copy`): the fit finds the gate that generated the codes, only the
+gates' offsets change, the loss on the calibration voices falls, and bad input is named."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import make_model
+from soundstorm.cli import main as cli_main
+from soundstorm.engine import ModelConfig
+from soundstorm.engine.model import SoundStorm
+from soundstorm.training.copy_calibration import (REPORT_FILE, calibrate_copy,
+                                                  calibration_pairs, fit_bias, mixture_nll)
+from soundstorm.training.corpus import open_corpus, write_corpus
+
+
+def small_config(**overrides):
+    return ModelConfig.preset("tiny", **{"dim": 32, "depth": 1, "heads": 2, "ff_dim": 64,
+                                         "num_quantizers": 3, "codebook_size": 16,
+                                         "semantic_vocab_size": 8, "max_frames": 128,
+                                         "prompt_lookup": 8, **overrides})
+
+
+def copy_corpus(directory, speakers=3, utterances=3, frames=40, codebook=16, seed=0):
+    """Each speaker's finer codes are its own permutations of level 1: only another
+    utterance of the same speaker (the prompt) shows them."""
+    rng = np.random.default_rng(seed)
+    items = []
+    for s in range(speakers):
+        perms = [rng.permutation(codebook) for _ in range(2)]
+        for u in range(utterances):
+            level1 = rng.integers(0, codebook, frames)
+            acoustic = np.stack([level1, perms[0][level1], perms[1][level1]], 1)
+            items.append({"id": f"s{s}-{u}", "acoustic": acoustic, "speaker": s,
+                          "semantic": rng.integers(0, 8, (frames - 1) // 2 + 1)})
+    return write_corpus(directory, items, num_quantizers=3, codebook_size=codebook,
+                        semantic_vocab_size=8, frame_rate=50, semantic_rate=25)
+
+
+@pytest.fixture
+def model_dir(tmp_path):
+    model = make_model(small_config(), seed=3)
+    with torch.no_grad():
+        model.lookup.copy_bias.fill_(-3.0)          # a gate that barely trusts the prompt
+    model.save_pretrained(tmp_path / "model")
+    return tmp_path / "model"
+
+
+def test_fit_bias_recovers_the_gate_that_generated_the_codes():
+    g = torch.Generator().manual_seed(0)
+    N, C, bias = 6000, 16, 0.7
+    logits = 2.0 * torch.randn(N, C, generator=g)
+    vote = torch.softmax(4.0 * torch.randn(N, C, generator=g), dim=1)
+    z = 0.5 * torch.randn(N, generator=g)
+    gate = torch.sigmoid(z + bias)[:, None]
+    probs = (1 - gate) * torch.softmax(logits, 1) + gate * vote
+    target = torch.multinomial(probs, 1, generator=g)[:, 0]
+    data = {"z": z, "logits": logits, "vote": vote, "target": target}
+    found = fit_bias(data)
+    assert abs(found - bias) < 0.2, found
+    assert mixture_nll(data, found) <= min(mixture_nll(data, b) for b in (-2, 0, 0.7, 2))
+
+
+def test_pairs_take_the_prompt_from_another_utterance_of_the_same_speaker(tmp_path):
+    corpus = open_corpus(copy_corpus(tmp_path / "c", speakers=2, utterances=2, frames=30))
+    pairs = calibration_pairs(corpus, prompt_frames=10, max_frames=128)
+    assert len(pairs) == 4
+    semantic, tokens, P = pairs[0]                   # s0-0, prompted by s0-1
+    prompt, _ = corpus.read(1, 0, 10)
+    target, target_ids = corpus.read(0, 0, 30)
+    assert P == 10 and torch.equal(tokens[:10], torch.from_numpy(prompt))
+    assert torch.equal(tokens[10:], torch.from_numpy(target))
+    assert semantic.shape[0] == 5 + len(target_ids)
+    # Both fit the model: the target is cut to max_frames - P.
+    assert all(t.shape[0] == 25 for _, t, _ in calibration_pairs(corpus, 10, 25))
+
+
+def test_calibration_raises_the_gate_where_the_prompt_tells_and_changes_nothing_else(
+        model_dir, tmp_path):
+    data = copy_corpus(tmp_path / "calib")
+    report = calibrate_copy(model_dir, data, tmp_path / "out", prompt_seconds=0.4)
+    assert report["utterances"] == 9 and set(report["levels"]) == {"2", "3"}
+    for level in report["levels"].values():
+        assert level["bias"][0] == pytest.approx(-3.0)
+        assert level["mean_gate"][1] > level["mean_gate"][0]
+        assert level["nll"][1] < level["nll"][0]
+        assert level["frames"] > 0
+    before = SoundStorm.from_pretrained(model_dir).state_dict()
+    after = SoundStorm.from_pretrained(tmp_path / "out").state_dict()
+    for key, value in before.items():
+        if key != "lookup.copy_bias":
+            assert torch.equal(after[key], value), key
+    assert after["lookup.copy_bias"].tolist() == pytest.approx(
+        [report["levels"][q]["bias"][1] for q in ("2", "3")], abs=1e-4)
+    assert json.loads((tmp_path / "out" / REPORT_FILE).read_text()) == report
+
+
+def test_calibration_names_what_is_wrong(model_dir, tmp_path):
+    data = copy_corpus(tmp_path / "calib")
+    plain = make_model(small_config(prompt_lookup=0), seed=1)
+    plain.save_pretrained(tmp_path / "plain")
+    with pytest.raises(ValueError, match="no prompt lookup"):
+        calibrate_copy(tmp_path / "plain", data, tmp_path / "o1", prompt_seconds=0.4)
+    other = copy_corpus(tmp_path / "c32", codebook=32)
+    with pytest.raises(ValueError, match="does not fit.*codebook_size: corpus 32, model 16"):
+        calibrate_copy(model_dir, other, tmp_path / "o2", prompt_seconds=0.4)
+    lonely = copy_corpus(tmp_path / "lonely", speakers=2, utterances=1)
+    with pytest.raises(ValueError, match="no speaker with two utterances"):
+        calibrate_copy(model_dir, lonely, tmp_path / "o3", prompt_seconds=0.4)
+    for bad in (0, -1.0, float("nan"), True):
+        with pytest.raises(ValueError, match="prompt_seconds must be a positive number"):
+            calibrate_copy(model_dir, data, tmp_path / "o4", prompt_seconds=bad)
+    with pytest.raises(ValueError, match="not fewer than the model's max_frames = 128"):
+        calibrate_copy(model_dir, data, tmp_path / "o5", prompt_seconds=3.0)
+    assert not any((tmp_path / f"o{i}").exists() for i in range(1, 6))
+
+
+def test_the_command_reports_each_level_and_fails_in_one_line(model_dir, tmp_path, capsys):
+    data = copy_corpus(tmp_path / "calib")
+    out = tmp_path / "out"
+    assert cli_main(["calibrate-copy", str(model_dir), "--data", str(data), "--out", str(out),
+                     "--prompt-seconds", "0.4", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "level 2: gate" in printed and "level 3: gate" in printed
+    assert f"calibrated on 9 utterances: {out}" in printed
+    assert (out / "model.safetensors").is_file()
+    with pytest.raises(SystemExit) as e:
+        cli_main(["calibrate-copy", str(tmp_path / "nowhere"), "--data", str(data),
+                  "--out", str(tmp_path / "out2"), "--no-progress"])
+    assert e.value.code != 0
+    err = capsys.readouterr().err
+    assert "soundstorm calibrate-copy" in err and "nowhere" in err
+    assert len(err.strip().splitlines()) == 1
