@@ -230,15 +230,15 @@ class PromptLookup(nn.Module):
         if isinstance(level, torch.Tensor):                 # one level per row
             idx = level.to(device=tokens.device, dtype=torch.long) - 1          # [B]
             column = tokens.gather(2, idx[:, None, None].expand(B, T, 1))[..., 0]
+            vote = torch.bmm(weights, (column[..., None] == codes).to(dtype))   # [B, T, C]
             row = (idx - 1).clamp(min=0)
             gate = torch.einsum("btd,bd->bt", hd, a[row]) + b[row][:, None]
             reads = reads * (idx >= 1).to(dtype)[:, None]
+        elif level == 1:
+            return logits
         else:
-            if level == 1:
-                return logits
-            column = tokens[..., level - 1]
+            vote = self.vote(tokens, weights, level)
             gate = hd @ a[level - 2] + b[level - 2]
-        vote = torch.bmm(weights, (column[..., None] == codes).to(dtype))       # [B, T, C]
         return self.mix(logits, vote, gate, reads)
 
     def vote(self, tokens: torch.Tensor, weights: torch.Tensor, level: int) -> torch.Tensor:
