@@ -110,6 +110,10 @@ class ConformerBlock(nn.Module):
         return out
 
 
+# The initial offset of the prompt lookup's copy gates (see `PromptLookup.reset_parameters`).
+COPY_GATE_INIT = -4.0
+
+
 class PromptLookup(nn.Module):
     """A lookup into the reference frames: the real frames whose Q codes are all known
     (the voice prompt; during decoding, also any frame decoded completely).
@@ -126,10 +130,10 @@ class PromptLookup(nn.Module):
     The same weights also give each reading frame a vote for its level-q code (q >= 2),
     v_iq(c) = sum_j w_ij [code_jq = c], and the output at level q is the mixture
     (1 - g_iq) softmax(head logits) + g_iq v_iq with a learned gate
-    g_iq = sigmoid(h_i . a_q + b_q) of the final hidden state (`copy`): a direct path from
-    the prompt's codes to the prediction, which the input read alone does not give (the
-    network has to learn to carry a code from its input to its output). Level 1, and frames
-    that read nothing, keep the head's logits.
+    g_iq = sigmoid(h_i . a_q + b_q) of the final hidden state (`copy`; b_q starts at -4,
+    the gate almost shut): a direct path from the prompt's codes to the prediction, which
+    the input read alone does not give (the network has to learn to carry a code from its
+    input to its output). Level 1, and frames that read nothing, keep the head's logits.
 
     Keys start random, so equal level-1 contexts match best and, at the initial sharpness,
     far above the rest: the lookup starts as "copy the finer codes of the prompt frame
@@ -162,9 +166,12 @@ class PromptLookup(nn.Module):
             self.log_scale.fill_(math.log(16.0))
             self.gain.zero_()
         nn.init.normal_(self.value_embed.weight, std=0.02)
-        # The gates start at one half everywhere: the untrained lookup already copies.
+        # The gates start almost shut (sigmoid(-4) = 0.018), as the gain starts at 0: the
+        # model starts as the one without the lookup. Open from the start, the copy does
+        # the finer levels' work before the network has learnt anything, and level 1, which
+        # only the network can learn, trains far more slowly.
         nn.init.zeros_(self.copy_weight)
-        nn.init.zeros_(self.copy_bias)
+        nn.init.constant_(self.copy_bias, COPY_GATE_INIT)
 
     def forward(self, tokens: torch.Tensor, frame_mask: Optional[torch.Tensor]) -> torch.Tensor:
         """tokens int64 [B, T, Q] (MASK = codebook_size), frame_mask bool [B, T] or None ->

@@ -207,9 +207,13 @@ def test_the_models_output_depends_on_the_prompt_only_through_it_when_off_it_is_
     assert {k for k in on.state_dict() if k.startswith("lookup.")} == {
         "lookup.key_embed.weight", "lookup.context", "lookup.log_scale", "lookup.gain",
         "lookup.value_embed.weight", "lookup.copy_weight", "lookup.copy_bias"}
-    # The gain starts at 0: an untrained lookup reads nothing into the input.
+    # The gain starts at 0: an untrained lookup reads nothing into the input; its copy
+    # gates start almost shut.
     tokens0 = random_codes(on.config, 1, 20, on.config.num_quantizers, seed=1)
     assert on.lookup(tokens0, None).abs().max() == 0
+    fresh = SoundStorm(on.config).lookup
+    assert fresh.copy_weight.abs().max() == 0
+    assert torch.sigmoid(fresh.copy_bias).tolist() == pytest.approx([0.018] * 3, abs=1e-3)
     for m in (off, on):
         assert m.num_parameters == m.config.num_parameters()
     # With the lookup's values zeroed and its copy gates shut the model is the model without
