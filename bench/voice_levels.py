@@ -40,7 +40,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from soundstorm.demo.run import (ASSETS, _embed, _semantic_ids, _speaker_encoder,
@@ -81,15 +80,15 @@ def lookup_vote(model, tokens: torch.Tensor, prompt: torch.Tensor) -> torch.Tens
     most of: at each level, the code on which its weights over the prompt frames ([P, Q])
     put the most mass, with the target's finer levels masked as when they are decoded.
     How well the lookup itself copies, whatever the rest of the model makes of it."""
-    C = model.config.codebook_size
+    C, Q = model.config.codebook_size, model.config.num_quantizers
     P = prompt.shape[0]
     seq = torch.cat([prompt, tokens]).to(torch.int64)[None]
     seq[0, P:, 1:] = C
+    seq = seq.to(model.head_weight.device)
     with torch.no_grad():
-        w = model.lookup.weights(seq.to(model.head_weight.device), None)[0, P:, :P].cpu()
-    votes = [(w @ F.one_hot(prompt[:, q].to(torch.int64), C).to(w.dtype)).argmax(1)
-             for q in range(1, prompt.shape[1])]
-    return torch.cat([tokens[:, :1], torch.stack(votes, 1)], 1)
+        w = model.lookup.weights(seq, None)
+        votes = [model.lookup.vote(seq, w, q)[0, P:].argmax(1).cpu() for q in range(2, Q + 1)]
+    return torch.cat([tokens[:, :1], torch.stack(votes, 1).to(tokens.dtype)], 1)
 
 
 def copy_gates(model, semantic: torch.Tensor, prompt: torch.Tensor,
@@ -102,21 +101,14 @@ def copy_gates(model, semantic: torch.Tensor, prompt: torch.Tensor,
     C, Q = model.config.codebook_size, model.config.num_quantizers
     P = prompt.shape[1]
     device = model.head_weight.device
-    seen = {}
-    hook = model.norm.register_forward_hook(lambda module, args, out: seen.update(h=out))
     gates = []
-    try:
-        for level in range(2, Q + 1):
-            seq = torch.cat([prompt[0], tokens]).to(torch.int64)[None].clone()
-            seq[0, P:, level - 1:] = C
-            with torch.no_grad():
-                model(semantic.to(device), seq.to(device), level=level)
-                a = model.lookup.copy_weight[level - 2].to(seen["h"].dtype)
-                b = model.lookup.copy_bias[level - 2].to(seen["h"].dtype)
-                gate = torch.sigmoid(seen["h"][0, P:] @ a + b)
-            gates.append(float(gate.float().mean()))
-    finally:
-        hook.remove()
+    for level in range(2, Q + 1):
+        seq = torch.cat([prompt[0], tokens]).to(torch.int64)[None].clone()
+        seq[0, P:, level - 1:] = C
+        with torch.no_grad():
+            h, _ = model.hidden(semantic.to(device), seq.to(device))
+            gate = torch.sigmoid(model.lookup.gate_logit(h[0, P:], level))
+        gates.append(float(gate.float().mean()))
     return gates
 
 

@@ -245,8 +245,14 @@ class PromptLookup(nn.Module):
             return logits
         else:
             vote = self.vote(tokens, weights, level)
-            gate = hd @ a[level - 2] + b[level - 2]
+            gate = self.gate_logit(hd, level)
         return self.mix(logits, vote, gate, reads)
+
+    def gate_logit(self, h: torch.Tensor, level: int) -> torch.Tensor:
+        """The copy gate's logit h . a_q + b_q of level q = `level` (2..Q) for final hidden
+        states h [..., D], in h's dtype: the gate is its sigmoid."""
+        a, b = self.copy_weight[level - 2].to(h.dtype), self.copy_bias[level - 2].to(h.dtype)
+        return h @ a + b
 
     def vote(self, tokens: torch.Tensor, weights: torch.Tensor, level: int) -> torch.Tensor:
         """The lookup's vote for level `level`'s code (2..Q), [B, T, C] in the weights'
@@ -325,6 +331,18 @@ class SoundStorm(nn.Module):
         Only the requested head(s) are computed. Values are not range-checked here (that
         would cost a host sync per pass); `Engine.generate` checks its inputs.
         """
+        h, weights = self.hidden(semantic, tokens, lengths)
+        logits = self.logits(h, level)
+        if weights is not None:
+            logits = self.lookup.copy(logits, h, tokens, weights, level)
+        return logits
+
+    def hidden(self, semantic: torch.Tensor, tokens: torch.Tensor,
+               lengths: Optional[torch.Tensor] = None
+               ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The final hidden states h [B, T, D] (after the last LayerNorm, before the heads)
+        and the prompt lookup's weights [B, T, T] (None without a lookup), for the same
+        arguments as `forward`, which is `logits(h, level)` then, with a lookup, its copy."""
         cfg = self.config
         self._check_shapes(semantic, tokens, lengths)
         B, T, Q = tokens.shape
@@ -340,11 +358,7 @@ class SoundStorm(nn.Module):
             x = x + self.lookup.read(tokens, weights).to(x.dtype)
         for block in self.blocks:
             x = block(x, frame_mask, self.ops)
-        h = self.norm(x)
-        logits = self.logits(h, level)
-        if weights is not None:
-            logits = self.lookup.copy(logits, h, tokens, weights, level)
-        return logits
+        return self.norm(x), weights
 
     def logits(self, h: torch.Tensor, level: Level) -> torch.Tensor:
         """Apply the head(s) of `level` (see `forward`) to final hidden states [B, T, D]."""

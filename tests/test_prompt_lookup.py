@@ -160,6 +160,24 @@ def test_the_copy_mixes_each_finer_level_with_the_lookups_vote_as_a_loop_does():
     assert not torch.allclose(every[0, :12, 1:], plain[0, :12, 1:])
 
 
+def test_hidden_gives_the_states_and_weights_that_forward_uses():
+    model, semantic, tokens, lengths, h, plain = _copy_case()
+    mask = torch.arange(tokens.shape[1])[None] < lengths[:, None]
+    with torch.no_grad():
+        got_h, weights = model.hidden(semantic, tokens, lengths)
+        assert torch.equal(got_h[mask], h[mask])
+        assert torch.equal(weights, model.lookup.weights(tokens, mask))
+        torch.testing.assert_close(model.logits(got_h, None)[mask], plain[mask])
+        for level in range(2, model.config.num_quantizers + 1):
+            a, b = model.lookup.copy_weight[level - 2], model.lookup.copy_bias[level - 2]
+            torch.testing.assert_close(model.lookup.gate_logit(got_h, level), got_h @ a + b)
+    without = SoundStorm(ModelConfig(**{**model.config.to_dict(), "prompt_lookup": 0})).double()
+    with torch.no_grad():
+        h0, none = without.hidden(semantic, tokens, lengths)
+        torch.testing.assert_close(without.logits(h0, 2), without(semantic, tokens, lengths, 2))
+    assert none is None
+
+
 def test_the_copy_gate_decides_between_the_head_and_the_vote():
     model, semantic, tokens, lengths, h, plain = _copy_case()
     with torch.no_grad():

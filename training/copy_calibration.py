@@ -64,28 +64,20 @@ def collect(model, pairs, progress: bool = False) -> Dict[int, Dict[str, torch.T
     [N, C] (the head alone), `vote` [N, C] and `target` [N] (the true codes)."""
     C, Q = model.config.codebook_size, model.config.num_quantizers
     lookup = model.lookup
-    seen: Dict[str, torch.Tensor] = {}
-    hook = model.norm.register_forward_hook(lambda module, args, out: seen.update(h=out))
     parts: Dict[int, Dict[str, List[torch.Tensor]]] = {
         q: {"z": [], "logits": [], "vote": [], "target": []} for q in range(2, Q + 1)}
-    try:
-        for semantic, tokens, P in tqdm(pairs, desc="calibration utterances", unit="utt",
-                                        disable=not progress):
-            for q in range(2, Q + 1):
-                x = tokens[None].clone()
-                x[0, P:, q - 1:] = C
-                model(semantic[None], x, level=q)
-                h = seen["h"][0, P:].float()
-                weights = lookup.weights(x, None)
-                reads = weights[0, P:].sum(dim=1) > 0
-                vote = lookup.vote(x, weights, q)[0, P:].float()
-                part = parts[q]
-                part["z"].append((h @ lookup.copy_weight[q - 2].float())[reads])
-                part["logits"].append(model.logits(seen["h"], q)[0, P:].float()[reads])
-                part["vote"].append(vote[reads])
-                part["target"].append(tokens[P:, q - 1][reads])
-    finally:
-        hook.remove()
+    for semantic, tokens, P in tqdm(pairs, desc="calibration utterances", unit="utt",
+                                    disable=not progress):
+        for q in range(2, Q + 1):
+            x = tokens[None].clone()
+            x[0, P:, q - 1:] = C
+            h, weights = model.hidden(semantic[None], x)
+            reads = weights[0, P:].sum(dim=1) > 0
+            part = parts[q]
+            part["z"].append((h[0, P:].float() @ lookup.copy_weight[q - 2].float())[reads])
+            part["logits"].append(model.logits(h, q)[0, P:].float()[reads])
+            part["vote"].append(lookup.vote(x, weights, q)[0, P:].float()[reads])
+            part["target"].append(tokens[P:, q - 1][reads])
     return {q: {k: torch.cat(v) for k, v in part.items()} for q, part in parts.items()}
 
 
