@@ -2,6 +2,7 @@
 flags, the preset flags, resuming only on the same data, one train_config per invocation,
 "nothing to do", and the progress flags every training command shares."""
 
+import dataclasses
 import json
 import shutil
 import warnings
@@ -117,6 +118,38 @@ def test_init_from_takes_the_directorys_config_and_refuses_conflicting_sizes(cor
     err = fails(capsys, "train", *COMMON, "--data", corpora / "a", "--out", tmp_path / "r",
                 "--init-from", tmp_path / "nowhere")
     assert f"init_from = '{tmp_path / 'nowhere'}'" in err
+    assert not (tmp_path / "r").exists()
+
+
+def test_init_from_can_add_a_prompt_lookup_to_a_model_without_one(corpora, tmp_path, capsys):
+    data = ["--data", corpora / "a"]
+    cli("train", *COMMON, *data, "--out", tmp_path / "base", "--steps", 4,
+        "--checkpoint-every", 4)
+    base_dir = tmp_path / "base" / "model"
+    base = SoundStorm.from_pretrained(base_dir)
+    assert base.lookup is None
+    cfg = TrainConfig.preset("tiny", init_from=str(base_dir),
+                             model_overrides={"prompt_lookup": 8})
+    assert cfg.model_config() == dataclasses.replace(base.config, prompt_lookup=8)
+    torch.manual_seed(0)
+    grown = SoundStorm(cfg.model_config())
+    fresh = {k: v.clone() for k, v in grown.state_dict().items() if k.startswith("lookup.")}
+    load_init_weights(grown, str(base_dir))
+    for name, tensor in grown.state_dict().items():
+        want = fresh[name] if name.startswith("lookup.") else base.state_dict()[name]
+        assert torch.equal(tensor, want), name
+    # The lookup's gain starts at 0 and its gates almost shut: the grown model starts near
+    # the model it grew from, and trains from there.
+    cli("train", *COMMON, *data, "--out", tmp_path / "grown", "--steps", 2,
+        "--init-from", base_dir, "--prompt-lookup", 8, "--checkpoint-every", 2)
+    assert load_config(tmp_path / "grown" / "model").prompt_lookup == 8
+    # A lookup's width cannot change, nor the lookup go, once the model has one.
+    err = fails(capsys, "train", *COMMON, *data, "--out", tmp_path / "r",
+                "--init-from", tmp_path / "grown" / "model", "--prompt-lookup", 4)
+    assert "prompt_lookup = 4 (the model has 8)" in err
+    err = fails(capsys, "train", *COMMON, *data, "--out", tmp_path / "r",
+                "--init-from", tmp_path / "grown" / "model", "--prompt-lookup", 0)
+    assert "prompt_lookup = 0 (the model has 8)" in err
     assert not (tmp_path / "r").exists()
 
 

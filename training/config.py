@@ -50,8 +50,9 @@ class TrainConfig:
     model: a model preset; model_overrides: ModelConfig fields to change.
     init_from: a model directory (config.json + model.safetensors) to fine-tune: the
         model config is that directory's (`model` is then unused, and model_overrides
-        may only repeat its values) and the weights start from its weights; the
-        optimizer and schedule start fresh.
+        may only repeat its values, or add a prompt lookup, `prompt_lookup: K`, to a
+        model without one) and the weights start from its weights (an added lookup's
+        from their initialisation); the optimizer and schedule start fresh.
     allow_changed_data: resume even when the data or the batch settings differ from the
         checkpoint's (otherwise refused).
     batch_size: windows per optimizer step, over all processes and accumulation steps.
@@ -203,13 +204,18 @@ class TrainConfig:
         unknown = sorted(set(self.model_overrides) - fields)
         if unknown:
             raise ValueError(f"model_overrides names unknown ModelConfig field(s) {unknown}")
+        overrides = dict(self.model_overrides)
+        grow = {}
+        if not base.prompt_lookup and overrides.get("prompt_lookup"):
+            grow["prompt_lookup"] = overrides.pop("prompt_lookup")
         conflicts = [f"{k} = {v!r} (the model has {getattr(base, k)!r})"
-                     for k, v in self.model_overrides.items() if getattr(base, k) != v]
+                     for k, v in overrides.items() if getattr(base, k) != v]
         if conflicts:
             raise ValueError("the model size comes from the directory, but the settings ask "
                              "for " + ", ".join(conflicts) + "; drop those settings to "
-                             "fine-tune this model")
-        return base
+                             "fine-tune this model (only a prompt lookup may be added to a "
+                             "model without one)")
+        return dataclasses.replace(base, **grow) if grow else base
 
     def window_frames(self) -> tuple[int, int]:
         """(min, max) window length in frames, clamped to [1, max_frames]."""
