@@ -3,9 +3,11 @@
     python -m soundstorm.demo.export WORK [--dest DIR]
 
 WORK is the folder `demo/reproduce.sh` builds in (speech/, codec/, semantic/, run/, and
-text-run/ for the text-to-semantic model, exported as text-model/). Where WORK/calibrated
-holds the run's model with its copy gates calibrated (`soundstorm calibrate-copy`), that
-model is exported, and `demo.json` records the calibration. The
+text-run/ for the text-to-semantic model, exported as text-model/). The SoundStorm model
+exported is the first of: WORK/calibrated (a model with its copy gates calibrated by
+`soundstorm calibrate-copy`; `demo.json` records the calibration), WORK/run-lookup/model
+(run/'s model given a prompt lookup and fine-tuned; `demo.json` records both runs),
+WORK/run/model. The
 model is stored in float16 (the engine loads it as float32), which halves its size; the
 codec codebooks and semantic k-means are copied as they are, and `demo.json` records what
 the demo needs to draw held-out speech (corpus seed, held-out voices and sentences) plus
@@ -29,7 +31,6 @@ TEXT_MODEL = "text-model"
 
 def export_assets(work: Any, dest: Any = ASSETS) -> Dict[str, Any]:
     from soundstorm.engine.model import SoundStorm
-    from soundstorm.training.trainer import read_metrics
 
     work, dest = Path(work), Path(dest)
     for part in ("speech/speech-corpus.json", "codec", "semantic", "run/model",
@@ -37,8 +38,10 @@ def export_assets(work: Any, dest: Any = ASSETS) -> Dict[str, Any]:
         if not (work / part).exists():
             raise FileNotFoundError(f"{work / part} is missing: run demo/reproduce.sh first")
     corpus = json.loads((work / "speech/speech-corpus.json").read_text())
-    calibrated = work / "calibrated"
-    source = calibrated if (calibrated / "config.json").is_file() else work / "run/model"
+    calibrated, lookup = work / "calibrated", work / "run-lookup"
+    source = (calibrated if (calibrated / "config.json").is_file()
+              else lookup / "model" if (lookup / "model/config.json").is_file()
+              else work / "run/model")
     model = SoundStorm.from_pretrained(source, dtype=torch.float16)
     dest.mkdir(parents=True, exist_ok=True)
     for part in ("model", "codec", "semantic"):
@@ -48,9 +51,6 @@ def export_assets(work: Any, dest: Any = ASSETS) -> Dict[str, Any]:
     # the codec with its vocoder (and the vocoder's training record, not its plot)
     shutil.copytree(work / "codec", dest / "codec", ignore=shutil.ignore_patterns("*.png"))
     shutil.copytree(work / "semantic", dest / "semantic")
-    records = read_metrics(work / "run/metrics.jsonl")
-    train = [r for r in records if "loss" in r]
-    val = [r for r in records if "val_loss" in r]
     held = corpus["heldout"]
     settings = {
         "corpus_seed": corpus["seed"],
@@ -63,15 +63,11 @@ def export_assets(work: Any, dest: Any = ASSETS) -> Dict[str, Any]:
         "heldout_stream_offset": held["stream_offset"],
         "heldout_sentences_used": held["utterances"],
         "espeak_version": corpus["espeak_version"],
-        "training": {
-            "steps": train[-1]["step"] if train else 0,
-            "final_train": {k: train[-1][k] for k in ("loss", "acc", "acc_level")
-                            if train and k in train[-1]},
-            "final_validation": {k: val[-1][k] for k in val[-1] if k.startswith("val_")}
-            if val else {},
-        },
+        "training": run_figures(work / "run/metrics.jsonl"),
         "reproduce": "bash demo/reproduce.sh",
     }
+    if (lookup / "metrics.jsonl").is_file():
+        settings["lookup_training"] = run_figures(lookup / "metrics.jsonl")
     if source == calibrated:
         from soundstorm.training.copy_calibration import REPORT_FILE
         report = json.loads((calibrated / REPORT_FILE).read_text())
@@ -88,6 +84,22 @@ def export_assets(work: Any, dest: Any = ASSETS) -> Dict[str, Any]:
         settings["stage_seconds"] = stages
     (dest / "demo.json").write_text(json.dumps(settings, indent=1) + "\n")
     return settings
+
+
+def run_figures(metrics: Path) -> Dict[str, Any]:
+    """A SoundStorm training run's steps and final training and validation figures."""
+    from soundstorm.training.trainer import read_metrics
+
+    records = read_metrics(metrics)
+    train = [r for r in records if "loss" in r]
+    val = [r for r in records if "val_loss" in r]
+    return {
+        "steps": train[-1]["step"] if train else 0,
+        "final_train": {k: train[-1][k] for k in ("loss", "acc", "acc_level")
+                        if train and k in train[-1]},
+        "final_validation": {k: val[-1][k] for k in val[-1] if k.startswith("val_")}
+        if val else {},
+    }
 
 
 def export_text_model(work: Path, dest: Path) -> Dict[str, Any]:

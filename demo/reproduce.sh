@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Rebuild the demo assets (demo/model, demo/text-model, demo/codec with its vocoder,
 # demo/semantic, demo/demo.json) from nothing, on a CPU: speak a many-voice corpus, fit the
-# codec, its vocoder and the semantic tokenizer, tokenize, train SoundStorm (and calibrate
-# its copy gates) and the text-to-semantic model, export. Run from the repository root with the package installed
+# codec, its vocoder and the semantic tokenizer, tokenize, train SoundStorm (then give it a
+# prompt lookup, fine-tune and calibrate its copy gates) and the text-to-semantic model,
+# export. Run from the repository root with the package installed
 # (make setup):
 #
 #   bash demo/reproduce.sh [WORK]        (WORK defaults to demo-build/)
 #
 # Every step is seeded; a re-run is resumable (finished stages are skipped, tokenize and
-# the two trainings continue where they stopped). The time of each stage is printed and
+# the trainings continue where they stopped). The time of each stage is printed and
 # appended to WORK/stage-times.tsv (export sums a resumed stage's runs into demo.json).
 set -euo pipefail
 WORK=${1:-demo-build}
@@ -50,20 +51,22 @@ done
 stage train-soundstorm "" \
     "$BIN" train --preset tiny --config demo/train.yaml --data "$WORK/tokens/train" \
         --val-data "$WORK/tokens/heldout" --out "$WORK/run"
-# A model with a prompt lookup: its copy gates fitted to voices it never heard, from a
-# second small corpus with other voices and sentences (seed 3: none of its voices uses a
-# variant of the demo's held-out voices). Export takes the calibrated model.
-if grep -Eq '^ *prompt_lookup: *[1-9]' demo/train.yaml; then
-    stage calibration-corpus "$WORK/calibration-speech/speech-corpus.json" \
-        "$BIN" speech-corpus "$WORK/calibration-speech" --voices 24 --heldout-voices 16 \
-            --minutes 4 --heldout-utterances 6 --seed 3
-    stage tokenize-calibration "$WORK/tokens/calibration/corpus.json" \
-        "$BIN" tokenize "$WORK/calibration-speech/heldout.jsonl" --codec melrvq \
-            --codec-path "$WORK/codec" --semantic "$WORK/semantic" --out "$WORK/tokens/calibration"
-    stage calibrate-copy "$WORK/calibrated/copy-calibration.json" \
-        "$BIN" calibrate-copy "$WORK/run/model" --data "$WORK/tokens/calibration" \
-            --out "$WORK/calibrated"
-fi
+# The trained model given a prompt lookup (demo/lookup.yaml) and fine-tuned with it.
+stage train-lookup "" \
+    "$BIN" train --preset tiny --init-from "$WORK/run/model" --config demo/lookup.yaml \
+        --data "$WORK/tokens/train" --val-data "$WORK/tokens/heldout" --out "$WORK/run-lookup"
+# The lookup's copy gates fitted to voices it never heard, from a second small corpus with
+# other voices and sentences (seed 3: none of its voices uses a variant of the demo's
+# held-out voices). Export takes the calibrated model.
+stage calibration-corpus "$WORK/calibration-speech/speech-corpus.json" \
+    "$BIN" speech-corpus "$WORK/calibration-speech" --voices 24 --heldout-voices 16 \
+        --minutes 4 --heldout-utterances 6 --seed 3
+stage tokenize-calibration "$WORK/tokens/calibration/corpus.json" \
+    "$BIN" tokenize "$WORK/calibration-speech/heldout.jsonl" --codec melrvq \
+        --codec-path "$WORK/codec" --semantic "$WORK/semantic" --out "$WORK/tokens/calibration"
+stage calibrate-copy "$WORK/calibrated/copy-calibration.json" \
+    "$BIN" calibrate-copy "$WORK/run-lookup/model" --data "$WORK/tokens/calibration" \
+        --out "$WORK/calibrated"
 # shellcheck disable=SC2046  # the settings file holds one flag per word
 stage train-text "" \
     "$BIN" train-text --data "$WORK/tokens/train" --val-data "$WORK/tokens/heldout" \

@@ -260,28 +260,39 @@ def test_pipeline_from_espeak_to_demo(tmp_path):
     config = tmp_path / "train.json"
     config.write_text(json.dumps({"model_overrides": {
         "dim": 32, "depth": 1, "heads": 2, "ff_dim": 64, "num_quantizers": 2,
-        "codebook_size": 16, "semantic_vocab_size": 8, "max_frames": 256,
-        "prompt_lookup": 8},
+        "codebook_size": 16, "semantic_vocab_size": 8, "max_frames": 256},
         "batch_size": 4, "min_seconds": 1.0, "max_seconds": 2.0, "log_every": 1,
         "val_every": 2, "checkpoint_every": 2}))
     assert cli("train", "--preset", "tiny", "--config", config, "--data", w / "tokens/train",
                "--val-data", w / "tokens/heldout", "--out", w / "run", "--steps", 2,
                "--no-progress") == 0
+    # The second stage: the trained model given a prompt lookup and fine-tuned with it.
+    assert cli("train", "--preset", "tiny", "--init-from", w / "run/model", "--prompt-lookup",
+               8, "--batch-size", 4, "--min-seconds", 1.0, "--max-seconds", 2.0,
+               "--log-every", 1, "--val-every", 3, "--checkpoint-every", 3,
+               "--data", w / "tokens/train", "--val-data", w / "tokens/heldout",
+               "--out", w / "run-lookup", "--steps", 3, "--no-progress") == 0
     assert cli("train-text", "--data", w / "tokens/train", "--val-data", w / "tokens/heldout",
                "--out", w / "text-run", "--preset", "tiny", "--steps", 2, "--batch-size", 2,
                "--log-every", 1, "--no-progress") == 0
     (w / "stage-times.tsv").write_text("speech-corpus\t3\ntrain-soundstorm\t9\n"
                                        "train-soundstorm\t11\n")  # a resumed stage: summed
+    # Without a calibration, export takes the lookup run's model.
+    uncalibrated = export_assets(w, tmp_path / "uncalibrated")
+    assert "copy_calibration" not in uncalibrated
+    assert SoundStorm.from_pretrained(tmp_path / "uncalibrated/model").config.prompt_lookup == 8
     # The lookup's copy gates calibrated (on the held-out voices here, for the plumbing):
     # export takes the calibrated model and records the calibration.
-    assert cli("calibrate-copy", w / "run/model", "--data", w / "tokens/heldout", "--out",
-               w / "calibrated", "--prompt-seconds", 0.5, "--no-progress") == 0
+    assert cli("calibrate-copy", w / "run-lookup/model", "--data", w / "tokens/heldout",
+               "--out", w / "calibrated", "--prompt-seconds", 0.5, "--no-progress") == 0
     settings = export_assets(w, tmp_path / "assets")
     assert set(settings["copy_calibration"]["levels"]) == {"2"}
     calibrated = SoundStorm.from_pretrained(w / "calibrated").lookup.copy_bias
     exported = SoundStorm.from_pretrained(tmp_path / "assets/model").lookup.copy_bias
     torch.testing.assert_close(exported.float(), calibrated.half().float())
     assert settings["training"]["steps"] == 2 and settings["text_model"]["steps"] == 2
+    assert settings["lookup_training"]["steps"] == 3
+    assert settings["lookup_training"]["final_validation"]["val_loss"] > 0
     assert settings["stage_seconds"] == {"speech-corpus": 3, "train-soundstorm": 20}
     # every voice whole, so that the demo speaks in them again
     from soundstorm.demo.run import demo_voices

@@ -31,7 +31,8 @@ def test_wheel_maps_the_top_level_folders_into_soundstorm(tmp_path):
                    "soundstorm/demo/semantic/semantic.json",
                    "soundstorm/demo/text-model/model.safetensors",
                    "soundstorm/demo/text-model/config.json",
-                   "soundstorm/demo/text-train.args", "soundstorm/engine/text_model.py",
+                   "soundstorm/demo/text-train.args", "soundstorm/demo/train.yaml",
+                   "soundstorm/demo/lookup.yaml", "soundstorm/engine/text_model.py",
                    "soundstorm/engine/tts.py", "soundstorm/cli/speech.py"):
         assert module in names
     if shutil.which("c++") or shutil.which("g++"):
