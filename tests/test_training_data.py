@@ -2,6 +2,7 @@
 (alignment, determinism, resumption, per-rank sharding, bucketing)."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -271,6 +272,40 @@ def test_worker_processes_load_the_same_batches(corpus_dir):
         assert p0 == p2
         for x, y in zip(m0[0], m2[0]):
             assert torch.equal(x, y)
+
+
+_FORKS = {"counting": False, "forks": 0}
+
+
+def _count_fork():
+    if _FORKS["counting"]:
+        _FORKS["forks"] += 1
+
+
+os.register_at_fork(before=_count_fork)
+
+
+def test_workers_start_without_forking_jaxs_threads(corpus_dir):
+    """Once JAX runs in the process (its threads started), workers come from a fresh
+    server process instead of a fork of this one, which could deadlock."""
+    jnp = pytest.importorskip("jax.numpy")
+    jnp.ones(2).block_until_ready()
+    path, _ = corpus_dir
+    sampler = WindowSampler(open_corpus(path), seed=3, min_frames=2, max_frames=30,
+                            batch_size=4)
+    got = {}
+    _FORKS.update(counting=True, forks=0)
+    try:
+        for workers in (0, 2):
+            stream = TrainStream(sampler, rank=0, world_size=1, grad_accum=1,
+                                 num_workers=workers)
+            got[workers] = [micro[0].tokens for _, (_, micro) in
+                            zip(range(3), stream(DataPosition()))]
+    finally:
+        _FORKS["counting"] = False
+    assert _FORKS["forks"] == 0
+    for a, b in zip(got[0], got[2]):
+        assert torch.equal(a, b)
 
 
 def _frame_streams(utts, parts):

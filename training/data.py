@@ -19,6 +19,8 @@ same mask whichever process or micro-batch it lands in.
 
 from __future__ import annotations
 
+import multiprocessing
+import sys
 from dataclasses import dataclass
 from typing import Iterable, Iterator, List, Optional, Sequence
 
@@ -231,9 +233,14 @@ class TrainStream:
             for ws in micro:
                 yield collate([self.dataset[w] for w in ws])
             return
+        # Forked workers of a process whose JAX threads are running can deadlock: start
+        # them from a fresh server process then.
+        context = ("forkserver" if "jax" in sys.modules
+                   and "forkserver" in multiprocessing.get_all_start_methods() else None)
         loader = torch.utils.data.DataLoader(
             self.dataset, batch_sampler=micro, collate_fn=collate,
-            num_workers=self.num_workers, prefetch_factor=4, persistent_workers=False)
+            num_workers=self.num_workers, prefetch_factor=4, persistent_workers=False,
+            multiprocessing_context=context)
         yield from loader
 
     def __call__(self, position: DataPosition) -> Iterator[tuple[DataPosition, List[Batch]]]:
