@@ -49,7 +49,8 @@ _FLAGS = [
     ("val_batches", int, "N", "validate on at most N batches per process (0 = all)"),
     ("out", str, "DIR", "run directory: checkpoints/, model/, metrics.jsonl, curves.png"),
     ("init_from", str, "DIR", "fine-tune the model in DIR (config.json + model.safetensors, "
-                              "e.g. demo/model): its config and weights; a fresh optimizer"),
+                              "e.g. demo/model): its config and weights; a fresh optimizer; "
+                              "with --prompt-lookup K it gains a lookup, freshly initialised"),
     ("steps", int, "N", "optimizer steps in all (a resumed run continues up to N)"),
     ("batch_size", int, "N", "windows per optimizer step, over all processes"),
     ("grad_accum", int, "N", "micro-batches per step (memory: each is batch/(procs*N))"),
