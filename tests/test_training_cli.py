@@ -138,8 +138,16 @@ def test_init_from_can_add_a_prompt_lookup_to_a_model_without_one(corpora, tmp_p
     for name, tensor in grown.state_dict().items():
         want = fresh[name] if name.startswith("lookup.") else base.state_dict()[name]
         assert torch.equal(tensor, want), name
-    # The lookup's gain starts at 0 and its gates almost shut: the grown model starts near
-    # the model it grew from, and trains from there.
+    # The lookup's gain starts at 0 and its gates almost shut: the grown model starts no
+    # worse than the model it grew from (the small copy can only help an unsure head),
+    # where open gates would cost it dearly; it trains from there.
+    config = TrainConfig.preset("tiny", data=str(corpora / "a"), out=str(tmp_path / "probe"),
+                                batch_size=4, max_seconds=1.0, min_seconds=0.2)
+    before, after = first_step_loss(base, config), first_step_loss(grown, config)
+    with torch.no_grad():
+        grown.lookup.copy_bias.fill_(10.0)
+    opened = first_step_loss(grown, config)
+    assert after < before + 0.05 and opened > before + 0.5
     cli("train", *COMMON, *data, "--out", tmp_path / "grown", "--steps", 2,
         "--init-from", base_dir, "--prompt-lookup", 8, "--checkpoint-every", 2)
     assert load_config(tmp_path / "grown" / "model").prompt_lookup == 8
