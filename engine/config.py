@@ -71,7 +71,7 @@ LIMITS: dict[str, int] = {
 MAX_PROMPT_LOOKUP = 2 ** 12
 # Fields a saved config may leave out (added after the format was fixed; their defaults
 # are the model saved before them).
-OPTIONAL_FIELDS = ("prompt_lookup",)
+OPTIONAL_FIELDS = ("prompt_lookup", "semantic_copy")
 # Rates in Hz: at most MAX_RATE, and semantic_rate / frame_rate must reduce to a fraction
 # whose terms are at most MAX_RATE_TERM (frame t reads semantic index t * num // den).
 MAX_RATE = 10 ** 6
@@ -98,6 +98,14 @@ class ModelConfig:
     codes, which is what keeps a voice, one learned lookup instead of something the
     Conformer must discover. Older configs without the field load with it off.
 
+    `semantic_copy` (needs the lookup) does the same for level 1, which the level-1 keys
+    cannot serve: every frame reads the reference frames that say the same, by the match of
+    semantic ids in context (its own and its two neighbours', with learned weights and
+    sharpness), and mixes their vote for a level-1 code into level 1's output through a
+    learned gate that also sees how well the best reference matches. A speaker's level-1
+    codes for a sound are a large part of the voice.
+    Older configs without the field load with it off.
+
     Every size field must lie in 1..`LIMITS[field]` (`ModelConfig.LIMITS`: e.g. depth <= 256,
     dim <= 65536, max_frames <= 65536); rates must be positive, at most 10**6 Hz, and
     semantic_rate / frame_rate must reduce to a fraction whose terms are at most 2**20.
@@ -118,6 +126,7 @@ class ModelConfig:
     conv_expansion: int = 2
     max_frames: int = 1500
     prompt_lookup: int = 0
+    semantic_copy: bool = False
 
     def __post_init__(self) -> None:
         for name, limit in LIMITS.items():
@@ -133,6 +142,12 @@ class ModelConfig:
             if self.num_quantizers < 2:
                 raise ValueError("prompt_lookup reads the finer levels of the prompt: it "
                                  "needs num_quantizers >= 2, got 1 (set prompt_lookup = 0)")
+        if not isinstance(self.semantic_copy, bool):
+            raise TypeError(f"semantic_copy must be a bool, got "
+                            f"{type(self.semantic_copy).__name__} {self.semantic_copy!r}")
+        if self.semantic_copy and not lookup:
+            raise ValueError("semantic_copy is part of the prompt lookup: it needs "
+                             "prompt_lookup >= 1, got 0")
         semantic_rate = _rate("semantic_rate", self.semantic_rate)
         frame_rate = _rate("frame_rate", self.frame_rate)
         for name, rate in (("semantic_rate", semantic_rate), ("frame_rate", frame_rate)):
@@ -201,6 +216,8 @@ class ModelConfig:
         lookup = 0
         if self.prompt_lookup:
             lookup = (cb + 1) * self.prompt_lookup + 3 + 2 + (q - 1) * (cb * d + d + 1)
+            if self.semantic_copy:      # context weights, sharpness, level 1's gate
+                lookup += 3 + 1 + d + 2
         return embed + self.depth * block + heads + lookup
 
     # -- construction -------------------------------------------------------------------

@@ -35,7 +35,9 @@ def forward_gemms(config: ModelConfig, batch: int, frames: int, heads: int = 1) 
     bh, dh = batch * config.heads, config.head_dim
     lookup = []
     if config.prompt_lookup:   # the prompt lookup: level-1 key scores, finer values, votes
-        votes = min(heads, config.num_quantizers - 1)     # for a finer level's head each
+        # a vote for each head that copies: the finer levels', and level 1's with
+        # `semantic_copy` (its semantic-id match is elementwise, not a product)
+        votes = min(heads, config.num_quantizers - 1 + config.semantic_copy)
         lookup = [Gemm("lookup_scores", batch, frames, config.prompt_lookup, frames),
                   Gemm("lookup_values", batch, frames, frames, d),
                   Gemm("lookup_votes", batch, frames, frames, config.codebook_size * votes)]

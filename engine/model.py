@@ -112,6 +112,10 @@ class ConformerBlock(nn.Module):
 
 # The initial offset of the prompt lookup's copy gates (see `PromptLookup.reset_parameters`).
 COPY_GATE_INIT = -4.0
+# The parameters of level 1's copy (`ModelConfig.semantic_copy`), as state_dict keys.
+SEMANTIC_COPY_KEYS = ("lookup.semantic_context", "lookup.semantic_log_scale",
+                      "lookup.level1_copy_weight", "lookup.level1_copy_match",
+                      "lookup.level1_copy_bias")
 
 
 class PromptLookup(nn.Module):
@@ -135,6 +139,18 @@ class PromptLookup(nn.Module):
     the input read alone does not give (the network has to learn to carry a code from its
     input to its output). Level 1, and frames that read nothing, keep the head's logits.
 
+    With `ModelConfig.semantic_copy`, level 1 gets a copy of its own (`semantic_weights`):
+    every real frame i reads the references j != i with weights
+    softmax_j(s' * m_ij), m_ij = u_0 [id(i-1) = id(j-1)] + u_1 [id(i) = id(j)]
+    + u_2 [id(i+1) = id(j+1)] the learned-weight match of the semantic ids the frames read
+    (a neighbour past either end matches nothing) and s' a learned sharpness; level 1's
+    output is (1 - g_i1) softmax(head logits) + g_i1 v_i1 with v_i1 the vote of those
+    weights for the references' level-1 codes and g_i1 = sigmoid(h_i . a_1 + c_1 m_i + b_1),
+    m_i = max_j m_ij the best match frame i has (0 without a reference), c_1 starting at 0
+    and b_1 at -4: how far to trust the prompt depends first on whether it said the same
+    thing in the same context. What a speaker's level-1 codes are for a sound is much of
+    the voice, and the level-1 keys cannot find it: level 1 is what is being decoded.
+
     Keys start random, so equal level-1 contexts match best and, at the initial sharpness,
     far above the rest: the lookup starts as "copy the finer codes of the prompt frame
     that says the same", which is what keeps a speaker's voice, and learns which contexts
@@ -157,6 +173,15 @@ class PromptLookup(nn.Module):
         # The copy gate of level q at row q - 2: a per-frame logit h . a_q + b_q.
         self.copy_weight = nn.Parameter(torch.empty(Q - 1, D))
         self.copy_bias = nn.Parameter(torch.empty(Q - 1))
+        self.semantic_copy = config.semantic_copy
+        if self.semantic_copy:
+            # Weights of the previous, own and next frame's semantic-id match; log of the
+            # sharpness s'; level 1's copy gate, the per-frame logit h . a_1 + c_1 m + b_1.
+            self.semantic_context = nn.Parameter(torch.empty(3))
+            self.semantic_log_scale = nn.Parameter(torch.empty(()))
+            self.level1_copy_weight = nn.Parameter(torch.empty(D))
+            self.level1_copy_match = nn.Parameter(torch.empty(()))
+            self.level1_copy_bias = nn.Parameter(torch.empty(()))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -172,6 +197,13 @@ class PromptLookup(nn.Module):
         # only the network can learn, trains far more slowly.
         nn.init.zeros_(self.copy_weight)
         nn.init.constant_(self.copy_bias, COPY_GATE_INIT)
+        if self.semantic_copy:
+            with torch.no_grad():
+                self.semantic_context.copy_(torch.tensor([0.5, 1.0, 0.5]))
+                self.semantic_log_scale.fill_(math.log(16.0))
+            nn.init.zeros_(self.level1_copy_weight)
+            nn.init.zeros_(self.level1_copy_match)
+            nn.init.constant_(self.level1_copy_bias, COPY_GATE_INIT)
 
     def forward(self, tokens: torch.Tensor, frame_mask: Optional[torch.Tensor]) -> torch.Tensor:
         """tokens int64 [B, T, Q] (MASK = codebook_size), frame_mask bool [B, T] or None ->
@@ -214,18 +246,54 @@ class PromptLookup(nn.Module):
         weights = torch.softmax(scores.masked_fill(~allowed, -1e9), dim=2)
         return weights.masked_fill(~allowed, 0.0)
 
+    def semantic_weights(self, semantic: torch.Tensor, tokens: torch.Tensor,
+                         frame_mask: Optional[torch.Tensor], num: int, den: int
+                         ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Level 1's lookup (only with `semantic_copy`): the weights [B, T, T] (float32 at
+        least) with which frame i's vote takes from reference frame j (real, all codes
+        known, j != i), by the match m_ij of the semantic ids (`semantic` [B, S], frame t
+        reads index t * num // den) of the two frames and their neighbours (rows sum to 1,
+        or are 0 where a frame has no reference); and each frame's best match max_j m_ij
+        [B, T] (0 without a reference). Free of host syncs."""
+        B, T, Q = tokens.shape
+        C = self.codebook_size
+        codes = tokens.clamp(0, C)
+        t = torch.arange(T, device=tokens.device)
+        index = (t * num // den).clamp(max=semantic.shape[1] - 1)
+        ids = semantic.gather(1, index[None].expand(B, T))                        # [B, T]
+        real = (torch.ones_like(ids, dtype=torch.bool) if frame_mask is None
+                else frame_mask)                                                  # [B, T]
+        dtype = torch.promote_types(self.semantic_context.dtype, torch.float32)
+        same = ((ids[:, :, None] == ids[:, None, :]) & real[:, :, None]
+                & real[:, None, :]).to(dtype)                                     # [B, T, T]
+        u = self.semantic_context.to(dtype)
+        match = (u[1] * same + u[0] * F.pad(same[:, :-1, :-1], (1, 0, 1, 0))
+                 + u[2] * F.pad(same[:, 1:, 1:], (0, 1, 0, 1)))
+        scores = match * self.semantic_log_scale.to(dtype).exp()
+        reference = real & (codes != C).all(dim=2)
+        allowed = real[:, :, None] & reference[:, None, :] & (t[:, None] != t[None, :])
+        weights = torch.softmax(scores.masked_fill(~allowed, -1e9), dim=2)
+        best = match.masked_fill(~allowed, 0.0).amax(dim=2)
+        return weights.masked_fill(~allowed, 0.0), best
+
     def copy(self, logits: torch.Tensor, h: torch.Tensor, tokens: torch.Tensor,
-             weights: torch.Tensor, level: Level) -> torch.Tensor:
+             weights: torch.Tensor, level: Level,
+             semantic: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
         """The head's `logits` of `level` (as `SoundStorm.logits` returns them, level already
         checked) mixed with the lookup's vote: at level q >= 2, for every frame that reads
         (a row of `weights` [B, T, T] that is not 0), the log of
         (1 - g) softmax(logits) + g * vote, g = sigmoid(h . a_q + b_q) from the final hidden
-        states `h` [B, T, D]; elsewhere the logits unchanged. Same shape and dtype as
-        `logits`; computed in the weights' dtype. Free of host syncs."""
+        states `h` [B, T, D]; at level 1 the same with `semantic`, the weights and best
+        matches of `semantic_weights` (with `semantic_copy`; None leaves level 1 alone),
+        and g = sigmoid(h . a_1 + c_1 m + b_1); elsewhere the logits unchanged. Same
+        shape and dtype as `logits`; computed in the weights' dtype. Free of host syncs."""
         B, T, Q = tokens.shape
         C = self.codebook_size
         dtype = weights.dtype
         hd, a, b = h.to(dtype), self.copy_weight.to(dtype), self.copy_bias.to(dtype)
+        sw = best = None
+        if semantic is not None:
+            sw, best = semantic[0].to(dtype), semantic[1].to(dtype)
         codes = torch.arange(C, device=tokens.device)
         reads = (weights.sum(dim=2) > 0).to(dtype)                                # [B, T]
         if level is None:                                   # every head: levels 2..Q at once
@@ -233,30 +301,52 @@ class PromptLookup(nn.Module):
             vote = torch.bmm(weights, onehot).view(B, T, Q - 1, C)
             gate = torch.einsum("btd,qd->btq", hd, a) + b                        # [B, T, Q-1]
             finer = self.mix(logits[:, :, 1:], vote, gate, reads[..., None])
-            return torch.cat([logits[:, :, :1], finer], dim=2)
+            first = logits[:, :, :1]
+            if sw is not None:
+                first = self.mix(logits[:, :, 0], self.vote(tokens, sw, 1),
+                                 self.gate_logit(hd, 1, best),
+                                 (sw.sum(dim=2) > 0).to(dtype))[:, :, None]
+            return torch.cat([first.to(finer.dtype), finer], dim=2)
         if isinstance(level, torch.Tensor):                 # one level per row
             idx = level.to(device=tokens.device, dtype=torch.long) - 1          # [B]
+            first = (idx == 0)[:, None, None]                                   # [B, 1, 1]
             column = tokens.gather(2, idx[:, None, None].expand(B, T, 1))[..., 0]
-            vote = torch.bmm(weights, (column[..., None] == codes).to(dtype))   # [B, T, C]
             row = (idx - 1).clamp(min=0)
             gate = torch.einsum("btd,bd->bt", hd, a[row]) + b[row][:, None]
-            reads = reads * (idx >= 1).to(dtype)[:, None]
+            if sw is None:
+                reads = reads * (idx >= 1).to(dtype)[:, None]
+            else:
+                weights = torch.where(first, sw, weights)
+                reads = (weights.sum(dim=2) > 0).to(dtype)
+                gate = torch.where(first[..., 0], self.gate_logit(hd, 1, best), gate)
+            vote = torch.bmm(weights, (column[..., None] == codes).to(dtype))   # [B, T, C]
         elif level == 1:
-            return logits
+            if sw is None:
+                return logits
+            vote = self.vote(tokens, sw, 1)
+            gate = self.gate_logit(hd, 1, best)
+            reads = (sw.sum(dim=2) > 0).to(dtype)
         else:
             vote = self.vote(tokens, weights, level)
             gate = self.gate_logit(hd, level)
         return self.mix(logits, vote, gate, reads)
 
-    def gate_logit(self, h: torch.Tensor, level: int) -> torch.Tensor:
-        """The copy gate's logit h . a_q + b_q of level q = `level` (2..Q) for final hidden
-        states h [..., D], in h's dtype: the gate is its sigmoid."""
-        a, b = self.copy_weight[level - 2].to(h.dtype), self.copy_bias[level - 2].to(h.dtype)
-        return h @ a + b
+    def gate_logit(self, h: torch.Tensor, level: int,
+                   best: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The copy gate's logit of level q = `level` for final hidden states h [..., D],
+        in h's dtype (the gate is its sigmoid): h . a_q + b_q at q = 2..Q; at level 1 (with
+        `semantic_copy`) h . a_1 + c_1 m + b_1, m = `best` [...] (`semantic_weights`)."""
+        if level == 1:
+            a, b = self.level1_copy_weight, self.level1_copy_bias
+            return (h @ a.to(h.dtype) + self.level1_copy_match.to(h.dtype) * best.to(h.dtype)
+                    + b.to(h.dtype))
+        a, b = self.copy_weight[level - 2], self.copy_bias[level - 2]
+        return h @ a.to(h.dtype) + b.to(h.dtype)
 
     def vote(self, tokens: torch.Tensor, weights: torch.Tensor, level: int) -> torch.Tensor:
-        """The lookup's vote for level `level`'s code (2..Q), [B, T, C] in the weights'
-        dtype: the weight each frame gives the references that hold code c."""
+        """The vote of `weights` [B, T, T] for level `level`'s code (the lookup's weights
+        at levels 2..Q, `semantic_weights` at level 1), [B, T, C] in the weights' dtype: the
+        weight each frame gives the references that hold code c."""
         codes = torch.arange(self.codebook_size, device=tokens.device)
         return torch.bmm(weights, (tokens[..., level - 1, None] == codes).to(weights.dtype))
 
@@ -271,6 +361,13 @@ class PromptLookup(nn.Module):
         p = torch.softmax(logits.to(dtype), dim=-1)
         mixed = torch.log((p + g * (vote - p)).clamp_min(torch.finfo(dtype).tiny))
         return torch.where(reads[..., None] > 0, mixed, logits.to(dtype)).to(logits.dtype)
+
+
+def _frame_mask(tokens: torch.Tensor, lengths: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """bool [B, T]: the real frames of rows `lengths` long (None: no padding)."""
+    if lengths is None:
+        return None
+    return torch.arange(tokens.shape[1], device=tokens.device)[None, :] < lengths[:, None]
 
 
 def _norm_args(norm: nn.LayerNorm) -> tuple:
@@ -334,21 +431,33 @@ class SoundStorm(nn.Module):
         h, weights = self.hidden(semantic, tokens, lengths)
         logits = self.logits(h, level)
         if weights is not None:
-            logits = self.lookup.copy(logits, h, tokens, weights, level)
+            logits = self.lookup.copy(logits, h, tokens, weights, level,
+                                      self.semantic_weights(semantic, tokens, lengths, level))
         return logits
+
+    def semantic_weights(self, semantic: torch.Tensor, tokens: torch.Tensor,
+                         lengths: Optional[torch.Tensor] = None, level: Level = None
+                         ) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+        """Level 1's lookup, its weights and best matches (`PromptLookup.semantic_weights`),
+        for the arguments of `forward`, or None where `level` leaves level 1 out or the
+        model has no `semantic_copy`."""
+        if self.lookup is None or not self.lookup.semantic_copy or \
+                (isinstance(level, int) and level != 1):
+            return None
+        num, den = self.config.semantic_index_fraction()
+        return self.lookup.semantic_weights(semantic, tokens,
+                                            _frame_mask(tokens, lengths), num, den)
 
     def hidden(self, semantic: torch.Tensor, tokens: torch.Tensor,
                lengths: Optional[torch.Tensor] = None
                ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """The final hidden states h [B, T, D] (after the last LayerNorm, before the heads)
         and the prompt lookup's weights [B, T, T] (None without a lookup), for the same
-        arguments as `forward`, which is `logits(h, level)` then, with a lookup, its copy."""
+        arguments as `forward`, which is `logits(h, level)` then, with a lookup, its copy
+        (with `semantic_copy`, level 1's from `semantic_weights`)."""
         cfg = self.config
         self._check_shapes(semantic, tokens, lengths)
-        B, T, Q = tokens.shape
-        frame_mask = None
-        if lengths is not None:
-            frame_mask = torch.arange(T, device=tokens.device)[None, :] < lengths[:, None]
+        frame_mask = _frame_mask(tokens, lengths)
         num, den = cfg.semantic_index_fraction()
         x = self.ops.summed_embedding(semantic, tokens, self.semantic_embed.weight,
                                       self.acoustic_embed.weight, num, den)

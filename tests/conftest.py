@@ -47,6 +47,30 @@ def engine64(tiny_model) -> Engine:
     return Engine(copy.deepcopy(tiny_model), dtype=torch.float64, backend="torch")
 
 
+def train_on_task(config: ModelConfig, task, level: int, steps: int, seed: int = 0):
+    """A fresh model trained with Adam on `task(config, batch, frames, generator)` ->
+    (semantic, inputs, targets after the first half), the loss on `level` after the first
+    half; then the task's held-out draw (64 rows, seed 99) and the model's argmax there:
+    (model, semantic, inputs, targets, predictions)."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(seed)
+    model = SoundStorm(config)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        semantic, inputs, target = task(config, 16, 48, g)
+        logits = model(semantic, inputs, level=level)[:, 24:]
+        loss = F.cross_entropy(logits.reshape(-1, config.codebook_size), target.reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    semantic, inputs, target = task(config, 64, 48, torch.Generator().manual_seed(99))
+    with torch.no_grad():
+        pred = model(semantic, inputs, level=level)[:, 24:].argmax(-1)
+    return model, semantic, inputs, target, pred
+
+
 def random_semantic(config: ModelConfig, batch: int, length: int, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, config.semantic_vocab_size, (batch, length), generator=g)

@@ -83,9 +83,12 @@ def old_step(runner):
     return step
 
 
-@pytest.fixture(scope="module", params=[0, 8], ids=["paper", "prompt-lookup"])
+@pytest.fixture(scope="module", params=[(0, False), (8, False), (8, True)],
+                ids=["paper", "prompt-lookup", "semantic-copy"])
 def model(tiny_config, request):
-    return make_model(dataclasses.replace(tiny_config, prompt_lookup=request.param), seed=5,
+    lookup, semantic_copy = request.param
+    return make_model(dataclasses.replace(tiny_config, prompt_lookup=lookup,
+                                          semantic_copy=semantic_copy), seed=5,
                       sharpen=20.0)
 
 
@@ -200,7 +203,8 @@ from soundstorm.engine.runner import ALL_MODES, StepRunner
 from soundstorm.engine.scheduler import batch_buckets
 
 backend, lookup = sys.argv[1], int(sys.argv[2])
-engine = Engine(SoundStorm(ModelConfig.preset("tiny", prompt_lookup=lookup)), backend="torch")
+engine = Engine(SoundStorm(ModelConfig.preset("tiny", prompt_lookup=lookup,
+                                              semantic_copy=lookup > 0)), backend="torch")
 if backend == "triton":
     import soundstorm.kernels.triton as triton_backend
     engine.ops = engine.model.ops = triton_backend.TRITON_OPS

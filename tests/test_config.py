@@ -21,7 +21,8 @@ EXPECTED = {
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_presets_have_the_documented_shapes(name):
     # every preset is the paper's model: no prompt lookup
-    assert ModelConfig.preset(name).to_dict() == {**EXPECTED[name], "prompt_lookup": 0}
+    assert ModelConfig.preset(name).to_dict() == {**EXPECTED[name], "prompt_lookup": 0,
+                                                  "semantic_copy": False}
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))

@@ -1,6 +1,7 @@
 """Calibrating a prompt lookup model's copy gates on voices it was not trained on
 (`soundstorm calibrate-copy`): the fit finds the gate that generated the codes, only the
-gates' offsets change, the loss on the calibration voices falls, and bad input is named."""
+gates' offsets change (and level 1's copy, where it is added), the loss on the
+calibration voices falls, and bad input is named."""
 
 import json
 
@@ -12,8 +13,10 @@ from conftest import make_model
 from soundstorm.cli import main as cli_main
 from soundstorm.engine import ModelConfig
 from soundstorm.engine.model import SoundStorm
+from soundstorm.engine.model import SEMANTIC_COPY_KEYS
 from soundstorm.training.copy_calibration import (REPORT_FILE, calibrate_copy,
-                                                  calibration_pairs, fit_bias, mixture_nll)
+                                                  calibration_pairs, fit_bias,
+                                                  fit_match_and_bias, mixture_nll)
 from soundstorm.training.corpus import open_corpus, write_corpus
 
 
@@ -24,18 +27,24 @@ def small_config(**overrides):
                                          "prompt_lookup": 8, **overrides})
 
 
-def copy_corpus(directory, speakers=3, utterances=3, frames=40, codebook=16, seed=0):
+def copy_corpus(directory, speakers=3, utterances=3, frames=40, codebook=16, seed=0,
+                level1_from_semantic=False):
     """Each speaker's finer codes are its own permutations of level 1: only another
-    utterance of the same speaker (the prompt) shows them."""
+    utterance of the same speaker (the prompt) shows them. With `level1_from_semantic`,
+    level 1 too is the speaker's own function of the semantic id each frame reads."""
     rng = np.random.default_rng(seed)
     items = []
     for s in range(speakers):
         perms = [rng.permutation(codebook) for _ in range(2)]
+        table = rng.integers(0, codebook, 8)
         for u in range(utterances):
+            semantic = rng.integers(0, 8, (frames - 1) // 2 + 1)
             level1 = rng.integers(0, codebook, frames)
+            if level1_from_semantic:
+                level1 = table[semantic[np.arange(frames) // 2]]
             acoustic = np.stack([level1, perms[0][level1], perms[1][level1]], 1)
             items.append({"id": f"s{s}-{u}", "acoustic": acoustic, "speaker": s,
-                          "semantic": rng.integers(0, 8, (frames - 1) // 2 + 1)})
+                          "semantic": semantic})
     return write_corpus(directory, items, num_quantizers=3, codebook_size=codebook,
                         semantic_vocab_size=8, frame_rate=50, semantic_rate=25)
 
@@ -62,6 +71,24 @@ def test_fit_bias_recovers_the_gate_that_generated_the_codes():
     found = fit_bias(data)
     assert abs(found - bias) < 0.2, found
     assert mixture_nll(data, found) <= min(mixture_nll(data, b) for b in (-2, 0, 0.7, 2))
+
+
+def test_fit_match_and_bias_recovers_level_ones_gate():
+    g = torch.Generator().manual_seed(1)
+    N, C, weight, bias = 8000, 16, 1.5, -2.0
+    logits = 2.0 * torch.randn(N, C, generator=g)
+    vote = torch.softmax(4.0 * torch.randn(N, C, generator=g), dim=1)
+    z = torch.zeros(N)
+    match = torch.tensor([0.0, 0.5, 1.5, 2.0])[torch.randint(0, 4, (N,), generator=g)]
+    gate = torch.sigmoid(weight * match + bias)[:, None]
+    probs = (1 - gate) * torch.softmax(logits, 1) + gate * vote
+    target = torch.multinomial(probs, 1, generator=g)[:, 0]
+    data = {"z": z, "logits": logits, "vote": vote, "target": target, "match": match}
+    c, b = fit_match_and_bias(data)
+    assert abs(c - weight) < 0.5 and abs(b - bias) < 0.5, (c, b)
+    # It beats the offset alone, fitted without the match.
+    alone = fit_bias(data)
+    assert mixture_nll({**data, "z": c * match}, b) < mixture_nll(data, alone)
 
 
 def test_pairs_take_the_prompt_from_another_utterance_of_the_same_speaker(tmp_path):
@@ -98,6 +125,36 @@ def test_calibration_raises_the_gate_where_the_prompt_tells_and_changes_nothing_
     assert json.loads((tmp_path / "out" / REPORT_FILE).read_text()) == report
 
 
+def test_adding_level_ones_copy_fits_its_gate_where_the_prompt_tells(model_dir, tmp_path):
+    data = copy_corpus(tmp_path / "calib", level1_from_semantic=True)
+    report = calibrate_copy(model_dir, data, tmp_path / "out", prompt_seconds=0.4,
+                            add_semantic_copy=True)
+    assert report["semantic_copy_added"] is True
+    assert set(report["levels"]) == {"1", "2", "3"}
+    first = report["levels"]["1"]
+    assert first["bias"][0] == pytest.approx(-4.0) and first["match_weight"][0] == 0
+    assert first["match_weight"][1] > 0
+    assert first["mean_gate"][1] > first["mean_gate"][0]
+    assert first["nll"][1] < first["nll"][0] and first["accuracy"][1] > first["accuracy"][0]
+    before = SoundStorm.from_pretrained(model_dir)
+    after = SoundStorm.from_pretrained(tmp_path / "out")
+    assert after.config.semantic_copy and not before.config.semantic_copy
+    fresh = SoundStorm(after.config).lookup
+    for key, value in after.state_dict().items():
+        if key in before.state_dict() and key != "lookup.copy_bias":
+            assert torch.equal(value, before.state_dict()[key]), key
+    for key in ("semantic_context", "semantic_log_scale", "level1_copy_weight"):
+        assert torch.equal(after.lookup.get_parameter(key), fresh.get_parameter(key)), key
+    assert set(after.state_dict()) - set(before.state_dict()) == set(SEMANTIC_COPY_KEYS)
+    assert float(after.lookup.level1_copy_bias.detach()) == pytest.approx(first["bias"][1], abs=1e-4)
+    assert float(after.lookup.level1_copy_match.detach()) == pytest.approx(first["match_weight"][1],
+                                                                  abs=1e-4)
+    # Calibrated again, a model that has the copy keeps it and finds the same gate.
+    again = calibrate_copy(tmp_path / "out", data, tmp_path / "again", prompt_seconds=0.4)
+    assert again["semantic_copy_added"] is False
+    assert again["levels"]["1"]["nll"][1] == pytest.approx(first["nll"][1], abs=1e-3)
+
+
 def test_calibration_names_what_is_wrong(model_dir, tmp_path):
     data = copy_corpus(tmp_path / "calib")
     plain = make_model(small_config(prompt_lookup=0), seed=1)
@@ -113,6 +170,9 @@ def test_calibration_names_what_is_wrong(model_dir, tmp_path):
     for bad in (0, -1.0, float("nan"), True):
         with pytest.raises(ValueError, match="prompt_seconds must be a positive number"):
             calibrate_copy(model_dir, data, tmp_path / "o4", prompt_seconds=bad)
+    with pytest.raises(TypeError, match="add_semantic_copy must be a bool"):
+        calibrate_copy(model_dir, data, tmp_path / "o4", prompt_seconds=0.4,
+                       add_semantic_copy="yes")
     with pytest.raises(ValueError, match="not fewer than the model's max_frames = 128"):
         calibrate_copy(model_dir, data, tmp_path / "o5", prompt_seconds=3.0)
     assert not any((tmp_path / f"o{i}").exists() for i in range(1, 6))
@@ -122,9 +182,11 @@ def test_the_command_reports_each_level_and_fails_in_one_line(model_dir, tmp_pat
     data = copy_corpus(tmp_path / "calib")
     out = tmp_path / "out"
     assert cli_main(["calibrate-copy", str(model_dir), "--data", str(data), "--out", str(out),
-                     "--prompt-seconds", "0.4", "--no-progress"]) == 0
+                     "--prompt-seconds", "0.4", "--no-progress", "--add-semantic-copy"]) == 0
     printed = capsys.readouterr().out
+    assert "level 1: gate" in printed and "match weight" in printed
     assert "level 2: gate" in printed and "level 3: gate" in printed
+    assert SoundStorm.from_pretrained(out).config.semantic_copy
     assert f"calibrated on 9 utterances: {out}" in printed
     assert (out / "model.safetensors").is_file()
     with pytest.raises(SystemExit) as e:

@@ -8,9 +8,8 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from conftest import make_model, random_codes, random_semantic
+from conftest import make_model, random_codes, random_semantic, train_on_task
 from soundstorm.engine import ModelConfig
 from soundstorm.engine.capture import CaptureGuard
 from soundstorm.engine.model import PromptLookup, SoundStorm
@@ -314,20 +313,7 @@ def _copy_task(cfg, batch, frames, generator):
 
 
 def _train_copy(cfg, steps=150, seed=0):
-    torch.manual_seed(seed)
-    model = SoundStorm(cfg)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    g = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
-        semantic, inputs, target = _copy_task(cfg, 16, 48, g)
-        logits = model(semantic, inputs, level=2)[:, 24:]
-        loss = F.cross_entropy(logits.reshape(-1, cfg.codebook_size), target.reshape(-1))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    semantic, inputs, target = _copy_task(cfg, 64, 48, torch.Generator().manual_seed(99))
-    with torch.no_grad():
-        pred = model(semantic, inputs, level=2)[:, 24:].argmax(-1)
+    _, _, inputs, target, pred = train_on_task(cfg, _copy_task, 2, steps, seed)
     # Only codes the prompt shows can be copied: score on those.
     shown = (inputs[:, None, :24, 0] == inputs[:, 24:, None, 0]).any(-1)
     return (pred == target)[shown].float().mean().item()

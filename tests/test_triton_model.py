@@ -24,7 +24,9 @@ CPU_AUTO = "cpp" if _cpp_built() else "torch"
 
 @pytest.fixture(scope="module", params=[0, 8], ids=["paper", "prompt-lookup"])
 def engines(request):
-    model = make_model(ModelConfig.preset("tiny", prompt_lookup=request.param), seed=3,
+    # The lookup with level 1's copy: every level's pass goes through a copy.
+    model = make_model(ModelConfig.preset("tiny", prompt_lookup=request.param,
+                                          semantic_copy=request.param > 0), seed=3,
                        sharpen=20.0)
     return (Engine(copy.deepcopy(model), device=DEVICE, backend="torch"),
             Engine(copy.deepcopy(model), device=DEVICE, backend="triton"))

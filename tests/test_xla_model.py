@@ -54,15 +54,17 @@ def test_logits_match_torch_with_padding(model, level):
     np.testing.assert_allclose(out[valid], ref[valid], rtol=1e-5, atol=2e-5)
 
 
+@pytest.mark.parametrize("semantic_copy", [False, True], ids=["lookup", "semantic-copy"])
 @pytest.mark.parametrize("level", [1, 2, 3, None])
-def test_logits_with_the_prompt_lookup_match_torch(level):
+def test_logits_with_the_prompt_lookup_match_torch(level, semantic_copy):
     cfg = ModelConfig.preset("tiny", dim=30, heads=3, ff_dim=52, conv_kernel=3, depth=2,
-                             prompt_lookup=6)
+                             prompt_lookup=6, semantic_copy=semantic_copy)
     m = make_model(cfg, seed=2)
     with torch.no_grad():
         for p in m.parameters():
             p.add_(0.1 * torch.randn_like(p))
     semantic, tokens = _inputs(cfg, 3, 23, 12, seed=4)
+    semantic[:, 6:] = semantic[:, :6].clone()         # ids the prompt also reads
     tokens[0, 9:, 1:] = cfg.mask_id           # prompt, then the finer levels masked
     tokens[2, :, 3] = cfg.mask_id             # no reference frame: the lookup reads nothing
     lengths = torch.tensor([23, 14, 23])
@@ -72,7 +74,8 @@ def test_logits_with_the_prompt_lookup_match_torch(level):
     out = np.asarray(xla_model.forward(params, cfg, _j(semantic), _j(tokens), _j(lengths), level))
     valid = np.arange(23)[None, :] < lengths.numpy()[:, None]
     np.testing.assert_allclose(out[valid], ref[valid], rtol=1e-5, atol=2e-5)
-    with pytest.raises(ValueError, match="missing 7 tensor.*'lookup.key_embed.weight'"):
+    with pytest.raises(ValueError, match=f"missing {12 if semantic_copy else 7} tensor.*"
+                                         "'lookup.key_embed.weight'"):
         params_from_state({k: v for k, v in m.state_dict().items()
                            if not k.startswith("lookup.")}, cfg)
 

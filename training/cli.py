@@ -717,10 +717,12 @@ def calibrate_copy_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="soundstorm calibrate-copy",
         description="Fit the copy gates of a model with a prompt lookup to voices it was not "
-                    "trained on: one offset per finer level, chosen for the likelihood of "
-                    "those voices' tokens with a prompt from another utterance of the same "
-                    "speaker, in the state in which each finer level is decoded. The model "
-                    "is saved with those offsets and nothing else changed, with a report "
+                    "trained on: one offset per level with a copy (the finer levels; level 1 "
+                    "too with --add-semantic-copy or a model that has level 1's copy), "
+                    "chosen for the likelihood of those voices' tokens with a prompt from "
+                    "another utterance of the same speaker, in the state(s) in which each "
+                    "level is decoded. The model is saved with those offsets (and level "
+                    "1's copy where it was added) and nothing else changed, with a report "
                     "(copy-calibration.json).",
         epilog="example: soundstorm calibrate-copy run/model --data tokens/calibration "
                "--out calibrated/")
@@ -731,6 +733,9 @@ def calibrate_copy_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="DIR", help="write the calibrated model here")
     p.add_argument("--prompt-seconds", type=float, default=3.0,
                    help="prompt length, from another utterance of the speaker (3.0)")
+    p.add_argument("--add-semantic-copy", action="store_true",
+                   help="give a model without level 1's copy (ModelConfig.semantic_copy) "
+                        "one, and fit its gate's offset with the others")
     add_progress_flags(p)
     return p
 
@@ -744,12 +749,16 @@ def cmd_calibrate_copy(argv: Sequence[str]) -> int:
     arguments = {"MODEL": args.model, "--data": args.data, "--out": args.out}
     report = _run(prog, arguments, lambda: calibrate_copy(
         args.model, args.data, args.out, prompt_seconds=args.prompt_seconds,
-        progress=_progress(args)))
+        add_semantic_copy=args.add_semantic_copy, progress=_progress(args)))
     for q, level in report["levels"].items():
+        match = ""
+        if "match_weight" in level:
+            match = (f", match weight {level['match_weight'][0]:.2f} -> "
+                     f"{level['match_weight'][1]:.2f}")
         print(f"level {q}: gate {level['mean_gate'][0]:.3f} -> {level['mean_gate'][1]:.3f}, "
               f"nll {level['nll'][0]:.3f} -> {level['nll'][1]:.3f}, greedy accuracy "
               f"{level['accuracy'][0]:.3f} -> {level['accuracy'][1]:.3f} "
-              f"({level['frames']} frames)")
+              f"({level['frames']} frames){match}")
     print(f"calibrated on {report['utterances']} utterances: {args.out}")
     return 0
 

@@ -11,7 +11,19 @@ voices that were not trained on, in the state in which the paper's schedule deco
 each finer level: the prompt (another utterance of the same speaker), the coarser levels
 known, that level and the finer ones masked (coarser levels are the true ones here).
 
+With `ModelConfig.semantic_copy` level 1 has a copy gate too (its vote: the prompt frames
+that read the same semantic ids); its offset b_1 and the weight c_1 of the best match (how
+much more to trust the prompt where it said the same in the same context) are fitted the
+same way, on the states
+that level 1's iterations pass through: a share of the target's level-1 codes known (the
+cosine schedule's shares after 0, 4, 8 and 12 of 16 iterations), the rest and every finer
+level masked. `add_semantic_copy` gives a model without level 1's copy one first (the
+gate's weight on the hidden state 0, the initial context weights and sharpness), so that
+the gate is the fitted offset and match weight alone.
+
     soundstorm calibrate-copy run/model --data tokens/calibration --out calibrated/
+    soundstorm calibrate-copy run/model --data tokens/calibration --out calibrated/ \
+        --add-semantic-copy
 """
 
 from __future__ import annotations
@@ -25,6 +37,9 @@ import torch
 from tqdm import tqdm
 
 REPORT_FILE = "copy-calibration.json"
+# Level 1's calibration states: the share of the target's level-1 codes still masked after
+# 0, 4, 8 and 12 of the paper's 16 iterations (cos(pi/2 * i/16)).
+LEVEL1_MASKED = tuple(math.cos(math.pi / 2 * i / 16) for i in (0, 4, 8, 12))
 
 
 def calibration_pairs(corpus, prompt_frames: int, max_frames: int) -> List[Tuple[torch.Tensor,
@@ -59,15 +74,39 @@ def calibration_pairs(corpus, prompt_frames: int, max_frames: int) -> List[Tuple
 
 @torch.no_grad()
 def collect(model, pairs, progress: bool = False) -> Dict[int, Dict[str, torch.Tensor]]:
-    """For each level q = 2..Q, over the target frames that read the lookup, in the state
-    in which q is decoded: `z` [N] (the gate's h . a_q, without its offset), `logits`
-    [N, C] (the head alone), `vote` [N, C] and `target` [N] (the true codes)."""
+    """For each level q = 2..Q (and 1 with `semantic_copy`), over the target frames that
+    read the lookup, in the state(s) in which q is decoded: `z` [N] (the gate's h . a_q,
+    without its offset), `logits` [N, C] (the head alone), `vote` [N, C] and `target` [N]
+    (the true codes); at level 1 also `match` [N] (each frame's best match m, which the
+    gate weighs by c_1 apart from `z`). Level 1's known codes are drawn from a fixed seed."""
     C, Q = model.config.codebook_size, model.config.num_quantizers
     lookup = model.lookup
+    first = 1 if lookup.semantic_copy else 2
     parts: Dict[int, Dict[str, List[torch.Tensor]]] = {
-        q: {"z": [], "logits": [], "vote": [], "target": []} for q in range(2, Q + 1)}
+        q: {"z": [], "logits": [], "vote": [], "target": []} for q in range(first, Q + 1)}
+    if lookup.semantic_copy:
+        parts[1]["match"] = []
+    generator = torch.Generator().manual_seed(0)
     for semantic, tokens, P in tqdm(pairs, desc="calibration utterances", unit="utt",
                                     disable=not progress):
+        if lookup.semantic_copy:
+            T = tokens.shape[0] - P
+            for share in LEVEL1_MASKED:
+                x = tokens[None].clone()
+                x[0, P:, 1:] = C
+                masked = torch.rand(T, generator=generator).argsort()[:max(1, int(share * T))]
+                x[0, P + masked, 0] = C
+                h, _ = model.hidden(semantic[None], x)
+                weights, best = model.semantic_weights(semantic[None], x, None, 1)
+                reads = torch.zeros(T, dtype=torch.bool)
+                reads[masked] = True
+                reads &= weights[0, P:].sum(dim=1) > 0
+                part = parts[1]
+                part["z"].append((h[0, P:].float() @ lookup.level1_copy_weight.float())[reads])
+                part["logits"].append(model.logits(h, 1)[0, P:].float()[reads])
+                part["vote"].append(lookup.vote(x, weights, 1)[0, P:].float()[reads])
+                part["target"].append(tokens[P:, 0][reads])
+                part["match"].append(best[0, P:].float()[reads])
         for q in range(2, Q + 1):
             x = tokens[None].clone()
             x[0, P:, q - 1:] = C
@@ -83,11 +122,19 @@ def collect(model, pairs, progress: bool = False) -> Dict[int, Dict[str, torch.T
 
 def mixture_nll(data: Dict[str, torch.Tensor], bias: float) -> float:
     """Mean negative log-likelihood of the true codes under the copy with offset `bias`."""
-    g = torch.sigmoid(data["z"] + bias)[:, None]
-    p = torch.softmax(data["logits"].double(), dim=1)
-    mixed = p + g.double() * (data["vote"].double() - p)
-    picked = mixed.gather(1, data["target"][:, None])[:, 0]
-    return float(-torch.log(picked.clamp_min(1e-300)).mean())
+    g = torch.sigmoid(data["z"].double() + bias)
+    p, v = _true_code_probabilities(data)
+    return float(-torch.log((p + g * (v - p)).clamp_min(1e-300)).mean())
+
+
+def _true_code_probabilities(data: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The head's and the vote's probability of each true code, float64 [N] each: all that
+    the likelihood needs, computed once per `data` (kept in it under "_picked")."""
+    if "_picked" not in data:
+        target = data["target"][:, None]
+        p = torch.softmax(data["logits"].double(), dim=1).gather(1, target)[:, 0]
+        data["_picked"] = torch.stack([p, data["vote"].double().gather(1, target)[:, 0]])
+    return data["_picked"][0], data["_picked"][1]
 
 
 def mixture_accuracy(data: Dict[str, torch.Tensor], bias: float) -> float:
@@ -120,25 +167,69 @@ def fit_bias(data: Dict[str, torch.Tensor], low: float = -12.0, high: float = 12
     return found if mixture_nll(data, found) <= losses[best] else grid[best]
 
 
+def with_semantic_copy(model):
+    """`model` (with a prompt lookup) with level 1's copy added where it has none: the
+    same weights, the new parameters at their initial values (`PromptLookup`)."""
+    import dataclasses
+
+    from soundstorm.engine.model import SEMANTIC_COPY_KEYS, SoundStorm
+
+    if model.config.semantic_copy:
+        return model
+    grown = SoundStorm(dataclasses.replace(model.config, semantic_copy=True)).eval()
+    missing, unexpected = grown.load_state_dict(model.state_dict(), strict=False)
+    assert set(missing) == set(SEMANTIC_COPY_KEYS) and not unexpected, (missing, unexpected)
+    return grown
+
+
+def _gate_bias(lookup, q: int) -> torch.Tensor:
+    """The offset b_q of level q's copy gate, a 0-d view that can be written."""
+    return lookup.level1_copy_bias if q == 1 else lookup.copy_bias[q - 2]
+
+
+def fit_match_and_bias(data: Dict[str, torch.Tensor], high: float = 8.0,
+                       points: int = 33) -> Tuple[float, float]:
+    """Level 1's (c_1, b_1) of least `mixture_nll` with the gate's logit z + c_1 m + b_1
+    (`data` from `collect`, with `match` m): c_1 the best of `points` values in [0, high]
+    (a prompt that matches better is never trusted less), each with its `fit_bias`."""
+    best = None
+    for i in range(points):
+        c = high * i / (points - 1)
+        _true_code_probabilities(data)
+        shifted = {**data, "z": data["z"] + c * data["match"]}
+        b = fit_bias(shifted)
+        loss = mixture_nll(shifted, b)
+        if best is None or loss < best[0]:
+            best = (loss, c, b)
+    return best[1], best[2]
+
+
 def calibrate_copy(model_dir: Union[str, Path], data: Union[str, Path],
                    out: Union[str, Path], prompt_seconds: float = 3.0,
-                   progress: bool = False) -> Dict[str, Any]:
+                   add_semantic_copy: bool = False, progress: bool = False) -> Dict[str, Any]:
     """Fit the copy gates' offsets of the model in `model_dir` on the token corpus `data`
     (voices the model was not trained on; every speaker needs two utterances) and save
     the model, with those offsets and nothing else changed, in `out`, with a report
     (`copy-calibration.json`: per level the offset, mean gate, negative log-likelihood
-    and greedy accuracy before and after). Returns the report."""
+    and greedy accuracy before and after). With `add_semantic_copy`, a model without level
+    1's copy is given one first (`with_semantic_copy`) and its offset fitted too. Returns
+    the report."""
     from soundstorm.engine.model import SoundStorm
     from soundstorm.training.corpus import open_corpus
 
     if isinstance(prompt_seconds, bool) or not isinstance(prompt_seconds, (int, float)) \
             or not prompt_seconds > 0 or not math.isfinite(prompt_seconds):
         raise ValueError(f"prompt_seconds must be a positive number, got {prompt_seconds!r}")
+    if not isinstance(add_semantic_copy, bool):
+        raise TypeError(f"add_semantic_copy must be a bool, got {add_semantic_copy!r}")
     model = SoundStorm.from_pretrained(model_dir, dtype=torch.float32).eval()
-    cfg = model.config
     if model.lookup is None:
         raise ValueError(f"the model in {model_dir} has no prompt lookup (prompt_lookup = 0): "
                          "there is no copy gate to calibrate")
+    added = add_semantic_copy and not model.config.semantic_copy
+    if added:
+        model = with_semantic_copy(model)
+    cfg = model.config
     corpus = open_corpus(data)
     wrong = [f"{k}: corpus {getattr(corpus.meta, k)!r}, model {getattr(cfg, k)!r}"
              for k in ("num_quantizers", "codebook_size", "semantic_vocab_size",
@@ -161,25 +252,40 @@ def calibrate_copy(model_dir: Union[str, Path], data: Union[str, Path],
         for q, part in collected.items():
             if part["target"].numel() == 0:
                 raise ValueError(f"no frame of the corpus {data} reads the lookup at level {q}")
-            old = float(model.lookup.copy_bias[q - 2])
-            new = fit_bias(part)
-            if mixture_nll(part, old) <= mixture_nll(part, new):
-                new = old
+            old = float(_gate_bias(model.lookup, q))
+            if q == 1:       # the match weight c_1 moves z: fold it in, then fit both
+                old_c = float(model.lookup.level1_copy_match)
+                new_c, new = fit_match_and_bias(part)
+                before = {**part, "z": part["z"] + old_c * part["match"]}
+                after = {**part, "z": part["z"] + new_c * part["match"]}
+                if mixture_nll(before, old) <= mixture_nll(after, new):
+                    new_c, new, after = old_c, old, before
+                model.lookup.level1_copy_match.fill_(new_c)
+                part = {"before": before, "after": after}
+            else:
+                new = fit_bias(part)
+                if mixture_nll(part, old) <= mixture_nll(part, new):
+                    new = old
+                part = {"before": part, "after": part}
+            states = ((part["before"], old), (part["after"], new))
+            data = part["after"]
             levels[str(q)] = {
-                "frames": int(part["target"].numel()),
+                "frames": int(data["target"].numel()),
                 "bias": [round(old, 4), round(new, 4)],
-                "mean_gate": [round(float(torch.sigmoid(part["z"] + b).mean()), 4)
-                              for b in (old, new)],
-                "nll": [round(mixture_nll(part, b), 4) for b in (old, new)],
-                "accuracy": [round(mixture_accuracy(part, b), 4) for b in (old, new)],
+                "mean_gate": [round(float(torch.sigmoid(d["z"] + b).mean()), 4)
+                              for d, b in states],
+                "nll": [round(mixture_nll(d, b), 4) for d, b in states],
+                "accuracy": [round(mixture_accuracy(d, b), 4) for d, b in states],
                 "head_alone": {"nll": round(float(torch.nn.functional.cross_entropy(
-                    part["logits"], part["target"])), 4), "accuracy": round(float(
-                        (part["logits"].argmax(1) == part["target"]).float().mean()), 4)}}
-            model.lookup.copy_bias[q - 2] = new
+                    data["logits"], data["target"])), 4), "accuracy": round(float(
+                        (data["logits"].argmax(1) == data["target"]).float().mean()), 4)}}
+            if q == 1:
+                levels["1"]["match_weight"] = [round(old_c, 4), round(new_c, 4)]
+            _gate_bias(model.lookup, q).fill_(new)
     out = Path(out)
     model.save_pretrained(out)
     report = {"model": str(model_dir), "data": str(data), "utterances": len(pairs),
-              "prompt_seconds": prompt_seconds,
+              "prompt_seconds": prompt_seconds, "semantic_copy_added": added,
               "note": "per level: [before, after] calibration",
               "levels": levels}
     (out / REPORT_FILE).write_text(json.dumps(report, indent=1) + "\n")

@@ -5,7 +5,7 @@ convolution module that zeroes padding, the head of one level)."""
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -121,29 +121,73 @@ def prompt_lookup(params, config: ModelConfig, tokens: jax.Array,
     return jnp.einsum("bij,bjd->bid", weights, values)
 
 
+def semantic_weights(params, config: ModelConfig, semantic: jax.Array, tokens: jax.Array,
+                     frame_mask: jax.Array) -> Tuple[jax.Array, jax.Array]:
+    """`soundstorm.engine.model.PromptLookup.semantic_weights`: how much every real frame's
+    level-1 vote takes from each reference frame (real, all codes known, not itself), by
+    the match of the semantic ids the frames and their neighbours read, float32 [B, T, T]
+    (rows sum to 1, or are 0 where a frame has no reference); and each frame's best match
+    [B, T] (0 without a reference)."""
+    B, T, Q = tokens.shape
+    C = config.codebook_size
+    num, den = config.semantic_index_fraction()
+    index = jnp.minimum(jnp.arange(T) * num // den, semantic.shape[1] - 1)
+    ids = semantic[:, index]                                                    # [B, T]
+    same = ((ids[:, :, None] == ids[:, None, :]) & frame_mask[:, :, None]
+            & frame_mask[:, None, :]).astype(jnp.float32)
+    u = params["lookup.semantic_context"].astype(jnp.float32)
+    match = (u[1] * same + u[0] * jnp.pad(same[:, :-1, :-1], ((0, 0), (1, 0), (1, 0)))
+             + u[2] * jnp.pad(same[:, 1:, 1:], ((0, 0), (0, 1), (0, 1))))
+    scores = match * jnp.exp(params["lookup.semantic_log_scale"].astype(jnp.float32))
+    reference = frame_mask & jnp.all(jnp.clip(tokens, 0, C) != C, axis=2)
+    allowed = frame_mask[:, :, None] & reference[:, None, :] & ~jnp.eye(T, dtype=bool)
+    weights = jax.nn.softmax(jnp.where(allowed, scores, -1e9), axis=2)
+    best = jnp.max(jnp.where(allowed, match, 0.0), axis=2)
+    return jnp.where(allowed, weights, 0.0), best
+
+
 def lookup_copy(params, config: ModelConfig, logits: jax.Array, h: jax.Array,
-                tokens: jax.Array, weights: jax.Array, level) -> jax.Array:
+                tokens: jax.Array, weights: jax.Array, level,
+                level1: Optional[Tuple[jax.Array, jax.Array]] = None) -> jax.Array:
     """`soundstorm.engine.model.PromptLookup.copy`: the head's `logits` of `level` (a Python
     int, a traced int32 scalar, or None for every head) mixed with the lookup's vote at the
-    finer levels, float32 of the logits' shape."""
+    finer levels, and at level 1 with the vote of `level1` (`semantic_weights`' weights and
+    best matches; None leaves level 1 alone), float32 of the logits' shape."""
     B, T, Q = tokens.shape
     C = config.codebook_size
     codes = jnp.arange(C)
     reads = jnp.sum(weights, axis=2) > 0                                        # [B, T]
     a = params["lookup.copy_weight"].astype(jnp.float32)
     b = params["lookup.copy_bias"].astype(jnp.float32)
+    if level1 is not None:
+        level1_weights, best = level1
+        gate1 = (h @ params["lookup.level1_copy_weight"].astype(jnp.float32)
+                 + params["lookup.level1_copy_match"].astype(jnp.float32) * best
+                 + params["lookup.level1_copy_bias"].astype(jnp.float32))
+        reads1 = jnp.sum(level1_weights, axis=2) > 0
     if level is None:
         onehot = (tokens[..., 1:, None] == codes).astype(jnp.float32).reshape(B, T, -1)
         vote = jnp.einsum("bij,bjc->bic", weights, onehot).reshape(B, T, Q - 1, C)
         gate = jnp.einsum("btd,qd->btq", h, a) + b
         finer = _mix(logits[:, :, 1:], vote, gate, reads[..., None])
-        return jnp.concatenate([logits[:, :, :1], finer], axis=2)
+        first = logits[:, :, :1]
+        if level1 is not None:
+            vote1 = jnp.einsum("bij,bjc->bic", level1_weights,
+                               (tokens[..., 0, None] == codes).astype(jnp.float32))
+            first = _mix(logits[:, :, 0], vote1, gate1, reads1)[:, :, None]
+        return jnp.concatenate([first, finer], axis=2)
     column = jax.lax.dynamic_index_in_dim(tokens, level - 1, axis=2, keepdims=False)
     row = jnp.maximum(level - 2, 0)
     gate = (jnp.einsum("btd,d->bt", h, jax.lax.dynamic_index_in_dim(a, row, 0, False))
             + jax.lax.dynamic_index_in_dim(b, row, 0, False))
+    reads = reads & (level >= 2)
+    if level1 is not None:
+        first = level == 1
+        weights = jnp.where(first, level1_weights, weights)
+        gate = jnp.where(first, gate1, gate)
+        reads = jnp.where(first, reads1, reads)
     vote = jnp.einsum("bij,bjc->bic", weights, (column[..., None] == codes).astype(jnp.float32))
-    return _mix(logits, vote, gate, reads & (level >= 2))
+    return _mix(logits, vote, gate, reads)
 
 
 def _mix(logits, vote, gate, reads):
@@ -194,12 +238,17 @@ def head(params, h: jax.Array, level) -> jax.Array:
 def forward(params, config: ModelConfig, semantic, tokens, lengths, level,
             embedding: Optional[Op] = None, attention: Optional[Op] = None) -> jax.Array:
     """Logits float32 [B, T, C] of `level` (see `hidden` and `head`; with the prompt lookup,
-    its copy mixed in: `lookup_copy`); level None gives every head, [B, T, Q, C]."""
+    its copy mixed in: `lookup_copy`, at level 1 too with `semantic_copy`); level None gives
+    every head, [B, T, Q, C]."""
     h, weights = hidden(params, config, semantic, tokens, lengths, embedding, attention)
     if level is None:
         logits = jnp.einsum("btd,qcd->btqc", h, params["head_weight"]) + params["head_bias"]
     else:
         logits = head(params, h, level)
     if weights is not None:
-        logits = lookup_copy(params, config, logits, h, tokens, weights, level)
+        level1 = None
+        if config.semantic_copy and not (isinstance(level, int) and level != 1):
+            frame_mask = jnp.arange(tokens.shape[1])[None, :] < lengths[:, None]
+            level1 = semantic_weights(params, config, semantic, tokens, frame_mask)
+        logits = lookup_copy(params, config, logits, h, tokens, weights, level, level1)
     return logits
