@@ -72,7 +72,8 @@ def export_assets(work: Any, dest: Any = ASSETS) -> Dict[str, Any]:
         from soundstorm.training.copy_calibration import REPORT_FILE
         report = json.loads((calibrated / REPORT_FILE).read_text())
         settings["copy_calibration"] = {k: report[k] for k in
-                                        ("utterances", "prompt_seconds", "levels")}
+                                        ("utterances", "prompt_seconds", "semantic_copy_added",
+                                         "levels") if k in report}
     if (work / "text-run/model").is_dir():
         settings["text_model"] = export_text_model(work, dest)
     times = work / "stage-times.tsv"

@@ -57,7 +57,8 @@ stage train-lookup "" \
         --data "$WORK/tokens/train" --val-data "$WORK/tokens/heldout" --out "$WORK/run-lookup"
 # The lookup's copy gates fitted to voices it never heard, from a second small corpus with
 # other voices and sentences (seed 3: none of its voices uses a variant of the demo's
-# held-out voices). Export takes the calibrated model.
+# held-out voices), after giving level 1 a copy of its own: the prompt's level-1 codes
+# where it read the same semantic ids. Export takes the calibrated model.
 stage calibration-corpus "$WORK/calibration-speech/speech-corpus.json" \
     "$BIN" speech-corpus "$WORK/calibration-speech" --voices 24 --heldout-voices 16 \
         --minutes 4 --heldout-utterances 6 --seed 3
@@ -66,7 +67,7 @@ stage tokenize-calibration "$WORK/tokens/calibration/corpus.json" \
         --codec-path "$WORK/codec" --semantic "$WORK/semantic" --out "$WORK/tokens/calibration"
 stage calibrate-copy "$WORK/calibrated/copy-calibration.json" \
     "$BIN" calibrate-copy "$WORK/run-lookup/model" --data "$WORK/tokens/calibration" \
-        --out "$WORK/calibrated"
+        --out "$WORK/calibrated" --add-semantic-copy
 # shellcheck disable=SC2046  # the settings file holds one flag per word
 stage train-text "" \
     "$BIN" train-text --data "$WORK/tokens/train" --val-data "$WORK/tokens/heldout" \

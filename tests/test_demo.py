@@ -281,15 +281,21 @@ def test_pipeline_from_espeak_to_demo(tmp_path):
     uncalibrated = export_assets(w, tmp_path / "uncalibrated")
     assert "copy_calibration" not in uncalibrated
     assert SoundStorm.from_pretrained(tmp_path / "uncalibrated/model").config.prompt_lookup == 8
-    # The lookup's copy gates calibrated (on the held-out voices here, for the plumbing):
-    # export takes the calibrated model and records the calibration.
+    # The lookup's copy gates calibrated (on the held-out voices here, for the plumbing),
+    # level 1 given its copy as reproduce.sh does: export takes the calibrated model and
+    # records the calibration.
     assert cli("calibrate-copy", w / "run-lookup/model", "--data", w / "tokens/heldout",
-               "--out", w / "calibrated", "--prompt-seconds", 0.5, "--no-progress") == 0
+               "--out", w / "calibrated", "--prompt-seconds", 0.5, "--add-semantic-copy",
+               "--no-progress") == 0
     settings = export_assets(w, tmp_path / "assets")
-    assert set(settings["copy_calibration"]["levels"]) == {"2"}
-    calibrated = SoundStorm.from_pretrained(w / "calibrated").lookup.copy_bias
-    exported = SoundStorm.from_pretrained(tmp_path / "assets/model").lookup.copy_bias
-    torch.testing.assert_close(exported.float(), calibrated.half().float())
+    assert set(settings["copy_calibration"]["levels"]) == {"1", "2"}
+    assert settings["copy_calibration"]["semantic_copy_added"] is True
+    calibrated = SoundStorm.from_pretrained(w / "calibrated").lookup
+    exported = SoundStorm.from_pretrained(tmp_path / "assets/model")
+    assert exported.config.semantic_copy
+    for name in ("copy_bias", "level1_copy_bias", "level1_copy_match"):
+        torch.testing.assert_close(exported.lookup.get_parameter(name).float(),
+                                   calibrated.get_parameter(name).half().float())
     assert settings["training"]["steps"] == 2 and settings["text_model"]["steps"] == 2
     assert settings["lookup_training"]["steps"] == 3
     assert settings["lookup_training"]["final_validation"]["val_loss"] > 0
