@@ -14,10 +14,9 @@ known, that level and the finer ones masked (coarser levels are the true ones he
 With `ModelConfig.semantic_copy` level 1 has a copy gate too (its vote: the prompt frames
 that read the same semantic ids); its offset b_1 and the weight c_1 of the best match (how
 much more to trust the prompt where it said the same in the same context) are fitted the
-same way, on the states
-that level 1's iterations pass through: a share of the target's level-1 codes known (the
-cosine schedule's shares after 0, 4, 8 and 12 of 16 iterations), the rest and every finer
-level masked. `add_semantic_copy` gives a model without level 1's copy one first (the
+same way, on the states that level 1's iterations pass through: a share of the target's
+level-1 codes known (the cosine schedule's shares after 0, 4, 8 and 12 of 16 iterations),
+the rest and every finer level masked. `add_semantic_copy` gives a model without level 1's copy one first (the
 gate's weight on the hidden state 0, the initial context weights and sharpness), so that
 the gate is the fitted offset and match weight alone.
 
@@ -193,9 +192,9 @@ def fit_match_and_bias(data: Dict[str, torch.Tensor], high: float = 8.0,
     (`data` from `collect`, with `match` m): c_1 the best of `points` values in [0, high]
     (a prompt that matches better is never trusted less), each with its `fit_bias`."""
     best = None
+    _true_code_probabilities(data)          # once: every shifted copy below shares it
     for i in range(points):
         c = high * i / (points - 1)
-        _true_code_probabilities(data)
         shifted = {**data, "z": data["z"] + c * data["match"]}
         b = fit_bias(shifted)
         loss = mixture_nll(shifted, b)
