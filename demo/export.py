@@ -73,7 +73,7 @@ def export_assets(work: Any, dest: Any = ASSETS) -> Dict[str, Any]:
         report = json.loads((calibrated / REPORT_FILE).read_text())
         settings["copy_calibration"] = {k: report[k] for k in
                                         ("utterances", "prompt_seconds", "semantic_copy_added",
-                                         "levels") if k in report}
+                                         "prompt_prior_added", "levels") if k in report}
     if (work / "text-run/model").is_dir():
         settings["text_model"] = export_text_model(work, dest)
     times = work / "stage-times.tsv"

@@ -58,7 +58,8 @@ stage train-lookup "" \
 # The lookup's copy gates fitted to voices it never heard, from a second small corpus with
 # other voices and sentences (seed 3: none of its voices uses a variant of the demo's
 # held-out voices), after giving level 1 a copy of its own: the prompt's level-1 codes
-# where it read the same semantic ids. Export takes the calibrated model.
+# where it read the same semantic ids; then every level's prompt prior (how often the
+# prompt uses each code) fitted on top. Export takes the calibrated model.
 stage calibration-corpus "$WORK/calibration-speech/speech-corpus.json" \
     "$BIN" speech-corpus "$WORK/calibration-speech" --voices 24 --heldout-voices 16 \
         --minutes 4 --heldout-utterances 6 --seed 3
@@ -67,7 +68,7 @@ stage tokenize-calibration "$WORK/tokens/calibration/corpus.json" \
         --codec-path "$WORK/codec" --semantic "$WORK/semantic" --out "$WORK/tokens/calibration"
 stage calibrate-copy "$WORK/calibrated/copy-calibration.json" \
     "$BIN" calibrate-copy "$WORK/run-lookup/model" --data "$WORK/tokens/calibration" \
-        --out "$WORK/calibrated" --add-semantic-copy
+        --out "$WORK/calibrated" --add-semantic-copy --add-prompt-prior
 # shellcheck disable=SC2046  # the settings file holds one flag per word
 stage train-text "" \
     "$BIN" train-text --data "$WORK/tokens/train" --val-data "$WORK/tokens/heldout" \

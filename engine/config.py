@@ -71,7 +71,7 @@ LIMITS: dict[str, int] = {
 MAX_PROMPT_LOOKUP = 2 ** 12
 # Fields a saved config may leave out (added after the format was fixed; their defaults
 # are the model saved before them).
-OPTIONAL_FIELDS = ("prompt_lookup", "semantic_copy")
+OPTIONAL_FIELDS = ("prompt_lookup", "semantic_copy", "prompt_prior")
 # Rates in Hz: at most MAX_RATE, and semantic_rate / frame_rate must reduce to a fraction
 # whose terms are at most MAX_RATE_TERM (frame t reads semantic index t * num // den).
 MAX_RATE = 10 ** 6
@@ -106,6 +106,12 @@ class ModelConfig:
     codes for a sound are a large part of the voice.
     Older configs without the field load with it off.
 
+    `prompt_prior` multiplies every level's output distribution by how often the reference
+    frames (the voice prompt) use each code at that level, smoothed and raised to a learned
+    power that starts at 0 (off; see `soundstorm.engine.model.PromptPrior`): a speaker uses
+    a part of each codebook, and a voice the model never heard otherwise drifts to the
+    codes of the voices it did. It needs no lookup. Older configs load with it off.
+
     Every size field must lie in 1..`LIMITS[field]` (`ModelConfig.LIMITS`: e.g. depth <= 256,
     dim <= 65536, max_frames <= 65536); rates must be positive, at most 10**6 Hz, and
     semantic_rate / frame_rate must reduce to a fraction whose terms are at most 2**20.
@@ -127,6 +133,7 @@ class ModelConfig:
     max_frames: int = 1500
     prompt_lookup: int = 0
     semantic_copy: bool = False
+    prompt_prior: bool = False
 
     def __post_init__(self) -> None:
         for name, limit in LIMITS.items():
@@ -148,6 +155,9 @@ class ModelConfig:
         if self.semantic_copy and not lookup:
             raise ValueError("semantic_copy is part of the prompt lookup: it needs "
                              "prompt_lookup >= 1, got 0")
+        if not isinstance(self.prompt_prior, bool):
+            raise TypeError(f"prompt_prior must be a bool, got "
+                            f"{type(self.prompt_prior).__name__} {self.prompt_prior!r}")
         semantic_rate = _rate("semantic_rate", self.semantic_rate)
         frame_rate = _rate("frame_rate", self.frame_rate)
         for name, rate in (("semantic_rate", semantic_rate), ("frame_rate", frame_rate)):
@@ -218,7 +228,8 @@ class ModelConfig:
             lookup = (cb + 1) * self.prompt_lookup + 3 + 2 + (q - 1) * (cb * d + d + 1)
             if self.semantic_copy:      # context weights, sharpness, level 1's gate
                 lookup += 3 + 1 + d + 2
-        return embed + self.depth * block + heads + lookup
+        prior = 2 * q if self.prompt_prior else 0      # a weight and a smoothing per level
+        return embed + self.depth * block + heads + lookup + prior
 
     # -- construction -------------------------------------------------------------------
     @classmethod

@@ -116,6 +116,8 @@ COPY_GATE_INIT = -4.0
 SEMANTIC_COPY_KEYS = ("lookup.semantic_context", "lookup.semantic_log_scale",
                       "lookup.level1_copy_weight", "lookup.level1_copy_match",
                       "lookup.level1_copy_bias")
+# The parameters of the prompt prior (`ModelConfig.prompt_prior`), as state_dict keys.
+PROMPT_PRIOR_KEYS = ("prior.weight", "prior.log_smoothing")
 
 
 class PromptLookup(nn.Module):
@@ -363,6 +365,66 @@ class PromptLookup(nn.Module):
         return torch.where(reads[..., None] > 0, mixed, logits.to(dtype)).to(logits.dtype)
 
 
+class PromptPrior(nn.Module):
+    """The prompt speaker's code frequencies as a prior on every level's output
+    (`ModelConfig.prompt_prior`).
+
+    At level q, with n_qc the number of reference frames (real frames whose Q codes are all
+    known: the voice prompt; during decoding also any frame decoded completely) that hold
+    code c and N their count, the output's log-probabilities gain
+        beta_q * log((n_qc + alpha_q) / (N + alpha_q * C))
+    (then renormalised by the softmax that reads them): the output distribution times the
+    prompt's smoothed code frequencies to the power beta_q. beta_q (`weight`) starts at 0,
+    the model without the prior; alpha_q = exp(`log_smoothing`) starts at 1. A speaker
+    uses a part of each codebook; a voice the model never heard drifts, code by code, to
+    those of the voices it did, and this pulls every frame back to the prompt's. A row
+    without a reference gets the uniform prior, which changes nothing.
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.codebook_size = config.codebook_size
+        self.weight = nn.Parameter(torch.empty(config.num_quantizers))
+        self.log_smoothing = nn.Parameter(torch.empty(config.num_quantizers))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.zeros_(self.weight)
+        nn.init.zeros_(self.log_smoothing)
+
+    def log_prior(self, tokens: torch.Tensor, frame_mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """log((n_qc + alpha_q) / (N + alpha_q C)), [B, Q, C] in float32 (float64 for a
+        float64 model), before the weight. Free of host syncs."""
+        B, T, Q = tokens.shape
+        C = self.codebook_size
+        dtype = torch.promote_types(self.weight.dtype, torch.float32)
+        codes = tokens.clamp(0, C)
+        real = codes[..., 0] >= 0 if frame_mask is None else frame_mask           # [B, T]
+        reference = (real & (codes != C).all(dim=2)).to(dtype)                  # [B, T]
+        index = codes.clamp(max=C - 1) + torch.arange(Q, device=tokens.device) * C
+        counts = torch.zeros(B, Q * C, dtype=dtype, device=tokens.device).scatter_add_(
+            1, index.flatten(1), reference[:, :, None].expand(B, T, Q).flatten(1))
+        alpha = self.log_smoothing.to(dtype).exp()[:, None]                      # [Q, 1]
+        total = reference.sum(dim=1)[:, None, None]                              # [B, 1, 1]
+        return torch.log((counts.view(B, Q, C) + alpha) / (total + alpha * C))
+
+    def forward(self, logits: torch.Tensor, tokens: torch.Tensor,
+                frame_mask: Optional[torch.Tensor], level: Level) -> torch.Tensor:
+        """`logits` of `level` (as `SoundStorm.forward` computes them before the prior: an
+        int level or one level per row [B, T, C], None [B, T, Q, C]) plus the weighted log
+        prior of their level, in the logits' dtype. Free of host syncs."""
+        lp = self.log_prior(tokens, frame_mask)
+        lp = lp * self.weight.to(lp.dtype)[:, None]                                 # [B, Q, C]
+        if level is None:
+            add = lp[:, None]                                                   # [B, 1, Q, C]
+        elif isinstance(level, torch.Tensor):
+            row = (level.to(device=tokens.device, dtype=torch.long) - 1)[:, None, None]
+            add = lp.gather(1, row.expand(-1, 1, lp.shape[2]))                  # [B, 1, C]
+        else:
+            add = lp[:, level - 1, None]                                        # [B, 1, C]
+        return (logits.to(lp.dtype) + add).to(logits.dtype)
+
+
 def _frame_mask(tokens: torch.Tensor, lengths: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     """bool [B, T]: the real frames of rows `lengths` long (None: no padding)."""
     if lengths is None:
@@ -396,6 +458,7 @@ class SoundStorm(nn.Module):
         # Level q's code c lives at row q * C + c; the last row is the shared MASK.
         self.acoustic_embed = nn.Embedding(Q * C + 1, D)
         self.lookup = PromptLookup(config) if config.prompt_lookup else None
+        self.prior = PromptPrior(config) if config.prompt_prior else None
         self.blocks = nn.ModuleList(ConformerBlock(config) for _ in range(config.depth))
         self.norm = nn.LayerNorm(D)
         self.head_weight = nn.Parameter(torch.empty(Q, C, D))
@@ -433,6 +496,8 @@ class SoundStorm(nn.Module):
         if weights is not None:
             logits = self.lookup.copy(logits, h, tokens, weights, level,
                                       self.semantic_weights(semantic, tokens, lengths, level))
+        if self.prior is not None:
+            logits = self.prior(logits, tokens, _frame_mask(tokens, lengths), level)
         return logits
 
     def semantic_weights(self, semantic: torch.Tensor, tokens: torch.Tensor,
@@ -454,7 +519,8 @@ class SoundStorm(nn.Module):
         """The final hidden states h [B, T, D] (after the last LayerNorm, before the heads)
         and the prompt lookup's weights [B, T, T] (None without a lookup), for the same
         arguments as `forward`, which is `logits(h, level)` then, with a lookup, its copy
-        (with `semantic_copy`, level 1's from `semantic_weights`)."""
+        (with `semantic_copy`, level 1's from `semantic_weights`), then, with
+        `prompt_prior`, the prior (`PromptPrior`)."""
         cfg = self.config
         self._check_shapes(semantic, tokens, lengths)
         frame_mask = _frame_mask(tokens, lengths)

@@ -83,13 +83,17 @@ def old_step(runner):
     return step
 
 
-@pytest.fixture(scope="module", params=[(0, False), (8, False), (8, True)],
-                ids=["paper", "prompt-lookup", "semantic-copy"])
+@pytest.fixture(scope="module", params=[(0, False, False), (8, False, False), (8, True, True)],
+                ids=["paper", "prompt-lookup", "semantic-copy-and-prior"])
 def model(tiny_config, request):
-    lookup, semantic_copy = request.param
-    return make_model(dataclasses.replace(tiny_config, prompt_lookup=lookup,
-                                          semantic_copy=semantic_copy), seed=5,
-                      sharpen=20.0)
+    lookup, semantic_copy, prior = request.param
+    model = make_model(dataclasses.replace(tiny_config, prompt_lookup=lookup,
+                                           semantic_copy=semantic_copy, prompt_prior=prior),
+                       seed=5, sharpen=20.0)
+    if prior:
+        with torch.no_grad():
+            model.prior.weight.fill_(0.5)
+    return model
 
 
 def test_every_mode_of_scheduled_decoding_is_capture_safe_on_cpu(model, tiny_config, monkeypatch):
@@ -204,7 +208,8 @@ from soundstorm.engine.scheduler import batch_buckets
 
 backend, lookup = sys.argv[1], int(sys.argv[2])
 engine = Engine(SoundStorm(ModelConfig.preset("tiny", prompt_lookup=lookup,
-                                              semantic_copy=lookup > 0)), backend="torch")
+                                              semantic_copy=lookup > 0,
+                                              prompt_prior=lookup > 0)), backend="torch")
 if backend == "triton":
     import soundstorm.kernels.triton as triton_backend
     engine.ops = engine.model.ops = triton_backend.TRITON_OPS

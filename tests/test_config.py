@@ -22,7 +22,8 @@ EXPECTED = {
 def test_presets_have_the_documented_shapes(name):
     # every preset is the paper's model: no prompt lookup
     assert ModelConfig.preset(name).to_dict() == {**EXPECTED[name], "prompt_lookup": 0,
-                                                  "semantic_copy": False}
+                                                  "semantic_copy": False,
+                                                  "prompt_prior": False}
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))

@@ -235,8 +235,8 @@ def test_shipped_model_generates_held_out_speech(tmp_path):
     # An untrained network, without the prompt lookup: its copies would pick the prompt's
     # codes untrained (an almost uniform head loses to even an almost shut gate).
     torch.manual_seed(0)
-    SoundStorm(dataclasses.replace(engine.config, prompt_lookup=0, semantic_copy=False)
-               ).save_pretrained(untrained / "model")
+    SoundStorm(dataclasses.replace(engine.config, prompt_lookup=0, semantic_copy=False,
+                                   prompt_prior=False)).save_pretrained(untrained / "model")
     baseline = run_demo(tmp_path / "u", assets=untrained, **kwargs)["schedules"]["default"]
     chance = 1 / engine.config.codebook_size
     assert trained["level1_accuracy"] > 10 * chance
@@ -286,19 +286,22 @@ def test_pipeline_from_espeak_to_demo(tmp_path):
     assert "copy_calibration" not in uncalibrated
     assert SoundStorm.from_pretrained(tmp_path / "uncalibrated/model").config.prompt_lookup == 8
     # The lookup's copy gates calibrated (on the held-out voices here, for the plumbing),
-    # level 1 given its copy as reproduce.sh does: export takes the calibrated model and
-    # records the calibration.
+    # level 1 given its copy and every level the prompt prior as reproduce.sh does: export
+    # takes the calibrated model and records the calibration.
     assert cli("calibrate-copy", w / "run-lookup/model", "--data", w / "tokens/heldout",
                "--out", w / "calibrated", "--prompt-seconds", 0.5, "--add-semantic-copy",
-               "--no-progress") == 0
+               "--add-prompt-prior", "--no-progress") == 0
     settings = export_assets(w, tmp_path / "assets")
     assert set(settings["copy_calibration"]["levels"]) == {"1", "2"}
     assert settings["copy_calibration"]["semantic_copy_added"] is True
-    calibrated = SoundStorm.from_pretrained(w / "calibrated").lookup
+    assert settings["copy_calibration"]["prompt_prior_added"] is True
+    assert all("prior" in level for level in settings["copy_calibration"]["levels"].values())
+    calibrated = SoundStorm.from_pretrained(w / "calibrated")
     exported = SoundStorm.from_pretrained(tmp_path / "assets/model")
-    assert exported.config.semantic_copy
-    for name in ("copy_bias", "level1_copy_bias", "level1_copy_match"):
-        torch.testing.assert_close(exported.lookup.get_parameter(name).float(),
+    assert exported.config.semantic_copy and exported.config.prompt_prior
+    for name in ("lookup.copy_bias", "lookup.level1_copy_bias", "lookup.level1_copy_match",
+                 "prior.weight", "prior.log_smoothing"):
+        torch.testing.assert_close(exported.get_parameter(name).float(),
                                    calibrated.get_parameter(name).half().float())
     assert settings["training"]["steps"] == 2 and settings["text_model"]["steps"] == 2
     assert settings["lookup_training"]["steps"] == 3

@@ -26,8 +26,12 @@ CPU_AUTO = "cpp" if _cpp_built() else "torch"
 def engines(request):
     # The lookup with level 1's copy: every level's pass goes through a copy.
     model = make_model(ModelConfig.preset("tiny", prompt_lookup=request.param,
-                                          semantic_copy=request.param > 0), seed=3,
+                                          semantic_copy=request.param > 0,
+                                          prompt_prior=request.param > 0), seed=3,
                        sharpen=20.0)
+    if model.prior is not None:
+        with torch.no_grad():
+            model.prior.weight.fill_(0.5)
     return (Engine(copy.deepcopy(model), device=DEVICE, backend="torch"),
             Engine(copy.deepcopy(model), device=DEVICE, backend="triton"))
 

@@ -124,15 +124,19 @@ def test_decode_equals_torch_engine(engines, tiny_config, decode):
     assert torch.equal(got, want)
 
 
-@pytest.mark.parametrize("semantic_copy", [False, True], ids=["lookup", "semantic-copy"])
-def test_decode_with_the_prompt_lookup_equals_torch_engine(tiny_config, semantic_copy):
+@pytest.mark.parametrize("semantic_copy,prior", [(False, False), (True, False), (True, True)],
+                         ids=["lookup", "semantic-copy", "prompt-prior"])
+def test_decode_with_the_prompt_lookup_equals_torch_engine(tiny_config, semantic_copy, prior):
     model = make_model(dataclasses.replace(tiny_config, prompt_lookup=8,
-                                           semantic_copy=semantic_copy), seed=1, sharpen=20.0)
+                                           semantic_copy=semantic_copy, prompt_prior=prior),
+                       seed=1, sharpen=20.0)
     with torch.no_grad():        # gates half open: the copies shape every level's tokens
         model.lookup.copy_bias.zero_()
         if semantic_copy:
             model.lookup.level1_copy_bias.zero_()
             model.lookup.level1_copy_match.fill_(1.0)
+        if prior:                # and the prompt's code frequencies weigh in
+            model.prior.weight.fill_(0.7)
     kw = _batch(tiny_config)
     for decode in (DecodeConfig(temperature=0, gumbel_scale=0), DecodeConfig()):
         want = Engine(model, backend="torch").generate(**kw, decode=decode, seed=[1, 2, 3])

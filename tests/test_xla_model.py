@@ -54,11 +54,23 @@ def test_logits_match_torch_with_padding(model, level):
     np.testing.assert_allclose(out[valid], ref[valid], rtol=1e-5, atol=2e-5)
 
 
-@pytest.mark.parametrize("semantic_copy", [False, True], ids=["lookup", "semantic-copy"])
+def _check_against_torch(m, semantic, tokens, lengths, level):
+    """The XLA forward of `m`'s weights equals `m`'s on the real frames."""
+    with torch.no_grad():
+        ref = m(semantic, tokens, lengths, level=level).numpy()
+    params = params_from_state(m.state_dict(), m.config)
+    out = np.asarray(xla_model.forward(params, m.config, _j(semantic), _j(tokens),
+                                       _j(lengths), level))
+    valid = np.arange(tokens.shape[1])[None, :] < lengths.numpy()[:, None]
+    np.testing.assert_allclose(out[valid], ref[valid], rtol=1e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("semantic_copy,prior", [(False, False), (True, False), (True, True)],
+                         ids=["lookup", "semantic-copy", "prompt-prior"])
 @pytest.mark.parametrize("level", [1, 2, 3, None])
-def test_logits_with_the_prompt_lookup_match_torch(level, semantic_copy):
+def test_logits_with_the_prompt_lookup_match_torch(level, semantic_copy, prior):
     cfg = ModelConfig.preset("tiny", dim=30, heads=3, ff_dim=52, conv_kernel=3, depth=2,
-                             prompt_lookup=6, semantic_copy=semantic_copy)
+                             prompt_lookup=6, semantic_copy=semantic_copy, prompt_prior=prior)
     m = make_model(cfg, seed=2)
     with torch.no_grad():
         for p in m.parameters():
@@ -67,17 +79,30 @@ def test_logits_with_the_prompt_lookup_match_torch(level, semantic_copy):
     semantic[:, 6:] = semantic[:, :6].clone()         # ids the prompt also reads
     tokens[0, 9:, 1:] = cfg.mask_id           # prompt, then the finer levels masked
     tokens[2, :, 3] = cfg.mask_id             # no reference frame: the lookup reads nothing
-    lengths = torch.tensor([23, 14, 23])
-    with torch.no_grad():
-        ref = m(semantic, tokens, lengths, level=level).numpy()
-    params = params_from_state(m.state_dict(), cfg)
-    out = np.asarray(xla_model.forward(params, cfg, _j(semantic), _j(tokens), _j(lengths), level))
-    valid = np.arange(23)[None, :] < lengths.numpy()[:, None]
-    np.testing.assert_allclose(out[valid], ref[valid], rtol=1e-5, atol=2e-5)
+    _check_against_torch(m, semantic, tokens, torch.tensor([23, 14, 23]), level)
     with pytest.raises(ValueError, match=f"missing {12 if semantic_copy else 7} tensor.*"
                                          "'lookup.key_embed.weight'"):
         params_from_state({k: v for k, v in m.state_dict().items()
                            if not k.startswith("lookup.")}, cfg)
+
+
+@pytest.mark.parametrize("level", [1, 4, None])
+def test_logits_with_the_prompt_prior_alone_match_torch(level):
+    cfg = ModelConfig.preset("tiny", dim=30, heads=3, ff_dim=52, conv_kernel=3, depth=2,
+                             prompt_prior=True)
+    m = make_model(cfg, seed=3)
+    with torch.no_grad():
+        m.prior.weight.copy_(torch.tensor([0.9, 0.4, 1.3, 0.2]))
+        m.prior.log_smoothing.copy_(torch.tensor([-1.0, 0.5, 0.0, 2.0]))
+    semantic, tokens = _inputs(cfg, 3, 23, 12, seed=5)
+    tokens = tokens % 6                       # few codes: the prompt's counts matter
+    tokens[0, 9:, 1:] = cfg.mask_id           # prompt of 9 frames, the rest to decode
+    tokens[1, 5:, :] = cfg.mask_id
+    tokens[2, :, 3] = cfg.mask_id             # no reference: the uniform prior
+    _check_against_torch(m, semantic, tokens, torch.tensor([23, 14, 23]), level)
+    with pytest.raises(ValueError, match="missing 2 tensor.*'prior.weight'"):
+        params_from_state({k: v for k, v in m.state_dict().items()
+                           if not k.startswith("prior.")}, cfg)
 
 
 def test_embedding_reference_matches_torch(model):

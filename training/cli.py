@@ -723,7 +723,9 @@ def calibrate_copy_parser() -> argparse.ArgumentParser:
                     "another utterance of the same speaker, in the state(s) in which each "
                     "level is decoded. The model is saved with those offsets (and level "
                     "1's copy where it was added) and nothing else changed, with a report "
-                    "(copy-calibration.json).",
+                    "(copy-calibration.json). A model with a prompt prior (or given one "
+                    "with --add-prompt-prior) has each level's prior weight and smoothing "
+                    "fitted after the gates.",
         epilog="example: soundstorm calibrate-copy run/model --data tokens/calibration "
                "--out calibrated/")
     p.add_argument("model", metavar="MODEL", help="model directory (a training run's model/)")
@@ -736,6 +738,9 @@ def calibrate_copy_parser() -> argparse.ArgumentParser:
     p.add_argument("--add-semantic-copy", action="store_true",
                    help="give a model without level 1's copy (ModelConfig.semantic_copy) "
                         "one, and fit its gate's offset with the others")
+    p.add_argument("--add-prompt-prior", action="store_true",
+                   help="give a model without a prompt prior (ModelConfig.prompt_prior) one, "
+                        "and fit each level's prior weight and smoothing after the gates")
     add_progress_flags(p)
     return p
 
@@ -749,16 +754,24 @@ def cmd_calibrate_copy(argv: Sequence[str]) -> int:
     arguments = {"MODEL": args.model, "--data": args.data, "--out": args.out}
     report = _run(prog, arguments, lambda: calibrate_copy(
         args.model, args.data, args.out, prompt_seconds=args.prompt_seconds,
-        add_semantic_copy=args.add_semantic_copy, progress=_progress(args)))
+        add_semantic_copy=args.add_semantic_copy, add_prompt_prior=args.add_prompt_prior,
+        progress=_progress(args)))
     for q, level in report["levels"].items():
-        match = ""
-        if "match_weight" in level:
-            match = (f", match weight {level['match_weight'][0]:.2f} -> "
-                     f"{level['match_weight'][1]:.2f}")
-        print(f"level {q}: gate {level['mean_gate'][0]:.3f} -> {level['mean_gate'][1]:.3f}, "
-              f"nll {level['nll'][0]:.3f} -> {level['nll'][1]:.3f}, greedy accuracy "
-              f"{level['accuracy'][0]:.3f} -> {level['accuracy'][1]:.3f} "
-              f"({level['frames']} frames){match}")
+        if "mean_gate" in level:
+            match = ""
+            if "match_weight" in level:
+                match = (f", match weight {level['match_weight'][0]:.2f} -> "
+                         f"{level['match_weight'][1]:.2f}")
+            print(f"level {q}: gate {level['mean_gate'][0]:.3f} -> "
+                  f"{level['mean_gate'][1]:.3f}, nll {level['nll'][0]:.3f} -> "
+                  f"{level['nll'][1]:.3f}, greedy accuracy {level['accuracy'][0]:.3f} -> "
+                  f"{level['accuracy'][1]:.3f} ({level['frames']} frames){match}")
+        if "prior" in level:
+            prior = level["prior"]
+            print(f"level {q}: prompt prior weight {prior['weight'][0]:.3f} -> "
+                  f"{prior['weight'][1]:.3f}, smoothing {prior['smoothing'][1]:.3g}, nll "
+                  f"{prior['nll'][0]:.3f} -> {prior['nll'][1]:.3f}, greedy accuracy "
+                  f"{prior['accuracy'][0]:.3f} -> {prior['accuracy'][1]:.3f}")
     print(f"calibrated on {report['utterances']} utterances: {args.out}")
     return 0
 

@@ -208,13 +208,15 @@ class TrainConfig:
         grow = {}
         if not base.prompt_lookup and overrides.get("prompt_lookup"):
             grow["prompt_lookup"] = overrides.pop("prompt_lookup")
+        if not base.prompt_prior and overrides.get("prompt_prior"):
+            grow["prompt_prior"] = overrides.pop("prompt_prior")
         conflicts = [f"{k} = {v!r} (the model has {getattr(base, k)!r})"
                      for k, v in overrides.items() if getattr(base, k) != v]
         if conflicts:
             raise ValueError("the model size comes from the directory, but the settings ask "
                              "for " + ", ".join(conflicts) + "; drop those settings to "
-                             "fine-tune this model (only a prompt lookup may be added to a "
-                             "model without one)")
+                             "fine-tune this model (only a prompt lookup or a prompt prior may be "
+                             "added to a model without one)")
         return dataclasses.replace(base, **grow) if grow else base
 
     def window_frames(self) -> tuple[int, int]:

@@ -143,14 +143,17 @@ def data_changes(saved: Dict[str, Any], now: Dict[str, Any]) -> List[str]:
 
 def load_init_weights(model: SoundStorm, directory: str) -> None:
     """Copy the weights of model directory `directory` into `model`, upcast as the engine
-    loads them (a model may store float16 or bfloat16 weights). A prompt lookup that
-    `model` has and the directory's model lacks keeps its initialisation."""
+    loads them (a model may store float16 or bfloat16 weights). A prompt lookup or a
+    prompt prior that `model` has and the directory's model lacks keeps its
+    initialisation."""
     source = SoundStorm.from_pretrained(directory, dtype=torch.float32)
     added = model.lookup is not None and source.lookup is None
+    prior_added = model.prior is not None and source.prior is None
     with torch.no_grad():
         state = source.state_dict()
         for name, tensor in model.state_dict().items():
-            if added and name.startswith("lookup."):
+            if (added and name.startswith("lookup.")) or (prior_added
+                                                          and name.startswith("prior.")):
                 continue
             tensor.copy_(state[name])
 

@@ -197,6 +197,27 @@ def _mix(logits, vote, gate, reads):
     return jnp.where(reads[..., None], mixed, logits)
 
 
+def prompt_prior(params, config: ModelConfig, logits: jax.Array, tokens: jax.Array,
+                 frame_mask: jax.Array, level) -> jax.Array:
+    """`soundstorm.engine.model.PromptPrior`: `logits` of `level` (a Python int, a traced
+    int32 scalar, or None for every head) plus beta_q log((n_qc + alpha_q) / (N + alpha_q C)),
+    n_qc the reference frames holding code c at level q and N their count, float32."""
+    B, T, Q = tokens.shape
+    C = config.codebook_size
+    codes = jnp.clip(tokens, 0, C)
+    reference = (frame_mask & jnp.all(codes != C, axis=2)).astype(jnp.float32)   # [B, T]
+    index = (jnp.minimum(codes, C - 1) + jnp.arange(Q) * C).reshape(B, T * Q)
+    counts = jnp.zeros((B, Q * C), jnp.float32).at[jnp.arange(B)[:, None], index].add(
+        jnp.repeat(reference, Q, axis=1)).reshape(B, Q, C)
+    alpha = jnp.exp(params["prior.log_smoothing"].astype(jnp.float32))[:, None]
+    total = jnp.sum(reference, axis=1)[:, None, None]
+    lp = (jnp.log((counts + alpha) / (total + alpha * C))
+          * params["prior.weight"].astype(jnp.float32)[:, None])                # [B, Q, C]
+    if level is None:
+        return logits + lp[:, None]
+    return logits + jax.lax.dynamic_index_in_dim(lp, level - 1, axis=1, keepdims=True)
+
+
 def hidden(params, config: ModelConfig, semantic: jax.Array, tokens: jax.Array,
            lengths: jax.Array, embedding: Optional[Op] = None,
            attention: Optional[Op] = None) -> jax.Array:
@@ -238,8 +259,9 @@ def head(params, h: jax.Array, level) -> jax.Array:
 def forward(params, config: ModelConfig, semantic, tokens, lengths, level,
             embedding: Optional[Op] = None, attention: Optional[Op] = None) -> jax.Array:
     """Logits float32 [B, T, C] of `level` (see `hidden` and `head`; with the prompt lookup,
-    its copy mixed in: `lookup_copy`, at level 1 too with `semantic_copy`); level None gives
-    every head, [B, T, Q, C]."""
+    its copy mixed in: `lookup_copy`, at level 1 too with `semantic_copy`; with
+    `prompt_prior`, then the prior: `prompt_prior`); level None gives every head,
+    [B, T, Q, C]."""
     h, weights = hidden(params, config, semantic, tokens, lengths, embedding, attention)
     if level is None:
         logits = jnp.einsum("btd,qcd->btqc", h, params["head_weight"]) + params["head_bias"]
@@ -251,4 +273,7 @@ def forward(params, config: ModelConfig, semantic, tokens, lengths, level,
             frame_mask = jnp.arange(tokens.shape[1])[None, :] < lengths[:, None]
             level1 = semantic_weights(params, config, semantic, tokens, frame_mask)
         logits = lookup_copy(params, config, logits, h, tokens, weights, level, level1)
+    if config.prompt_prior:
+        frame_mask = jnp.arange(tokens.shape[1])[None, :] < lengths[:, None]
+        logits = prompt_prior(params, config, logits, tokens, frame_mask, level)
     return logits

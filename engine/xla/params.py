@@ -14,8 +14,9 @@ from typing import Any, Dict, Mapping, Tuple, Union
 import numpy as np
 
 from soundstorm.engine.config import ModelConfig
-# Level 1's copy, present when `config.semantic_copy` is set.
-from soundstorm.engine.model import SEMANTIC_COPY_KEYS
+# Level 1's copy, present when `config.semantic_copy` is set; the prompt prior, when
+# `config.prompt_prior` is.
+from soundstorm.engine.model import PROMPT_PRIOR_KEYS, SEMANTIC_COPY_KEYS
 
 # Per-block state_dict keys (after "blocks.{i}.") -> name in the stacked pytree.
 BLOCK_KEYS = (
@@ -61,7 +62,8 @@ def params_from_state(state: Mapping[str, Any], config: ModelConfig,
         return np.asarray(value, dtype=np.float32)
 
     top = (TOP_KEYS + (LOOKUP_KEYS if config.prompt_lookup else ())
-           + (SEMANTIC_COPY_KEYS if config.semantic_copy else ()))
+           + (SEMANTIC_COPY_KEYS if config.semantic_copy else ())
+           + (PROMPT_PRIOR_KEYS if config.prompt_prior else ()))
     missing = [k for k in top if k not in state]
     missing += [f"blocks.{i}.{k}" for i in range(config.depth) for k in BLOCK_KEYS
                 if f"blocks.{i}.{k}" not in state]
