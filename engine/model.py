@@ -230,7 +230,7 @@ class PromptLookup(nn.Module):
         # Padding frames may hold any value: clamp so that the gathers stay in range; they
         # are neither references nor neighbours.
         codes = tokens.clamp(0, C)
-        real = codes[..., 0] >= 0 if frame_mask is None else frame_mask      # [B, T]
+        real, reference = _real_and_references(codes, frame_mask, C)             # [B, T]
         # Scores in float32 at least (float64 for a float64 model).
         dtype = torch.promote_types(self.key_embed.weight.dtype, torch.float32)
         e = self.key_embed(codes[..., 0]).to(dtype) * real[..., None]
@@ -239,7 +239,6 @@ class PromptLookup(nn.Module):
              + w[2] * F.pad(e[:, 1:], (0, 0, 0, 1)))
         k = k * torch.rsqrt(k.square().sum(dim=2, keepdim=True) + 1e-12)
         scores = torch.bmm(k, k.transpose(1, 2)) * self.log_scale.to(dtype).exp()   # [B, T, T]
-        reference = real & (codes != C).all(dim=2)                                # [B, T]
         reads = real & (codes[..., 0] != C)                                       # [B, T]
         t = torch.arange(T, device=tokens.device)
         allowed = (reads[:, :, None] & reference[:, None, :]
@@ -263,8 +262,7 @@ class PromptLookup(nn.Module):
         t = torch.arange(T, device=tokens.device)
         index = (t * num // den).clamp(max=semantic.shape[1] - 1)
         ids = semantic.gather(1, index[None].expand(B, T))                        # [B, T]
-        real = (torch.ones_like(ids, dtype=torch.bool) if frame_mask is None
-                else frame_mask)                                                  # [B, T]
+        real, reference = _real_and_references(codes, frame_mask, C)             # [B, T]
         dtype = torch.promote_types(self.semantic_context.dtype, torch.float32)
         same = ((ids[:, :, None] == ids[:, None, :]) & real[:, :, None]
                 & real[:, None, :]).to(dtype)                                     # [B, T, T]
@@ -272,7 +270,6 @@ class PromptLookup(nn.Module):
         match = (u[1] * same + u[0] * F.pad(same[:, :-1, :-1], (1, 0, 1, 0))
                  + u[2] * F.pad(same[:, 1:, 1:], (0, 1, 0, 1)))
         scores = match * self.semantic_log_scale.to(dtype).exp()
-        reference = real & (codes != C).all(dim=2)
         allowed = real[:, :, None] & reference[:, None, :] & (t[:, None] != t[None, :])
         weights = torch.softmax(scores.masked_fill(~allowed, -1e9), dim=2)
         best = match.masked_fill(~allowed, 0.0).amax(dim=2)
@@ -399,8 +396,7 @@ class PromptPrior(nn.Module):
         C = self.codebook_size
         dtype = torch.promote_types(self.weight.dtype, torch.float32)
         codes = tokens.clamp(0, C)
-        real = codes[..., 0] >= 0 if frame_mask is None else frame_mask           # [B, T]
-        reference = (real & (codes != C).all(dim=2)).to(dtype)                  # [B, T]
+        reference = _real_and_references(codes, frame_mask, C)[1].to(dtype)      # [B, T]
         index = codes.clamp(max=C - 1) + torch.arange(Q, device=tokens.device) * C
         counts = torch.zeros(B, Q * C, dtype=dtype, device=tokens.device).scatter_add_(
             1, index.flatten(1), reference[:, :, None].expand(B, T, Q).flatten(1))
@@ -423,6 +419,16 @@ class PromptPrior(nn.Module):
         else:
             add = lp[:, level - 1, None]                                        # [B, 1, C]
         return (logits.to(lp.dtype) + add).to(logits.dtype)
+
+
+def _real_and_references(codes: torch.Tensor, frame_mask: Optional[torch.Tensor],
+                         mask_id: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """bool [B, T] each, for codes [B, T, Q] (clamped to 0..mask_id): the real frames
+    (`frame_mask`, or every frame), and the reference frames the prompt lookup, level 1's
+    copy and the prompt prior read: real frames whose Q codes are all known."""
+    real = (torch.ones_like(codes[..., 0], dtype=torch.bool) if frame_mask is None
+            else frame_mask)
+    return real, real & (codes != mask_id).all(dim=2)
 
 
 def _frame_mask(tokens: torch.Tensor, lengths: Optional[torch.Tensor]) -> Optional[torch.Tensor]:

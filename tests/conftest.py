@@ -47,6 +47,32 @@ def engine64(tiny_model) -> Engine:
     return Engine(copy.deepcopy(tiny_model), dtype=torch.float64, backend="torch")
 
 
+def check_round_trip_and_older_config(model: SoundStorm, plain: SoundStorm, tmp_path,
+                                      field: str, on, missing: str) -> None:
+    """`model`'s config and weights survive save and load; `plain` (the same model without
+    the optional part `field` turns on) saved with `field` left out of its config loads
+    with the field's default (off), and with `field` set to `on` its load names the
+    missing tensor (`missing`, a regex)."""
+    import json
+
+    model.save_pretrained(tmp_path / "m")
+    back = SoundStorm.from_pretrained(tmp_path / "m")
+    assert back.config == model.config
+    for k, v in model.state_dict().items():
+        assert torch.equal(back.state_dict()[k], v), k
+    plain.save_pretrained(tmp_path / "old")
+    path = tmp_path / "old" / "config.json"
+    data = json.loads(path.read_text())
+    del data["model"][field]
+    path.write_text(json.dumps(data))
+    assert getattr(SoundStorm.from_pretrained(tmp_path / "old").config, field) == \
+        getattr(ModelConfig(), field)
+    data["model"][field] = on
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=missing):
+        SoundStorm.from_pretrained(tmp_path / "old")
+
+
 def train_on_task(config: ModelConfig, task, level: int, steps: int, seed: int = 0):
     """A fresh model trained with Adam on `task(config, batch, frames, generator)` ->
     (semantic, inputs, targets after the first half), the loss on `level` after the first

@@ -3,13 +3,13 @@ the fully known frames that share its level-1 context. Checked against a loop ov
 pairs, for what it must ignore, through the config and the weight files, and for what it
 is for: a model with it learns to copy a mapping that only the prompt shows."""
 
-import json
 import math
 
 import pytest
 import torch
 
-from conftest import make_model, random_codes, random_semantic, train_on_task
+from conftest import (check_round_trip_and_older_config, make_model, random_codes,
+                      random_semantic, train_on_task)
 from soundstorm.engine import ModelConfig
 from soundstorm.engine.capture import CaptureGuard
 from soundstorm.engine.model import PromptLookup, SoundStorm
@@ -263,24 +263,10 @@ def test_config_checks_prompt_lookup():
 
 def test_weights_round_trip_and_older_configs_load_without_the_field(tmp_path):
     model = trained_like(make_model(lookup_config(), seed=6))
-    model.save_pretrained(tmp_path / "m")
-    back = SoundStorm.from_pretrained(tmp_path / "m")
-    assert back.config == model.config
-    for k, v in model.state_dict().items():
-        assert torch.equal(back.state_dict()[k], v), k
-    # A config written before the field existed: the model without the lookup.
-    plain = make_model(ModelConfig.preset("tiny"), seed=6)
-    plain.save_pretrained(tmp_path / "old")
-    path = tmp_path / "old" / "config.json"
-    data = json.loads(path.read_text())
-    del data["model"]["prompt_lookup"]
-    path.write_text(json.dumps(data))
-    assert SoundStorm.from_pretrained(tmp_path / "old").config.prompt_lookup == 0
-    # Turning the lookup on in a config whose weights lack it names the missing tensor.
-    data["model"]["prompt_lookup"] = 8
-    path.write_text(json.dumps(data))
-    with pytest.raises(ValueError, match=r"missing tensor 'lookup\."):
-        SoundStorm.from_pretrained(tmp_path / "old")
+    # A config written before the field existed: the model without the lookup; turning the
+    # lookup on in a config whose weights lack it names the missing tensor.
+    check_round_trip_and_older_config(model, make_model(ModelConfig.preset("tiny"), seed=6),
+                                      tmp_path, "prompt_lookup", 8, r"missing tensor 'lookup\.")
 
 
 def test_the_lookup_is_capture_safe_and_runs_on_the_meta_device():

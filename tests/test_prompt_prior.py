@@ -4,13 +4,12 @@ frame by frame, for what it must leave alone, through the config, the weight fil
 capture guard and the XLA mirror, and for what it is for: a model learns from it which
 part of the codebook a prompt's speaker uses."""
 
-import json
 import math
 
 import pytest
 import torch
 
-from conftest import make_model, random_codes
+from conftest import check_round_trip_and_older_config, make_model, random_codes
 from soundstorm.engine import ModelConfig
 from soundstorm.engine.capture import CaptureGuard
 from soundstorm.engine.model import PROMPT_PRIOR_KEYS, SoundStorm
@@ -121,23 +120,10 @@ def test_config_checks_and_weights_round_trip(tmp_path):
     with torch.no_grad():
         model.prior.weight.normal_()
         model.prior.log_smoothing.normal_()
-    model.save_pretrained(tmp_path / "m")
-    back = SoundStorm.from_pretrained(tmp_path / "m")
-    assert back.config == model.config
-    for k, v in model.state_dict().items():
-        assert torch.equal(back.state_dict()[k], v), k
     # A config written before the field: no prior.
-    plain = make_model(prior_config(prompt_prior=False), seed=6)
-    plain.save_pretrained(tmp_path / "old")
-    path = tmp_path / "old" / "config.json"
-    data = json.loads(path.read_text())
-    del data["model"]["prompt_prior"]
-    path.write_text(json.dumps(data))
-    assert SoundStorm.from_pretrained(tmp_path / "old").config.prompt_prior is False
-    data["model"]["prompt_prior"] = True
-    path.write_text(json.dumps(data))
-    with pytest.raises(ValueError, match=r"missing tensor 'prior\.(weight|log_smoothing)'"):
-        SoundStorm.from_pretrained(tmp_path / "old")
+    check_round_trip_and_older_config(
+        model, make_model(prior_config(prompt_prior=False), seed=6), tmp_path, "prompt_prior",
+        True, r"missing tensor 'prior\.(weight|log_smoothing)'")
 
 
 def test_the_prior_is_capture_safe_and_runs_on_the_meta_device():

@@ -5,13 +5,13 @@ frame pairs, for what it must leave alone, through the config, the weight files 
 capture guard, and for what it is for: a model with it learns level-1 codes that only the
 prompt shows."""
 
-import json
 import math
 
 import pytest
 import torch
 
-from conftest import make_model, random_codes, train_on_task
+from conftest import (check_round_trip_and_older_config, make_model, random_codes,
+                      train_on_task)
 from soundstorm.engine import ModelConfig
 from soundstorm.engine.capture import CaptureGuard
 from soundstorm.engine.model import SEMANTIC_COPY_KEYS, SoundStorm
@@ -171,23 +171,10 @@ def test_config_checks_and_weights_round_trip(tmp_path):
     fresh = SoundStorm(copy_config()).lookup
     assert fresh.level1_copy_weight.abs().max() == 0 and float(fresh.level1_copy_match.detach()) == 0
     assert float(torch.sigmoid(fresh.level1_copy_bias.detach())) == pytest.approx(0.018, abs=1e-3)
-    model.save_pretrained(tmp_path / "m")
-    back = SoundStorm.from_pretrained(tmp_path / "m")
-    assert back.config == model.config
-    for k, v in model.state_dict().items():
-        assert torch.equal(back.state_dict()[k], v), k
     # A config written before the field: the lookup without level 1's copy.
-    plain = make_model(copy_config(semantic_copy=False), seed=6)
-    plain.save_pretrained(tmp_path / "old")
-    path = tmp_path / "old" / "config.json"
-    data = json.loads(path.read_text())
-    del data["model"]["semantic_copy"]
-    path.write_text(json.dumps(data))
-    assert SoundStorm.from_pretrained(tmp_path / "old").config.semantic_copy is False
-    data["model"]["semantic_copy"] = True
-    path.write_text(json.dumps(data))
-    with pytest.raises(ValueError, match=r"missing tensor 'lookup\.(semantic|level1)"):
-        SoundStorm.from_pretrained(tmp_path / "old")
+    check_round_trip_and_older_config(
+        model, make_model(copy_config(semantic_copy=False), seed=6), tmp_path, "semantic_copy",
+        True, r"missing tensor 'lookup\.(semantic|level1)")
 
 
 def test_the_copy_is_capture_safe_and_runs_on_the_meta_device():

@@ -267,13 +267,12 @@ def forward(params, config: ModelConfig, semantic, tokens, lengths, level,
         logits = jnp.einsum("btd,qcd->btqc", h, params["head_weight"]) + params["head_bias"]
     else:
         logits = head(params, h, level)
+    frame_mask = jnp.arange(tokens.shape[1])[None, :] < lengths[:, None]
     if weights is not None:
         level1 = None
         if config.semantic_copy and not (isinstance(level, int) and level != 1):
-            frame_mask = jnp.arange(tokens.shape[1])[None, :] < lengths[:, None]
             level1 = semantic_weights(params, config, semantic, tokens, frame_mask)
         logits = lookup_copy(params, config, logits, h, tokens, weights, level, level1)
     if config.prompt_prior:
-        frame_mask = jnp.arange(tokens.shape[1])[None, :] < lengths[:, None]
         logits = prompt_prior(params, config, logits, tokens, frame_mask, level)
     return logits
